@@ -1,0 +1,70 @@
+//! `mailcanary sandbox` from the command line, at its default addresses.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Kills the child if the test panics, so no orphan keeps the default ports.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn sandbox_command_serves_at_default_addresses_and_exits_on_sigterm() {
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_mailcanary"))
+            .args(["sandbox", "--fault", "import=delay:1s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mailcanary sandbox"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let lines: Vec<String> = BufReader::new(stdout).lines().take(5).map(|l| l.unwrap()).collect();
+    assert_eq!(lines[0], "smtp 127.0.0.1:2525");
+    assert_eq!(lines[1], "imap 127.0.0.1:1143");
+    assert_eq!(lines[2], "api http://127.0.0.1:8088");
+    assert_eq!(lines[3], "support support@helpdesk.test");
+    assert!(lines[4].contains("import=delay:1s"), "{}", lines[4]);
+    assert!(!lines.join("\n").contains("sandbox\n"), "no token printed");
+
+    // The three listeners answer.
+    for port in [2525u16, 1143, 8088] {
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("listening");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, body) = rt.block_on(crate::common::get_json("http://127.0.0.1:8088/health"));
+    assert_eq!(status, 200, "{body}");
+
+    let t0 = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "did not exit within 5 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_fault_flag_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailcanary"))
+        .args(["sandbox", "--fault", "import=explode"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown fault"), "{err}");
+}

@@ -1,0 +1,1 @@
+//! IMAP server tests (being written).
