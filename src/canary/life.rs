@@ -1,0 +1,679 @@
+//! The life of one canary: stages, deadlines, on time / overdue / late / lost.
+//!
+//! Architecture invariant: this module is pure. It never reads a clock, touches the network or
+//! the disk; every function takes the current time (`now`, wall-clock Unix milliseconds) as an
+//! argument and returns what changed. The ledger persists a [`Canary`], the metrics turn the
+//! returned [`Transition`]s into counters, the flow feeds it observations, and the web layer
+//! reads it. None of them decide a verdict themselves.
+//!
+//! Wall-clock milliseconds (not `Instant`) because a canary outlives the process: a restart must
+//! resume its deadlines where they were.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A stage of a canary's trip. `EndToEnd` is derived: it starts with `Submit` and ends with the
+/// last stage the probe uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Submit,
+    Import,
+    Reply,
+    Delivery,
+    EndToEnd,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Submit,
+        Stage::Import,
+        Stage::Reply,
+        Stage::Delivery,
+        Stage::EndToEnd,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Submit => "submit",
+            Stage::Import => "import",
+            Stage::Reply => "reply",
+            Stage::Delivery => "delivery",
+            Stage::EndToEnd => "end_to_end",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a stage failed. A small fixed set: these become the `reason` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// TCP connect failed or timed out.
+    Connect,
+    /// TLS handshake or certificate verification failed.
+    Tls,
+    /// The server refused our credentials.
+    Auth,
+    /// SMTP 5xx: the mail was refused for good.
+    Rejected,
+    /// SMTP 4xx: try again later.
+    Tempfail,
+    /// The peer spoke something we could not make sense of.
+    Protocol,
+    /// The helpdesk API answered an error or nonsense.
+    Api,
+    /// An operation took longer than its timeout.
+    Timeout,
+    /// The stage's deadline passed (the canary stays watched; it may still arrive late).
+    Deadline,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 9] = [
+        Reason::Connect,
+        Reason::Tls,
+        Reason::Auth,
+        Reason::Rejected,
+        Reason::Tempfail,
+        Reason::Protocol,
+        Reason::Api,
+        Reason::Timeout,
+        Reason::Deadline,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Connect => "connect",
+            Reason::Tls => "tls",
+            Reason::Auth => "auth",
+            Reason::Rejected => "rejected",
+            Reason::Tempfail => "tempfail",
+            Reason::Protocol => "protocol",
+            Reason::Api => "api",
+            Reason::Timeout => "timeout",
+            Reason::Deadline => "deadline",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Deadlines and the lost horizon, in milliseconds, as the probe's config resolved them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub submit_ms: u64,
+    pub import_ms: u64,
+    pub reply_ms: u64,
+    pub delivery_ms: u64,
+    pub end_to_end_ms: u64,
+    pub lost_after_ms: u64,
+}
+
+impl Limits {
+    pub fn deadline(&self, stage: Stage) -> u64 {
+        match stage {
+            Stage::Submit => self.submit_ms,
+            Stage::Import => self.import_ms,
+            Stage::Reply => self.reply_ms,
+            Stage::Delivery => self.delivery_ms,
+            Stage::EndToEnd => self.end_to_end_ms,
+        }
+    }
+}
+
+/// What happened to one stage so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub started_ms: Option<u64>,
+    pub done_ms: Option<u64>,
+    /// Set once the deadline passed; never unset (a late arrival is still a missed deadline).
+    pub overdue: bool,
+    /// A hard failure that ended the canary at this stage.
+    pub failed: Option<Failure>,
+    /// Errors met while the stage goes on (an API answering 500 while we poll for the ticket):
+    /// one entry per reason, the latest detail kept. They make the probe fail, but the canary
+    /// stays watched and may still complete (late or not).
+    #[serde(default)]
+    pub errors: Vec<Failure>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub reason: Reason,
+    /// Human-readable detail for the dashboard (never a secret; the edges make sure of that).
+    pub detail: String,
+    pub at_ms: u64,
+}
+
+/// How a canary ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every stage done within its deadline.
+    OnTime,
+    /// Every stage done, at least one past its deadline.
+    Late,
+    /// A stage failed for good (e.g. SMTP 5xx).
+    Failed,
+    /// Still not done past the lost horizon.
+    Lost,
+}
+
+impl Outcome {
+    /// Whether this outcome makes the probe fail (`probe_success` 0).
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Outcome::OnTime)
+    }
+}
+
+/// One canary, as the ledger stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    pub probe: String,
+    /// The canary id inside the token.
+    pub id: String,
+    pub token: String,
+    pub message_id: String,
+    /// The stages this probe uses, in order (never `EndToEnd`).
+    pub plan: Vec<Stage>,
+    pub limits: Limits,
+    /// When the SMTP connection was opened (end_to_end starts here).
+    pub created_ms: u64,
+    pub stages: Vec<(Stage, StageRecord)>,
+    /// A later stage seen before an earlier one finished (an auto-reply delivered before the
+    /// import poll noticed the ticket): kept and applied when the earlier stage ends.
+    pub early: Vec<(Stage, u64)>,
+    pub ticket_id: Option<String>,
+    /// UID of the delivered message in the watched mailbox, for cleanup.
+    pub delivered_uid: Option<u32>,
+    /// Whether the delivered message's In-Reply-To/References named the canary.
+    pub threaded: Option<bool>,
+    pub outcome: Option<Outcome>,
+    pub finished_ms: Option<u64>,
+}
+
+/// A change worth counting. The metrics layer maps these one-to-one onto counters, so each is
+/// returned exactly once in a canary's life, even across restarts (the flags that prevent a
+/// repeat are part of the persisted record).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// A stage finished; `late` if after its deadline. Observe `duration_ms` in the histogram.
+    StageDone {
+        stage: Stage,
+        duration_ms: u64,
+        late: bool,
+    },
+    /// A stage failed for good, or its deadline passed (`reason == Deadline`).
+    StageFailed { stage: Stage, reason: Reason },
+    /// The canary ended.
+    Finished { outcome: Outcome },
+    /// The canary passed the lost horizon while in `stage`.
+    Lost { stage: Stage },
+}
+
+impl Canary {
+    /// A new canary whose first stage (and end_to_end) starts at `now`.
+    pub fn new(
+        probe: &str,
+        id: &str,
+        token: &str,
+        message_id: &str,
+        plan: Vec<Stage>,
+        limits: Limits,
+        now: u64,
+    ) -> Self {
+        let mut stages: Vec<(Stage, StageRecord)> = plan
+            .iter()
+            .chain(std::iter::once(&Stage::EndToEnd))
+            .map(|s| (*s, StageRecord::default()))
+            .collect();
+        if let Some((_, first)) = stages.first_mut() {
+            first.started_ms = Some(now);
+        }
+        if let Some((_, e2e)) = stages.last_mut() {
+            e2e.started_ms = Some(now);
+        }
+        Self {
+            probe: probe.to_string(),
+            id: id.to_string(),
+            token: token.to_string(),
+            message_id: message_id.to_string(),
+            plan,
+            limits,
+            created_ms: now,
+            stages,
+            early: Vec::new(),
+            ticket_id: None,
+            delivered_uid: None,
+            threaded: None,
+            outcome: None,
+            finished_ms: None,
+        }
+    }
+
+    pub fn record(&self, stage: Stage) -> Option<&StageRecord> {
+        self.stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r)
+    }
+
+    fn record_mut(&mut self, stage: Stage) -> Option<&mut StageRecord> {
+        self.stages
+            .iter_mut()
+            .find(|(s, _)| *s == stage)
+            .map(|(_, r)| r)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    /// The stage in progress: the first planned stage not yet done.
+    pub fn current(&self) -> Option<Stage> {
+        if self.is_finished() {
+            return None;
+        }
+        self.plan
+            .iter()
+            .copied()
+            .find(|s| self.record(*s).is_none_or(|r| r.done_ms.is_none()))
+    }
+
+    /// Whether any stage in progress is past its deadline.
+    pub fn is_overdue(&self) -> bool {
+        !self.is_finished() && self.stages.iter().any(|(_, r)| r.overdue && r.done_ms.is_none())
+    }
+
+    /// Whether this in-flight canary makes its probe fail now: overdue, or its current stage
+    /// met errors.
+    pub fn is_failing(&self) -> bool {
+        self.is_overdue()
+            || self
+                .current()
+                .and_then(|s| self.record(s))
+                .is_some_and(|r| !r.errors.is_empty())
+    }
+
+    /// The current stage met an error but goes on (it will be retried). Counted once per
+    /// reason per stage; later errors of the same reason only refresh the detail.
+    pub fn note_error(&mut self, reason: Reason, detail: &str, at: u64) -> Vec<Transition> {
+        let Some(stage) = self.current() else {
+            return Vec::new();
+        };
+        let Some(r) = self.record_mut(stage) else {
+            return Vec::new();
+        };
+        let failure = Failure {
+            reason,
+            detail: detail.to_string(),
+            at_ms: at,
+        };
+        match r.errors.iter_mut().find(|f| f.reason == reason) {
+            Some(f) => {
+                *f = failure;
+                Vec::new()
+            }
+            None => {
+                r.errors.push(failure);
+                vec![Transition::StageFailed { stage, reason }]
+            }
+        }
+    }
+
+    /// The stage `stage` finished at `at` (an observation). Completes the canary after its last
+    /// stage. Observations of a stage that is not current are kept for later (a later stage) or
+    /// ignored (a stage already done, or a finished canary: the caller counts a duplicate).
+    pub fn observe(&mut self, stage: Stage, at: u64) -> Vec<Transition> {
+        let mut out = Vec::new();
+        let Some(current) = self.current() else {
+            return out;
+        };
+        if stage != current {
+            let pos = |s: Stage| self.plan.iter().position(|p| *p == s);
+            if let (Some(p), Some(c)) = (pos(stage), pos(current))
+                && p > c
+                && !self.early.iter().any(|(s, _)| *s == stage)
+            {
+                self.early.push((stage, at));
+            }
+            return out;
+        }
+        self.finish_stage(stage, at, &mut out);
+        // Apply any early observation that is now current, in order.
+        while let Some(next) = self.current() {
+            let Some(i) = self.early.iter().position(|(s, _)| *s == next) else {
+                break;
+            };
+            let (_, t) = self.early.remove(i);
+            let t = t.max(self.record(next).and_then(|r| r.started_ms).unwrap_or(t));
+            self.finish_stage(next, t, &mut out);
+        }
+        out
+    }
+
+    fn finish_stage(&mut self, stage: Stage, at: u64, out: &mut Vec<Transition>) {
+        let deadline = self.limits.deadline(stage);
+        let Some(rec) = self.record_mut(stage) else {
+            return;
+        };
+        let started = rec.started_ms.unwrap_or(at);
+        let duration_ms = at.saturating_sub(started);
+        let late = rec.overdue || duration_ms > deadline;
+        rec.done_ms = Some(at);
+        // Errors met along the way do not make a completed stage a failure: the stage worked in
+        // the end. They were counted when they happened.
+        out.push(Transition::StageDone {
+            stage,
+            duration_ms,
+            late,
+        });
+        match self.current() {
+            Some(next) => {
+                if let Some(r) = self.record_mut(next) {
+                    r.started_ms.get_or_insert(at);
+                }
+            }
+            None => {
+                // The last stage: end_to_end ends with it.
+                let e2e_deadline = self.limits.end_to_end_ms;
+                let created = self.created_ms;
+                let any_late = self
+                    .stages
+                    .iter()
+                    .any(|(s, r)| *s != Stage::EndToEnd && r.overdue)
+                    || out
+                        .iter()
+                        .any(|t| matches!(t, Transition::StageDone { late: true, .. }));
+                let mut e2e_late = false;
+                if let Some(e2e) = self.record_mut(Stage::EndToEnd) {
+                    let d = at.saturating_sub(created);
+                    e2e_late = e2e.overdue || d > e2e_deadline;
+                    e2e.done_ms = Some(at);
+                    out.push(Transition::StageDone {
+                        stage: Stage::EndToEnd,
+                        duration_ms: d,
+                        late: e2e_late,
+                    });
+                }
+                let outcome = if any_late || e2e_late {
+                    Outcome::Late
+                } else {
+                    Outcome::OnTime
+                };
+                self.outcome = Some(outcome);
+                self.finished_ms = Some(at);
+                out.push(Transition::Finished { outcome });
+            }
+        }
+    }
+
+    /// The current stage failed for good (the canary cannot go on).
+    pub fn fail(&mut self, reason: Reason, detail: &str, at: u64) -> Vec<Transition> {
+        let Some(stage) = self.current() else {
+            return Vec::new();
+        };
+        if let Some(r) = self.record_mut(stage) {
+            r.failed = Some(Failure {
+                reason,
+                detail: detail.to_string(),
+                at_ms: at,
+            });
+        }
+        self.outcome = Some(Outcome::Failed);
+        self.finished_ms = Some(at);
+        vec![
+            Transition::StageFailed { stage, reason },
+            Transition::Finished {
+                outcome: Outcome::Failed,
+            },
+        ]
+    }
+
+    /// Time passes: deadlines and the lost horizon. Returns each overdue stage once, and `Lost`
+    /// once past the horizon (which finishes the canary).
+    pub fn tick(&mut self, now: u64) -> Vec<Transition> {
+        let mut out = Vec::new();
+        let Some(current) = self.current() else {
+            return out;
+        };
+        for stage in [current, Stage::EndToEnd] {
+            let deadline = self.limits.deadline(stage);
+            if let Some(r) = self.record_mut(stage)
+                && let Some(start) = r.started_ms
+                && !r.overdue
+                && r.done_ms.is_none()
+                && now.saturating_sub(start) > deadline
+            {
+                r.overdue = true;
+                out.push(Transition::StageFailed {
+                    stage,
+                    reason: Reason::Deadline,
+                });
+            }
+        }
+        if now.saturating_sub(self.created_ms) > self.limits.lost_after_ms {
+            self.outcome = Some(Outcome::Lost);
+            self.finished_ms = Some(now);
+            out.push(Transition::Lost { stage: current });
+            out.push(Transition::Finished {
+                outcome: Outcome::Lost,
+            });
+        }
+        out
+    }
+
+    /// How long the current stage has been in flight at `now`.
+    pub fn in_flight_for(&self, now: u64) -> Option<(Stage, u64)> {
+        let stage = self.current()?;
+        let start = self.record(stage)?.started_ms?;
+        Some((stage, now.saturating_sub(start)))
+    }
+
+    /// When the next deadline (or the lost horizon) of this canary falls, for the flow's timer.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        let stage = self.current()?;
+        let mut t = self.created_ms + self.limits.lost_after_ms + 1;
+        for s in [stage, Stage::EndToEnd] {
+            if let Some(r) = self.record(s)
+                && let Some(start) = r.started_ms
+                && !r.overdue
+            {
+                t = t.min(start + self.limits.deadline(s) + 1);
+            }
+        }
+        Some(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            submit_ms: 1_000,
+            import_ms: 5_000,
+            reply_ms: 1_000,
+            delivery_ms: 5_000,
+            end_to_end_ms: 20_000,
+            lost_after_ms: 60_000,
+        }
+    }
+
+    fn helpdesk(now: u64) -> Canary {
+        Canary::new(
+            "p",
+            "id",
+            "tok",
+            "mid",
+            vec![Stage::Submit, Stage::Import, Stage::Reply, Stage::Delivery],
+            limits(),
+            now,
+        )
+    }
+
+    fn done(stage: Stage, duration_ms: u64, late: bool) -> Transition {
+        Transition::StageDone {
+            stage,
+            duration_ms,
+            late,
+        }
+    }
+
+    #[test]
+    fn on_time_through_every_stage() {
+        let mut c = helpdesk(0);
+        assert_eq!(c.current(), Some(Stage::Submit));
+        assert_eq!(c.observe(Stage::Submit, 100), vec![done(Stage::Submit, 100, false)]);
+        assert_eq!(c.current(), Some(Stage::Import));
+        assert!(c.tick(2_000).is_empty());
+        assert_eq!(c.observe(Stage::Import, 2_100), vec![done(Stage::Import, 2_000, false)]);
+        assert_eq!(c.observe(Stage::Reply, 2_300), vec![done(Stage::Reply, 200, false)]);
+        let t = c.observe(Stage::Delivery, 3_300);
+        assert_eq!(
+            t,
+            vec![
+                done(Stage::Delivery, 1_000, false),
+                done(Stage::EndToEnd, 3_300, false),
+                Transition::Finished {
+                    outcome: Outcome::OnTime
+                }
+            ]
+        );
+        assert!(c.is_finished());
+        assert!(c.observe(Stage::Delivery, 4_000).is_empty(), "a duplicate changes nothing");
+    }
+
+    #[test]
+    fn overdue_once_then_late_with_true_duration() {
+        let mut c = helpdesk(0);
+        c.observe(Stage::Submit, 100);
+        assert!(c.tick(5_100).is_empty(), "exactly at the deadline is not overdue");
+        assert_eq!(
+            c.tick(5_101),
+            vec![Transition::StageFailed {
+                stage: Stage::Import,
+                reason: Reason::Deadline
+            }]
+        );
+        assert!(c.is_overdue());
+        assert!(c.tick(6_000).is_empty(), "counted once");
+        assert_eq!(c.in_flight_for(9_100), Some((Stage::Import, 9_000)));
+        let t = c.observe(Stage::Import, 12_100);
+        assert_eq!(t, vec![done(Stage::Import, 12_000, true)]);
+        assert!(!c.is_overdue(), "the next stage is in flight and on time");
+        c.observe(Stage::Reply, 12_200);
+        let t = c.observe(Stage::Delivery, 12_300);
+        assert!(t.contains(&Transition::Finished {
+            outcome: Outcome::Late
+        }));
+    }
+
+    #[test]
+    fn end_to_end_deadline_counts_once() {
+        let mut c = helpdesk(0);
+        c.observe(Stage::Submit, 100);
+        c.observe(Stage::Import, 4_000);
+        c.observe(Stage::Reply, 4_500);
+        let t = c.tick(20_001);
+        assert!(t.contains(&Transition::StageFailed {
+            stage: Stage::Delivery,
+            reason: Reason::Deadline
+        }));
+        assert!(t.contains(&Transition::StageFailed {
+            stage: Stage::EndToEnd,
+            reason: Reason::Deadline
+        }));
+        assert!(c.tick(20_002).is_empty());
+    }
+
+    #[test]
+    fn lost_past_the_horizon_and_never_after() {
+        let mut c = helpdesk(0);
+        c.observe(Stage::Submit, 100);
+        let t = c.tick(60_001);
+        assert!(t.contains(&Transition::Lost {
+            stage: Stage::Import
+        }));
+        assert!(t.contains(&Transition::Finished {
+            outcome: Outcome::Lost
+        }));
+        assert!(c.tick(70_000).is_empty());
+        assert!(c.observe(Stage::Import, 70_000).is_empty(), "too late to count");
+    }
+
+    #[test]
+    fn hard_failure_ends_the_canary_at_its_stage() {
+        let mut c = helpdesk(0);
+        let t = c.fail(Reason::Tempfail, "451 try later", 50);
+        assert_eq!(
+            t[0],
+            Transition::StageFailed {
+                stage: Stage::Submit,
+                reason: Reason::Tempfail
+            }
+        );
+        assert_eq!(c.outcome, Some(Outcome::Failed));
+        assert!(c.tick(100_000).is_empty());
+    }
+
+    #[test]
+    fn an_early_delivery_is_applied_when_import_ends() {
+        let mut c = Canary::new(
+            "p",
+            "id",
+            "tok",
+            "mid",
+            vec![Stage::Submit, Stage::Import, Stage::Delivery],
+            limits(),
+            0,
+        );
+        c.observe(Stage::Submit, 100);
+        assert!(c.observe(Stage::Delivery, 900).is_empty());
+        let t = c.observe(Stage::Import, 1_000);
+        assert_eq!(t[0], done(Stage::Import, 900, false));
+        // Delivery "started" when import ended, after the mail arrived: zero, not negative.
+        assert_eq!(t[1], done(Stage::Delivery, 0, false));
+        assert!(c.is_finished());
+    }
+
+    #[test]
+    fn errors_count_once_per_reason_and_the_canary_goes_on() {
+        let mut c = helpdesk(0);
+        c.observe(Stage::Submit, 100);
+        assert!(!c.is_failing());
+        assert_eq!(
+            c.note_error(Reason::Api, "500", 200),
+            vec![Transition::StageFailed {
+                stage: Stage::Import,
+                reason: Reason::Api
+            }]
+        );
+        assert!(c.note_error(Reason::Api, "500 again", 300).is_empty());
+        assert_eq!(c.note_error(Reason::Timeout, "slow", 400).len(), 1);
+        assert!(c.is_failing());
+        assert_eq!(c.observe(Stage::Import, 1_000), vec![done(Stage::Import, 900, false)]);
+        assert!(!c.is_failing(), "the next stage is clean");
+    }
+
+    #[test]
+    fn survives_a_serde_round_trip_mid_flight() {
+        let mut c = helpdesk(0);
+        c.observe(Stage::Submit, 100);
+        c.tick(5_200);
+        let json = serde_json::to_string(&c).unwrap();
+        let mut back: Canary = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        assert!(back.tick(6_000).is_empty(), "an overdue counted before a restart is not recounted");
+        assert_eq!(back.next_wakeup(), Some(20_001));
+    }
+}

@@ -1,0 +1,250 @@
+//! The config file as written: serde types that mirror the TOML one to one.
+//!
+//! Nothing here is trusted yet: durations are parsed but not range-checked, secrets are still
+//! `${ENV}` templates or file paths, cross-field rules are not applied. `resolve.rs` turns a
+//! [`RawFile`] into a [`super::Config`]. Every struct denies unknown keys, and every value a
+//! later check may reject is [`Spanned`] so the error can point at its line.
+//!
+//! The document is parsed into toml's spanned tree first and each top-level section (`[prober]`,
+//! each `[[probe]]`) is deserialized on its own: one broken probe stops only itself, and the
+//! other probes of the file are still checked. A single `#[derive(Deserialize)]` over the whole
+//! file was the simpler alternative, rejected because serde stops at the first error.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::error::{ConfigError, Source};
+use super::{Cleanup, HelpdeskApi, ProbeKind, ReplyMode, Tls};
+
+/// One config file: an optional `[prober]` table and any number of `[[probe]]` tables.
+#[derive(Debug, Default)]
+pub struct RawFile {
+    pub prober: Option<Spanned<RawProber>>,
+    /// Each probe with its index in this file's `[[probe]]` array (for `probe[N]` key paths).
+    pub probes: Vec<(usize, Spanned<RawProbe>)>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProber {
+    pub listen: Option<Spanned<SocketAddr>>,
+    pub state_dir: Option<Spanned<PathBuf>>,
+    pub secret: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<PathBuf>>,
+    pub hostname: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    pub name: Spanned<String>,
+    pub kind: Spanned<ProbeKind>,
+    pub interval: Option<Spanned<HumanDuration>>,
+    pub jitter: Option<Spanned<HumanDuration>>,
+    pub max_in_flight: Option<Spanned<u32>>,
+    pub lost_after: Option<Spanned<HumanDuration>>,
+    pub cleanup: Option<bool>,
+    pub deadlines: Option<RawDeadlines>,
+    pub smtp: Spanned<RawSmtp>,
+    pub helpdesk: Option<Spanned<RawHelpdesk>>,
+    pub imap: Spanned<RawImap>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeadlines {
+    pub submit: Option<Spanned<HumanDuration>>,
+    pub import: Option<Spanned<HumanDuration>>,
+    pub reply: Option<Spanned<HumanDuration>>,
+    pub delivery: Option<Spanned<HumanDuration>>,
+    pub end_to_end: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmtp {
+    pub host: Spanned<String>,
+    pub port: Option<Spanned<u16>>,
+    pub tls: Option<Tls>,
+    pub username: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<PathBuf>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+    pub from: Spanned<String>,
+    pub to: Spanned<String>,
+    pub timeout: Option<Spanned<HumanDuration>>,
+    pub helo_name: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHelpdesk {
+    pub api: HelpdeskApi,
+    pub base_url: Spanned<String>,
+    pub token: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<PathBuf>>,
+    pub webhook_secret: Option<Spanned<String>>,
+    pub webhook_secret_file: Option<Spanned<PathBuf>>,
+    pub poll_interval: Option<Spanned<HumanDuration>>,
+    pub reply: Option<ReplyMode>,
+    pub reply_body: Option<String>,
+    pub cleanup: Option<Cleanup>,
+    pub timeout: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImap {
+    pub host: Spanned<String>,
+    pub port: Option<Spanned<u16>>,
+    pub tls: Option<Tls>,
+    pub username: Spanned<String>,
+    pub password: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<PathBuf>>,
+    pub mailbox: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+    pub idle: Option<bool>,
+    pub poll_interval: Option<Spanned<HumanDuration>>,
+    pub timeout: Option<Spanned<HumanDuration>>,
+}
+
+/// A humantime duration string (`"30s"`, `"1m 30s"`, `"24h"`). Range checks come later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration string such as \"30s\", \"5m\" or \"1h 30m\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                humantime::parse_duration(v)
+                    .map(HumanDuration)
+                    .map_err(|e| E::custom(format!("invalid duration {v:?}: {e}")))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+/// Parses one file into its sections and the errors found. Syntax errors stop the file (no
+/// section is returned); a section that fails to deserialize is left out and the others are
+/// returned, so their semantic checks still run.
+pub(crate) fn parse(src: Source<'_>) -> (RawFile, Vec<ConfigError>) {
+    let (root, syntax) = DeTable::parse_recoverable(src.text);
+    if !syntax.is_empty() {
+        let errors = syntax
+            .iter()
+            .map(|e| toml_error(src, root.get_ref(), e))
+            .collect();
+        return (RawFile::default(), errors);
+    }
+    let mut errors = Vec::new();
+    let mut file = RawFile::default();
+    for (key, value) in root.get_ref().iter() {
+        match key.get_ref().as_ref() {
+            "prober" => match section::<RawProber>(value) {
+                Ok(p) => file.prober = Some(p),
+                Err(e) => errors.push(toml_error(src, root.get_ref(), &e)),
+            },
+            "probe" => match value.get_ref() {
+                DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        match section::<RawProbe>(item) {
+                            Ok(p) => file.probes.push((i, p)),
+                            Err(e) => errors.push(toml_error(src, root.get_ref(), &e)),
+                        }
+                    }
+                }
+                _ => errors.push(src.error(
+                    key.span(),
+                    "probe",
+                    "must be an array of tables: write [[probe]], not [probe]",
+                )),
+            },
+            other => errors.push(src.error(
+                key.span(),
+                other,
+                "unknown key, expected `prober` or `probe`",
+            )),
+        }
+    }
+    (file, errors)
+}
+
+fn section<'de, T: Deserialize<'de>>(
+    value: &Spanned<DeValue<'de>>,
+) -> Result<Spanned<T>, toml::de::Error> {
+    Spanned::<T>::deserialize(ValueDeserializer::from(value.clone()))
+}
+
+/// Turns a toml error into ours: its span gives the position, and the deepest key of the
+/// document whose key or value covers that span gives the key path.
+fn toml_error(src: Source<'_>, root: &DeTable<'_>, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_owned();
+    let Some(span) = e.span() else {
+        return ConfigError::file(src.origin, message);
+    };
+    let mut key = key_path_at(root, span.start).unwrap_or_default();
+    // serde says which field is missing only in prose; the span is its table's.
+    if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        key = if key.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{key}.{field}")
+        };
+    }
+    src.error(span, key, message)
+}
+
+/// The dotted path (`probe[1].smtp.port`) of the innermost entry whose key or value contains
+/// `offset`. Children are searched before their parent: a table's own span may cover only
+/// its header, so no subtree is pruned by span.
+pub(crate) fn key_path_at(root: &DeTable<'_>, offset: usize) -> Option<String> {
+    fn in_table(table: &DeTable<'_>, prefix: &str, offset: usize) -> Option<String> {
+        for (k, v) in table.iter() {
+            let path = if prefix.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", k.get_ref())
+            };
+            if let Some(found) = in_value(v, &path, offset) {
+                return Some(found);
+            }
+            if k.span().contains(&offset) {
+                return Some(path);
+            }
+        }
+        None
+    }
+    fn in_value(v: &Spanned<DeValue<'_>>, path: &str, offset: usize) -> Option<String> {
+        match v.get_ref() {
+            DeValue::Table(t) => {
+                if let Some(found) = in_table(t, path, offset) {
+                    return Some(found);
+                }
+            }
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(found) = in_value(item, &format!("{path}[{i}]"), offset) {
+                        return Some(found);
+                    }
+                }
+            }
+            _ => {}
+        }
+        v.span().contains(&offset).then(|| path.to_owned())
+    }
+    in_table(root, "", offset)
+}

@@ -1,0 +1,720 @@
+//! Raw form → resolved [`Config`]: defaults, secrets, and every semantic check.
+//!
+//! Checks never stop at the first failure: each records an error and resolution goes on with
+//! a placeholder, so one run of `mailcanary check` lists everything to fix. A probe with any
+//! error is dropped from the result, and any error at all makes the whole load fail.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::error::{ConfigError, ConfigErrors, Position, Source};
+use super::raw::{self, HumanDuration, RawDeadlines, RawFile, RawProbe, RawProber};
+use super::secret::{Secret, expand_env, read_secret_file};
+use super::{
+    Cleanup, Config, Deadlines, HelpdeskConfig, ImapConfig, ProbeConfig, ProbeKind, ProberSettings,
+    ReplyMode, SmtpConfig, StageName, Tls, stages_for,
+};
+
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_IN_FLIGHT: usize = 10;
+const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_IMAP_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_IMAP_POLL: Duration = Duration::from_secs(5);
+const DEFAULT_HELPDESK_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HELPDESK_POLL: Duration = Duration::from_secs(5);
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One config text, with the directory its relative paths are relative to.
+pub(crate) struct FileText<'a> {
+    origin: String,
+    text: std::borrow::Cow<'a, str>,
+    base_dir: Option<PathBuf>,
+}
+
+impl<'a> FileText<'a> {
+    pub fn new(origin: &str, text: &'a str, base_dir: Option<PathBuf>) -> Self {
+        FileText {
+            origin: origin.to_owned(),
+            text: text.into(),
+            base_dir,
+        }
+    }
+}
+
+pub(crate) fn load(path: &Path, env: Env<'_>) -> Result<Config, ConfigErrors> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| ConfigError::file(&shown, e.to_string()))?;
+    let paths = if meta.is_dir() {
+        let entries = std::fs::read_dir(path)
+            .map_err(|e| ConfigError::file(&shown, format!("cannot read directory: {e}")))?;
+        let mut paths = Vec::new();
+        for entry in entries {
+            let entry = entry
+                .map_err(|e| ConfigError::file(&shown, format!("cannot read directory: {e}")))?;
+            let p = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            // `is_file` follows symlinks: Kubernetes mounts ConfigMap keys as links into `..data`.
+            if !name.starts_with('.') && p.extension().is_some_and(|x| x == "toml") && p.is_file() {
+                paths.push(p);
+            }
+        }
+        paths.sort();
+        if paths.is_empty() {
+            return Err(ConfigError::file(&shown, "no *.toml files in this directory").into());
+        }
+        paths
+    } else {
+        vec![path.to_path_buf()]
+    };
+
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    for p in paths {
+        let origin = p.display().to_string();
+        match std::fs::read_to_string(&p) {
+            Ok(text) => files.push(FileText {
+                origin,
+                text: text.into(),
+                base_dir: Some(
+                    p.parent()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| PathBuf::from(".")),
+                ),
+            }),
+            Err(e) => errors.push(ConfigError::file(origin, format!("cannot read: {e}"))),
+        }
+    }
+    match resolve_files(&files, env) {
+        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(more) => {
+            errors.extend(more);
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Resolves a set of files into one config: per-file checks, then the cross-file ones (one
+/// `[prober]`, unique probe names).
+pub(crate) fn resolve_files(files: &[FileText<'_>], env: Env<'_>) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut prober: Option<(ProberSettings, String, Position)> = None;
+    let mut probes = Vec::new();
+    let mut names: HashMap<String, (String, Position)> = HashMap::new();
+
+    for file in files {
+        let src = Source {
+            origin: &file.origin,
+            text: &file.text,
+        };
+        let (raw, parse_errors): (RawFile, _) = raw::parse(src);
+        let mut cx = Ctx {
+            src,
+            base_dir: file.base_dir.as_deref(),
+            env,
+            errors: parse_errors,
+        };
+        if let Some(p) = &raw.prober {
+            let here = src.position(p.span().start);
+            if let Some((_, first_file, first_pos)) = &prober {
+                cx.err(
+                    p.span(),
+                    "prober",
+                    format!(
+                        "[prober] is already set in {first_file}:{first_pos}; \
+                         at most one file may set it"
+                    ),
+                );
+            } else {
+                let settings = cx.prober(p.get_ref());
+                prober = Some((settings, file.origin.clone(), here));
+            }
+        }
+        for (index, p) in &raw.probes {
+            let before = cx.errors.len();
+            let name = p.get_ref().name.get_ref();
+            let name_pos = src.position(p.get_ref().name.span().start);
+            if let Some((first_file, first_pos)) = names.get(name) {
+                cx.err(
+                    p.get_ref().name.span(),
+                    format!("probe[{index}].name"),
+                    format!(
+                        "duplicate probe name `{name}`, first defined at {first_file}:{first_pos}"
+                    ),
+                );
+            } else {
+                names.insert(name.clone(), (file.origin.clone(), name_pos));
+            }
+            let probe = cx.probe(*index, p);
+            if cx.errors.len() == before {
+                probes.push(probe);
+            }
+        }
+        // Checks run section by section; report in the order of the file.
+        cx.errors
+            .sort_by_key(|e| e.position.map(|p| (p.line, p.column)));
+        errors.extend(cx.errors);
+    }
+
+    if errors.is_empty() && probes.is_empty() {
+        let origin = match files {
+            [one] => one.origin.clone(),
+            _ => files
+                .first()
+                .and_then(|f| f.base_dir.as_ref())
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+        };
+        errors.push(ConfigError::file(origin, "no [[probe]] is defined"));
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Config {
+        prober: prober.map(|(p, _, _)| p).unwrap_or_default(),
+        probes,
+    })
+}
+
+struct Ctx<'a> {
+    src: Source<'a>,
+    base_dir: Option<&'a Path>,
+    env: Env<'a>,
+    errors: Vec<ConfigError>,
+}
+
+fn key(prefix: &str, field: &str) -> String {
+    format!("{prefix}.{field}")
+}
+
+impl Ctx<'_> {
+    fn err(
+        &mut self,
+        span: std::ops::Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) {
+        self.errors.push(self.src.error(span, key, msg));
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        match self.base_dir {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    fn prober(&mut self, raw: &RawProber) -> ProberSettings {
+        let mut out = ProberSettings::default();
+        if let Some(listen) = &raw.listen {
+            out.listen = *listen.get_ref();
+        }
+        out.state_dir = raw.state_dir.as_ref().map(|d| self.path(d.get_ref()));
+        out.secret = self
+            .secret(
+                "prober",
+                "secret",
+                raw.secret.as_ref(),
+                raw.secret_file.as_ref(),
+            )
+            .ok()
+            .flatten();
+        if let Some(h) = &raw.hostname {
+            self.hostname(h, "prober.hostname");
+            out.hostname = Some(h.get_ref().clone());
+        }
+        out
+    }
+
+    /// A secret given as `FIELD` (with `${ENV}` expansion) or `FIELD_file`. `Ok(None)` when
+    /// neither is set; `Err` when an error was recorded.
+    fn secret(
+        &mut self,
+        prefix: &str,
+        field: &str,
+        value: Option<&Spanned<String>>,
+        file: Option<&Spanned<PathBuf>>,
+    ) -> Result<Option<Secret>, ()> {
+        let file_field = format!("{field}_file");
+        let (resolved, span, k) = match (value, file) {
+            (Some(_), Some(f)) => {
+                self.err(
+                    f.span(),
+                    key(prefix, &file_field),
+                    format!("set either `{field}` or `{file_field}`, not both"),
+                );
+                return Err(());
+            }
+            (None, None) => return Ok(None),
+            (Some(v), None) => (
+                expand_env(v.get_ref(), self.env),
+                v.span(),
+                key(prefix, field),
+            ),
+            (None, Some(f)) => (
+                read_secret_file(&self.path(f.get_ref())),
+                f.span(),
+                key(prefix, &file_field),
+            ),
+        };
+        match resolved {
+            Ok(s) if s.is_empty() => {
+                self.err(span, k, "the secret is empty");
+                Err(())
+            }
+            Ok(s) => Ok(Some(Secret::new(s))),
+            Err(msg) => {
+                self.err(span, k, msg);
+                Err(())
+            }
+        }
+    }
+
+    /// A secret that must be given.
+    fn required_secret(
+        &mut self,
+        section_span: std::ops::Range<usize>,
+        prefix: &str,
+        field: &str,
+        value: Option<&Spanned<String>>,
+        file: Option<&Spanned<PathBuf>>,
+    ) -> Secret {
+        match self.secret(prefix, field, value, file) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.err(
+                    section_span,
+                    key(prefix, field),
+                    format!("missing: set `{field}` or `{field}_file`"),
+                );
+                Secret::new("")
+            }
+            Err(()) => Secret::new(""),
+        }
+    }
+
+    fn duration(
+        &mut self,
+        value: Option<&Spanned<HumanDuration>>,
+        k: impl Into<String>,
+        default: Duration,
+    ) -> Duration {
+        let Some(v) = value else { return default };
+        let d = v.get_ref().0;
+        if d.is_zero() {
+            self.err(v.span(), k, "must be greater than 0");
+        }
+        d
+    }
+
+    fn port(&mut self, value: Option<&Spanned<u16>>, k: String, default: u16) -> u16 {
+        match value {
+            Some(p) if *p.get_ref() == 0 => {
+                self.err(p.span(), k, "must not be 0");
+                0
+            }
+            Some(p) => *p.get_ref(),
+            None => default,
+        }
+    }
+
+    fn host(&mut self, value: &Spanned<String>, k: String) -> String {
+        let h = value.get_ref();
+        if h.is_empty() || h.chars().any(char::is_whitespace) {
+            self.err(value.span(), k, "must be a host name or IP address");
+        }
+        h.clone()
+    }
+
+    fn hostname(&mut self, value: &Spanned<String>, k: &str) {
+        let h = value.get_ref();
+        if h.is_empty()
+            || !h
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        {
+            self.err(
+                value.span(),
+                k,
+                "must be a DNS name such as prober.example.com",
+            );
+        }
+    }
+
+    fn address(&mut self, value: &Spanned<String>, k: String) -> String {
+        let a = value.get_ref();
+        let ok = a.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+        }) && !a.chars().any(|c| c.is_whitespace() || c == '<' || c == '>');
+        if !ok {
+            self.err(
+                value.span(),
+                k,
+                format!("`{a}` is not an email address (expected local@domain, no display name)"),
+            );
+        }
+        a.clone()
+    }
+
+    fn ca_file(&mut self, value: Option<&Spanned<PathBuf>>, k: String) -> Option<PathBuf> {
+        let v = value?;
+        let p = self.path(v.get_ref());
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => self.err(v.span(), k, format!("{} is not a file", p.display())),
+            Err(e) => self.err(v.span(), k, format!("cannot read {}: {e}", p.display())),
+        }
+        Some(p)
+    }
+
+    fn probe(&mut self, index: usize, sp: &Spanned<RawProbe>) -> ProbeConfig {
+        let raw = sp.get_ref();
+        let pre = format!("probe[{index}]");
+        let name = raw.name.get_ref().clone();
+        if !valid_name(&name) {
+            self.err(
+                raw.name.span(),
+                key(&pre, "name"),
+                format!("`{name}` is not a valid probe name: use 1 to 64 of a-z, 0-9, `_`, `-`"),
+            );
+        }
+        let kind = *raw.kind.get_ref();
+
+        let interval = self.duration(
+            raw.interval.as_ref(),
+            key(&pre, "interval"),
+            DEFAULT_INTERVAL,
+        );
+        if let Some(v) = &raw.interval
+            && !interval.is_zero()
+            && interval < MIN_INTERVAL
+        {
+            self.err(v.span(), key(&pre, "interval"), "must be at least 1s");
+        }
+        let jitter = raw
+            .jitter
+            .as_ref()
+            .map_or(Duration::ZERO, |j| j.get_ref().0);
+        if let Some(j) = &raw.jitter
+            && jitter >= interval
+        {
+            self.err(
+                j.span(),
+                key(&pre, "jitter"),
+                format!(
+                    "must be less than interval ({})",
+                    humantime::format_duration(interval)
+                ),
+            );
+        }
+        let max_in_flight = match &raw.max_in_flight {
+            Some(m) if *m.get_ref() == 0 => {
+                self.err(m.span(), key(&pre, "max_in_flight"), "must be at least 1");
+                1
+            }
+            Some(m) => *m.get_ref() as usize,
+            None => DEFAULT_MAX_IN_FLIGHT,
+        };
+
+        let helpdesk = match (kind, &raw.helpdesk) {
+            (ProbeKind::Helpdesk, Some(h)) => Some(self.helpdesk(&key(&pre, "helpdesk"), h)),
+            (ProbeKind::Helpdesk, None) => {
+                self.err(
+                    raw.kind.span(),
+                    key(&pre, "helpdesk"),
+                    "a [probe.helpdesk] table is required for kind = \"helpdesk\"",
+                );
+                None
+            }
+            (ProbeKind::MailLoop, Some(h)) => {
+                self.err(
+                    h.span(),
+                    key(&pre, "helpdesk"),
+                    "not allowed for kind = \"mail_loop\" (remove it, or set kind = \"helpdesk\")",
+                );
+                None
+            }
+            (ProbeKind::MailLoop, None) => None,
+        };
+        let stages = stages_for(kind, helpdesk.as_ref().map(|h| h.reply));
+        let deadlines = self.deadlines(&pre, raw.deadlines.as_ref(), &stages, kind);
+
+        let lost_after = self.duration(
+            raw.lost_after.as_ref(),
+            key(&pre, "lost_after"),
+            DEFAULT_LOST_AFTER,
+        );
+        if let Some(stage) = stages
+            .iter()
+            .copied()
+            .filter(|&s| deadlines.get(s) >= lost_after)
+            .max_by_key(|&s| deadlines.get(s))
+        {
+            let span = raw
+                .lost_after
+                .as_ref()
+                .map_or_else(|| raw.name.span(), |l| l.span());
+            self.err(
+                span,
+                key(&pre, "lost_after"),
+                format!(
+                    "must be greater than every deadline, but the {stage} deadline is {} and \
+                     lost_after is {}",
+                    humantime::format_duration(deadlines.get(stage)),
+                    humantime::format_duration(lost_after),
+                ),
+            );
+        }
+
+        ProbeConfig {
+            name,
+            kind,
+            interval,
+            jitter,
+            max_in_flight,
+            lost_after,
+            cleanup: raw.cleanup.unwrap_or(true),
+            deadlines,
+            smtp: self.smtp(&key(&pre, "smtp"), &raw.smtp),
+            helpdesk,
+            imap: self.imap(&key(&pre, "imap"), &raw.imap),
+        }
+    }
+
+    fn deadlines(
+        &mut self,
+        pre: &str,
+        raw: Option<&RawDeadlines>,
+        stages: &[StageName],
+        kind: ProbeKind,
+    ) -> Deadlines {
+        let empty = RawDeadlines::default();
+        let raw = raw.unwrap_or(&empty);
+        let pre = key(pre, "deadlines");
+        let fields = [
+            (StageName::Submit, &raw.submit, Deadlines::DEFAULT_SUBMIT),
+            (StageName::Import, &raw.import, Deadlines::DEFAULT_IMPORT),
+            (StageName::Reply, &raw.reply, Deadlines::DEFAULT_REPLY),
+            (
+                StageName::Delivery,
+                &raw.delivery,
+                Deadlines::DEFAULT_DELIVERY,
+            ),
+        ];
+        let mut values = [Duration::ZERO; 4];
+        for (i, (stage, value, default)) in fields.into_iter().enumerate() {
+            values[i] = self.duration(value.as_ref(), key(&pre, stage.as_str()), default);
+            if let Some(v) = value
+                && !stages.contains(&stage)
+            {
+                let used: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
+                let why = match kind {
+                    ProbeKind::MailLoop => "kind = \"mail_loop\"".to_owned(),
+                    ProbeKind::Helpdesk => "helpdesk.reply = \"auto\"".to_owned(),
+                };
+                self.err(
+                    v.span(),
+                    key(&pre, stage.as_str()),
+                    format!(
+                        "this probe has no {stage} stage ({why} has {}): remove this deadline",
+                        used.join(", ")
+                    ),
+                );
+            }
+        }
+        let [submit, import, reply, delivery] = values;
+        let mut out = Deadlines {
+            submit,
+            import,
+            reply,
+            delivery,
+            end_to_end: Duration::ZERO,
+        };
+        let sum = stages
+            .iter()
+            .filter(|&&s| s != StageName::EndToEnd)
+            .map(|&s| out.get(s))
+            .sum();
+        out.end_to_end = self.duration(raw.end_to_end.as_ref(), key(&pre, "end_to_end"), sum);
+        out
+    }
+
+    fn smtp(&mut self, pre: &str, sp: &Spanned<raw::RawSmtp>) -> SmtpConfig {
+        let raw = sp.get_ref();
+        let tls = raw.tls.unwrap_or(Tls::None);
+        let default_port = match tls {
+            Tls::None => 25,
+            Tls::StartTls => 587,
+            Tls::Tls => 465,
+        };
+        let password = self
+            .secret(
+                pre,
+                "password",
+                raw.password.as_ref(),
+                raw.password_file.as_ref(),
+            )
+            .unwrap_or(None);
+        match (&raw.username, &password) {
+            (Some(u), None) if raw.password.is_none() && raw.password_file.is_none() => {
+                self.err(
+                    u.span(),
+                    key(pre, "password"),
+                    "a username needs `password` or `password_file`",
+                );
+            }
+            (None, Some(_)) => {
+                let span = raw
+                    .password
+                    .as_ref()
+                    .map(|p| p.span())
+                    .or_else(|| raw.password_file.as_ref().map(|p| p.span()))
+                    .unwrap_or_else(|| sp.span());
+                self.err(span, key(pre, "username"), "a password needs a `username`");
+            }
+            _ => {}
+        }
+        if let Some(h) = &raw.helo_name {
+            self.hostname(h, &key(pre, "helo_name"));
+        }
+        SmtpConfig {
+            host: self.host(&raw.host, key(pre, "host")),
+            port: self.port(raw.port.as_ref(), key(pre, "port"), default_port),
+            tls,
+            username: raw.username.as_ref().map(|u| u.get_ref().clone()),
+            password,
+            ca_file: self.ca_file(raw.ca_file.as_ref(), key(pre, "ca_file")),
+            from: self.address(&raw.from, key(pre, "from")),
+            to: self.address(&raw.to, key(pre, "to")),
+            timeout: self.duration(
+                raw.timeout.as_ref(),
+                key(pre, "timeout"),
+                DEFAULT_SMTP_TIMEOUT,
+            ),
+            helo_name: raw.helo_name.as_ref().map(|h| h.get_ref().clone()),
+        }
+    }
+
+    fn helpdesk(&mut self, pre: &str, sp: &Spanned<raw::RawHelpdesk>) -> HelpdeskConfig {
+        let raw = sp.get_ref();
+        let base_url = match reqwest::Url::parse(raw.base_url.get_ref()) {
+            Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => u,
+            Ok(_) => {
+                self.err(
+                    raw.base_url.span(),
+                    key(pre, "base_url"),
+                    "must be an http:// or https:// URL with a host",
+                );
+                placeholder_url()
+            }
+            Err(e) => {
+                self.err(
+                    raw.base_url.span(),
+                    key(pre, "base_url"),
+                    format!("invalid URL: {e}"),
+                );
+                placeholder_url()
+            }
+        };
+        HelpdeskConfig {
+            api: raw.api,
+            base_url,
+            token: self.required_secret(
+                sp.span(),
+                pre,
+                "token",
+                raw.token.as_ref(),
+                raw.token_file.as_ref(),
+            ),
+            webhook_secret: self
+                .secret(
+                    pre,
+                    "webhook_secret",
+                    raw.webhook_secret.as_ref(),
+                    raw.webhook_secret_file.as_ref(),
+                )
+                .unwrap_or(None),
+            poll_interval: self.duration(
+                raw.poll_interval.as_ref(),
+                key(pre, "poll_interval"),
+                DEFAULT_HELPDESK_POLL,
+            ),
+            reply: raw.reply.unwrap_or(ReplyMode::Post),
+            reply_body: raw.reply_body.clone(),
+            cleanup: raw.cleanup.unwrap_or(Cleanup::Archive),
+            timeout: self.duration(
+                raw.timeout.as_ref(),
+                key(pre, "timeout"),
+                DEFAULT_HELPDESK_TIMEOUT,
+            ),
+        }
+    }
+
+    fn imap(&mut self, pre: &str, sp: &Spanned<raw::RawImap>) -> ImapConfig {
+        let raw = sp.get_ref();
+        let tls = raw.tls.unwrap_or(Tls::None);
+        let default_port = match tls {
+            Tls::None | Tls::StartTls => 143,
+            Tls::Tls => 993,
+        };
+        if raw.username.get_ref().is_empty() {
+            self.err(
+                raw.username.span(),
+                key(pre, "username"),
+                "must not be empty",
+            );
+        }
+        let mailbox = match &raw.mailbox {
+            Some(m) if m.get_ref().is_empty() => {
+                self.err(m.span(), key(pre, "mailbox"), "must not be empty");
+                String::new()
+            }
+            Some(m) => m.get_ref().clone(),
+            None => "INBOX".to_owned(),
+        };
+        ImapConfig {
+            host: self.host(&raw.host, key(pre, "host")),
+            port: self.port(raw.port.as_ref(), key(pre, "port"), default_port),
+            tls,
+            username: raw.username.get_ref().clone(),
+            password: self.required_secret(
+                sp.span(),
+                pre,
+                "password",
+                raw.password.as_ref(),
+                raw.password_file.as_ref(),
+            ),
+            mailbox,
+            ca_file: self.ca_file(raw.ca_file.as_ref(), key(pre, "ca_file")),
+            idle: raw.idle.unwrap_or(true),
+            poll_interval: self.duration(
+                raw.poll_interval.as_ref(),
+                key(pre, "poll_interval"),
+                DEFAULT_IMAP_POLL,
+            ),
+            timeout: self.duration(
+                raw.timeout.as_ref(),
+                key(pre, "timeout"),
+                DEFAULT_IMAP_TIMEOUT,
+            ),
+        }
+    }
+}
+
+fn placeholder_url() -> reqwest::Url {
+    reqwest::Url::parse("http://invalid.invalid/").expect("valid placeholder URL")
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}

@@ -1,0 +1,604 @@
+//! Tests of loading, resolving and checking configs. Environment variables are injected
+//! (never `set_var`: tests run in parallel threads), secret files live in temp dirs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use super::resolve::{self, FileText};
+use super::*;
+
+const HELPDESK_EXAMPLE: &str = include_str!("../../probes/helpdesk.example.toml");
+const MAIL_LOOP_EXAMPLE: &str = include_str!("../../probes/mail-loop.example.toml");
+
+fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name| map.get(name).cloned()
+}
+
+/// Parses `text` as the file `origin` with the given environment; relative paths from `dir`.
+fn parse_env(
+    text: &str,
+    origin: &str,
+    dir: Option<&Path>,
+    vars: &[(&str, &str)],
+) -> Result<Config, ConfigErrors> {
+    let env = env_of(vars);
+    resolve::resolve_files(
+        &[FileText::new(origin, text, dir.map(Path::to_path_buf))],
+        &env,
+    )
+}
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    parse_env(text, "t.toml", None, &[])
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    parse(text).expect_err("config should be rejected").0
+}
+
+/// A minimal valid mail-loop probe; `extra` is inserted in the `[[probe]]` table.
+fn mail_loop(name: &str, extra: &str) -> String {
+    format!(
+        r#"[[probe]]
+name = "{name}"
+kind = "mail_loop"
+{extra}
+[probe.smtp]
+host = "127.0.0.1"
+from = "a@example.test"
+to = "b@example.test"
+
+[probe.imap]
+host = "127.0.0.1"
+username = "b@example.test"
+password = "pw"
+"#
+    )
+}
+
+fn helpdesk(reply: &str) -> String {
+    format!(
+        r#"[[probe]]
+name = "hd"
+kind = "helpdesk"
+
+[probe.smtp]
+host = "127.0.0.1"
+from = "a@example.test"
+to = "support@example.test"
+
+[probe.helpdesk]
+api = "supportbee"
+base_url = "http://127.0.0.1:8088"
+token = "t"
+reply = "{reply}"
+
+[probe.imap]
+host = "127.0.0.1"
+username = "a@example.test"
+password = "pw"
+"#
+    )
+}
+
+/// The only error, which must be at `line` and name `key`.
+fn single_error(text: &str, line: usize, key: &str) -> ConfigError {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+    let e = errs.into_iter().next().unwrap();
+    assert_eq!(e.position.map(|p| p.line), Some(line), "{e}");
+    assert_eq!(e.key.as_deref(), Some(key), "{e}");
+    e
+}
+
+// --- the shipped files ---
+
+#[test]
+fn sandbox_default_parses_and_probes_the_sandbox_defaults() {
+    let c = sandbox_default();
+    assert_eq!(c.prober.listen, DEFAULT_LISTEN.parse().unwrap());
+    assert_eq!(c.probes.len(), 1);
+    let p = &c.probes[0];
+    assert_eq!(p.name, "sandbox");
+    assert_eq!(p.kind, ProbeKind::Helpdesk);
+    assert_eq!((p.smtp.host.as_str(), p.smtp.port), ("127.0.0.1", 2525));
+    assert_eq!(p.smtp.from, "canary@prober.test");
+    assert_eq!(p.smtp.to, "support@helpdesk.test");
+    let h = p.helpdesk.as_ref().unwrap();
+    assert_eq!(h.base_url.as_str(), "http://127.0.0.1:8088/");
+    assert_eq!(h.token.expose(), "sandbox");
+    assert_eq!(h.reply, ReplyMode::Post);
+    assert_eq!((p.imap.host.as_str(), p.imap.port), ("127.0.0.1", 1143));
+    assert_eq!(p.imap.username, "canary@prober.test");
+    assert_eq!(p.imap.password.expose(), "sandbox");
+    assert_eq!(
+        p.stages(),
+        vec![
+            StageName::Submit,
+            StageName::Import,
+            StageName::Reply,
+            StageName::Delivery,
+            StageName::EndToEnd
+        ]
+    );
+}
+
+/// Points the examples' `/run/secrets/...` files into `dir` and creates them there.
+fn with_secret_files(text: &str, dir: &Path) -> String {
+    for (rel, content) in [
+        ("imap/password", "imap-pw\n"),
+        ("smtp/password", "smtp-pw\n"),
+    ] {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    text.replace("/run/secrets/", &format!("{}/", dir.display()))
+}
+
+#[test]
+fn helpdesk_example_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_secret_files(HELPDESK_EXAMPLE, dir.path());
+    let vars = [
+        ("SMTP_PASSWORD", "smtp-env"),
+        ("SUPPORTBEE_TOKEN", "sb-token"),
+    ];
+    let c = parse_env(&text, "helpdesk.example.toml", Some(dir.path()), &vars)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = &c.probes[0];
+    assert_eq!(p.kind, ProbeKind::Helpdesk);
+    assert_eq!(p.smtp.tls, Tls::StartTls);
+    assert_eq!(p.smtp.password.as_ref().unwrap().expose(), "smtp-env");
+    assert_eq!(p.helpdesk.as_ref().unwrap().token.expose(), "sb-token");
+    assert_eq!(
+        p.imap.password.expose(),
+        "imap-pw",
+        "one trailing newline trimmed"
+    );
+    assert_eq!(
+        p.deadlines.get(StageName::EndToEnd),
+        Duration::from_secs(300)
+    );
+}
+
+#[test]
+fn mail_loop_example_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_secret_files(MAIL_LOOP_EXAMPLE, dir.path());
+    let c = parse_env(
+        &text,
+        "mail-loop.example.toml",
+        Some(dir.path()),
+        &[("SMTP_PASSWORD", "smtp-env")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = &c.probes[0];
+    assert_eq!(p.kind, ProbeKind::MailLoop);
+    assert!(p.helpdesk.is_none());
+    assert_eq!(p.smtp.port, 465, "default port for tls");
+    assert_eq!(
+        p.stages(),
+        vec![StageName::Submit, StageName::Delivery, StageName::EndToEnd]
+    );
+    assert_eq!(
+        p.deadlines.end_to_end,
+        Duration::from_secs(150),
+        "submit + delivery"
+    );
+}
+
+#[test]
+fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
+    // The three shipped files together: distinct names, one [prober].
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("sandbox.toml", SANDBOX_TOML),
+        ("helpdesk.example.toml", HELPDESK_EXAMPLE),
+        ("mail-loop.example.toml", MAIL_LOOP_EXAMPLE),
+    ] {
+        std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
+    }
+    let env = env_of(&[("SMTP_PASSWORD", "x"), ("SUPPORTBEE_TOKEN", "y")]);
+    let c = resolve::load(dir.path(), &env).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = c.probes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["supportbee-prod", "mail-loop", "sandbox"],
+        "sorted by file name"
+    );
+}
+
+// --- error reporting ---
+
+#[test]
+fn unknown_key_reports_its_line_and_key() {
+    let text = mail_loop("a", "").replace(
+        "to = \"b@example.test\"",
+        "to = \"b@example.test\"\nprot = 25",
+    );
+    let e = single_error(&text, 9, "probe[0].smtp.prot");
+    assert!(e.message.contains("unknown field `prot`"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("t.toml:9:1: probe[0].smtp.prot: unknown field"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_top_level_key_is_an_error() {
+    let text = format!("[probes]\nx = 1\n{}", mail_loop("a", ""));
+    single_error(&text, 1, "probes");
+}
+
+#[test]
+fn bad_duration_reports_its_value() {
+    let e = single_error(
+        &mail_loop("a", "interval = \"10 parsecs\""),
+        4,
+        "probe[0].interval",
+    );
+    assert!(e.message.contains("invalid duration"), "{e}");
+    assert_eq!(e.position.unwrap().column, 12);
+}
+
+#[test]
+fn syntax_error_reports_its_line() {
+    let text = format!("{}\n[probe.imap\n", mail_loop("a", ""));
+    let errs = errors(&text);
+    assert_eq!(errs[0].position.unwrap().line, 15, "{}", errs[0]);
+}
+
+#[test]
+fn missing_field_names_the_field() {
+    let text = mail_loop("a", "").replace("host = \"127.0.0.1\"\nfrom", "from");
+    let e = single_error(&text, 5, "probe[0].smtp.host");
+    assert!(e.message.contains("missing field"), "{e}");
+}
+
+#[test]
+fn missing_env_var_is_an_error_with_key() {
+    let text = mail_loop("a", "").replace("password = \"pw\"", "password = \"x-${NO_SUCH_VAR}\"");
+    let e = single_error(&text, 13, "probe[0].imap.password");
+    assert!(e.message.contains("NO_SUCH_VAR"), "{e}");
+}
+
+#[test]
+fn env_vars_expand_whole_or_embedded() {
+    let text = mail_loop("a", "").replace(
+        "password = \"pw\"",
+        "password = \"${A}:${B_2}$${literal}$x\"",
+    );
+    let c = parse_env(&text, "t.toml", None, &[("A", "one"), ("B_2", "two")]).unwrap();
+    assert_eq!(c.probes[0].imap.password.expose(), "one:two${literal}$x");
+}
+
+#[test]
+fn password_and_password_file_together_is_an_error() {
+    let text = mail_loop("a", "").replace(
+        "password = \"pw\"",
+        "password = \"pw\"\npassword_file = \"/dev/null\"",
+    );
+    let e = single_error(&text, 14, "probe[0].imap.password_file");
+    assert!(e.message.contains("not both"), "{e}");
+}
+
+#[test]
+fn missing_password_is_an_error() {
+    let text = mail_loop("a", "").replace("password = \"pw\"\n", "");
+    single_error(&text, 10, "probe[0].imap.password");
+}
+
+#[test]
+fn smtp_username_without_password_is_an_error() {
+    let text = mail_loop("a", "").replace(
+        "host = \"127.0.0.1\"\nfrom",
+        "host = \"h\"\nusername = \"u\"\nfrom",
+    );
+    single_error(&text, 7, "probe[0].smtp.password");
+}
+
+#[test]
+fn secret_file_is_relative_to_the_config_file_and_loses_one_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "secret\n\n").unwrap();
+    let text = mail_loop("a", "").replace("password = \"pw\"", "password_file = \"pw\"");
+    std::fs::write(dir.path().join("a.toml"), text).unwrap();
+    let c = load(&dir.path().join("a.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.probes[0].imap.password.expose(), "secret\n");
+}
+
+#[test]
+fn unreadable_secret_file_names_file_line_and_key() {
+    let text =
+        mail_loop("a", "").replace("password = \"pw\"", "password_file = \"/nonexistent/pw\"");
+    let e = single_error(&text, 13, "probe[0].imap.password_file");
+    assert!(e.message.contains("/nonexistent/pw"), "{e}");
+}
+
+#[test]
+fn every_error_of_every_probe_is_reported() {
+    let text = format!(
+        "{}{}",
+        mail_loop("Bad Name", "jitter = \"2m\""),
+        mail_loop("ok", "")
+            .replace("port", "x")
+            .replace("to = \"b@example.test\"", "to = \"nobody\"\nport = 0"),
+    );
+    let errs = errors(&text);
+    let keys: Vec<&str> = errs.iter().filter_map(|e| e.key.as_deref()).collect();
+    assert_eq!(
+        keys,
+        [
+            "probe[0].name",
+            "probe[0].jitter",
+            "probe[1].smtp.to",
+            "probe[1].smtp.port"
+        ],
+        "{}",
+        ConfigErrors(errs.clone())
+    );
+}
+
+#[test]
+fn a_broken_probe_does_not_hide_the_errors_of_the_next() {
+    let text = format!(
+        "{}{}",
+        mail_loop("a", "bogus = 1"),
+        mail_loop("b", "max_in_flight = 0")
+    );
+    let keys: Vec<String> = errors(&text).into_iter().filter_map(|e| e.key).collect();
+    assert_eq!(keys, ["probe[0].bogus", "probe[1].max_in_flight"]);
+}
+
+#[test]
+fn duration_rules() {
+    single_error(
+        &mail_loop("a", "interval = \"500ms\""),
+        4,
+        "probe[0].interval",
+    );
+    single_error(
+        &mail_loop("a", "interval = \"10s\"\njitter = \"10s\""),
+        5,
+        "probe[0].jitter",
+    );
+    single_error(
+        &mail_loop("a", "[probe.deadlines]\nsubmit = \"0s\""),
+        5,
+        "probe[0].deadlines.submit",
+    );
+    let e = single_error(
+        &mail_loop("a", "lost_after = \"1m\""),
+        4,
+        "probe[0].lost_after",
+    );
+    assert!(e.message.contains("end_to_end"), "{e}");
+}
+
+#[test]
+fn deadline_of_a_stage_the_probe_lacks_is_an_error() {
+    single_error(
+        &mail_loop("a", "[probe.deadlines]\nimport = \"1m\""),
+        5,
+        "probe[0].deadlines.import",
+    );
+    let text = helpdesk("auto").replace(
+        "[probe.smtp]",
+        "[probe.deadlines]\nreply = \"1m\"\n\n[probe.smtp]",
+    );
+    single_error(&text, 6, "probe[0].deadlines.reply");
+}
+
+#[test]
+fn helpdesk_table_is_required_for_helpdesk_and_refused_for_mail_loop() {
+    let without: String = helpdesk("post")
+        .split("[probe.helpdesk]")
+        .next()
+        .unwrap()
+        .to_owned()
+        + "[probe.imap]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n";
+    single_error(&without, 3, "probe[0].helpdesk");
+    let with = helpdesk("post").replace("kind = \"helpdesk\"", "kind = \"mail_loop\"");
+    single_error(&with, 10, "probe[0].helpdesk");
+}
+
+#[test]
+fn base_url_must_be_http() {
+    let text = helpdesk("post").replace("http://127.0.0.1:8088", "ftp://example.test");
+    single_error(&text, 12, "probe[0].helpdesk.base_url");
+    let text = helpdesk("post").replace("http://127.0.0.1:8088", "not a url");
+    single_error(&text, 12, "probe[0].helpdesk.base_url");
+}
+
+#[test]
+fn ca_file_must_exist() {
+    let text = mail_loop("a", "").replace("from =", "ca_file = \"/nonexistent/ca.pem\"\nfrom =");
+    single_error(&text, 7, "probe[0].smtp.ca_file");
+}
+
+#[test]
+fn stages_and_default_deadlines_follow_kind_and_reply_mode() {
+    let post = &parse(&helpdesk("post")).unwrap().probes[0];
+    assert_eq!(post.stages().len(), 5);
+    assert_eq!(
+        post.deadlines.end_to_end,
+        Duration::from_secs(30 + 60 + 30 + 60)
+    );
+    let auto = &parse(&helpdesk("auto")).unwrap().probes[0];
+    assert_eq!(
+        auto.stages(),
+        vec![
+            StageName::Submit,
+            StageName::Import,
+            StageName::Delivery,
+            StageName::EndToEnd
+        ]
+    );
+    assert_eq!(auto.deadlines.end_to_end, Duration::from_secs(30 + 60 + 60));
+    let ml = &parse(&mail_loop("a", "")).unwrap().probes[0];
+    assert_eq!(ml.deadlines.end_to_end, Duration::from_secs(90));
+    assert_eq!((ml.smtp.port, ml.imap.port), (25, 143));
+    assert_eq!(ml.interval, Duration::from_secs(60));
+    assert_eq!(ml.lost_after, Duration::from_secs(86400));
+    assert_eq!(ml.imap.mailbox, "INBOX");
+    assert!(ml.cleanup && ml.imap.idle);
+}
+
+// --- directories ---
+
+#[test]
+fn duplicate_probe_name_across_files_names_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), mail_loop("dup", "")).unwrap();
+    std::fs::write(dir.path().join("b.toml"), mail_loop("dup", "")).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not toml [").unwrap();
+    let errs = load(dir.path()).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs}");
+    let msg = errs.to_string();
+    let a = dir.path().join("a.toml").display().to_string();
+    let b = dir.path().join("b.toml").display().to_string();
+    assert!(
+        msg.starts_with(&format!("{b}:2:8: probe[0].name: duplicate")),
+        "{msg}"
+    );
+    assert!(msg.contains(&format!("first defined at {a}:2:8")), "{msg}");
+}
+
+#[test]
+fn directory_files_load_in_name_order_and_ignore_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("b.toml"), mail_loop("second", "")).unwrap();
+    std::fs::write(dir.path().join("a.toml"), mail_loop("first", "")).unwrap();
+    std::fs::write(dir.path().join("README"), "x").unwrap();
+    std::fs::write(dir.path().join(".hidden.toml"), "broken [").unwrap();
+    let c = load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = c.probes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["first", "second"]);
+}
+
+#[test]
+fn empty_directory_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.yaml"), "").unwrap();
+    let errs = load(dir.path()).unwrap_err();
+    assert!(errs.to_string().contains("no *.toml files"), "{errs}");
+}
+
+#[test]
+fn prober_table_in_two_files_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let prober = "[prober]\nlisten = \"0.0.0.0:9725\"\n";
+    std::fs::write(
+        dir.path().join("a.toml"),
+        format!("{prober}{}", mail_loop("a", "")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        format!("{prober}{}", mail_loop("b", "")),
+    )
+    .unwrap();
+    let errs = load(dir.path()).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs}");
+    assert_eq!(errs.0[0].key.as_deref(), Some("prober"));
+    assert!(errs.to_string().contains("a.toml:1:1"), "{errs}");
+}
+
+#[test]
+fn a_config_without_probes_is_an_error() {
+    let errs = parse("[prober]\n").unwrap_err();
+    assert!(errs.to_string().contains("no [[probe]]"), "{errs}");
+}
+
+#[test]
+fn prober_settings_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[prober]\nlisten = \"0.0.0.0:9999\"\nstate_dir = \"state\"\nsecret = \"${{S}}\"\nhostname = \"p.example.com\"\n{}",
+        mail_loop("a", "")
+    );
+    let c = parse_env(&text, "t.toml", Some(dir.path()), &[("S", "k")]).unwrap();
+    assert_eq!(c.prober.listen.port(), 9999);
+    assert_eq!(
+        c.prober.state_dir.as_deref(),
+        Some(dir.path().join("state").as_path())
+    );
+    assert_eq!(c.prober.secret.as_ref().unwrap().expose(), "k");
+    assert_eq!(c.prober.hostname.as_deref(), Some("p.example.com"));
+    let c = parse(&mail_loop("a", "")).unwrap();
+    assert_eq!(c.prober, ProberSettings::default());
+}
+
+// --- secrets, shards, positions ---
+
+#[test]
+fn secret_debug_and_display_hide_the_value() {
+    let s = Secret::new("hunter2");
+    assert_eq!(format!("{s:?}"), "***");
+    assert_eq!(format!("{s}"), "***");
+    let c = sandbox_default();
+    let dump = format!("{c:?}");
+    assert!(
+        dump.contains("password: ***") && dump.contains("token: ***"),
+        "{dump}"
+    );
+    assert!(
+        !dump.contains("password: \"") && !dump.contains("token: \""),
+        "{dump}"
+    );
+}
+
+#[test]
+fn shard_index_is_fnv1a_and_stable() {
+    // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
+    for n in [1u32, 2, 3, 7, 1000] {
+        assert_eq!(
+            u64::from(shard_index("a", n)),
+            0xaf63_dc4c_8601_ec8c_u64 % u64::from(n)
+        );
+    }
+    assert_eq!(shard_index("sandbox", 5), shard_index("sandbox", 5));
+}
+
+#[test]
+fn shards_partition_the_probes() {
+    let text: String = (0..40).map(|i| mail_loop(&format!("p{i}"), "")).collect();
+    let c = parse(&text).unwrap();
+    for n in 1..=5 {
+        let mut seen: Vec<String> = Vec::new();
+        for k in 0..n {
+            let shard = c.shard(k, n);
+            assert_eq!(shard.prober, c.prober);
+            seen.extend(shard.probes.into_iter().map(|p| p.name));
+        }
+        seen.sort();
+        let mut all: Vec<String> = c.probes.iter().map(|p| p.name.clone()).collect();
+        all.sort();
+        assert_eq!(seen, all, "n = {n}");
+    }
+    assert!(!c.shard(0, 2).probes.is_empty() && !c.shard(1, 2).probes.is_empty());
+}
+
+#[test]
+fn positions_count_characters_not_bytes() {
+    let src = error::Source {
+        origin: "x",
+        text: "a = 1\n# ünïcode\nbé = 2\n",
+    };
+    assert_eq!(src.position(0), Position { line: 1, column: 1 });
+    let offset = src.text.find("= 2").unwrap();
+    assert_eq!(src.position(offset), Position { line: 3, column: 4 });
+}
+
+#[test]
+fn error_display_omits_missing_parts() {
+    let e = ConfigError::file("conf.d", "no *.toml files in this directory");
+    assert_eq!(e.to_string(), "conf.d: no *.toml files in this directory");
+}
