@@ -146,6 +146,9 @@ pub struct StageRecord {
     /// stays watched and may still complete (late or not).
     #[serde(default)]
     pub errors: Vec<Failure>,
+    /// The stage ended at an unknown time (see [`Canary::skip_unknown`]).
+    #[serde(default)]
+    pub unknown: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,6 +419,28 @@ impl Canary {
         }
     }
 
+    /// Moves past the current stage without a measurement: its end is unknown (the process
+    /// died between sending DATA and reading the answer). Nothing is observed or counted for
+    /// it; the next stage starts at the unknown stage's start, so its duration is an upper
+    /// bound. If the mail was never accepted, the next stage's deadline says so.
+    pub fn skip_unknown(&mut self) -> Vec<Transition> {
+        let Some(stage) = self.current() else {
+            return Vec::new();
+        };
+        let Some(r) = self.record_mut(stage) else {
+            return Vec::new();
+        };
+        let start = r.started_ms.unwrap_or(0);
+        r.done_ms = Some(start);
+        r.unknown = true;
+        if let Some(next) = self.current()
+            && let Some(n) = self.record_mut(next)
+        {
+            n.started_ms.get_or_insert(start);
+        }
+        Vec::new()
+    }
+
     /// The current stage failed for good (the canary cannot go on).
     pub fn fail(&mut self, reason: Reason, detail: &str, at: u64) -> Vec<Transition> {
         let Some(stage) = self.current() else {
@@ -663,6 +688,14 @@ mod tests {
         assert!(c.is_failing());
         assert_eq!(c.observe(Stage::Import, 1_000), vec![done(Stage::Import, 900, false)]);
         assert!(!c.is_failing(), "the next stage is clean");
+    }
+
+    #[test]
+    fn an_unknown_submit_is_skipped_without_a_measurement() {
+        let mut c = helpdesk(1_000);
+        assert!(c.skip_unknown().is_empty());
+        assert_eq!(c.current(), Some(Stage::Import));
+        assert_eq!(c.observe(Stage::Import, 3_000), vec![done(Stage::Import, 2_000, false)]);
     }
 
     #[test]

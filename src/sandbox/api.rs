@@ -144,7 +144,10 @@ fn page_json(tickets: Vec<Ticket>, total: usize, page: usize, per_page: usize) -
 }
 
 fn paging(page: Option<usize>, per_page: Option<usize>) -> (usize, usize) {
-    (page.unwrap_or(1).max(1), per_page.unwrap_or(15).clamp(1, 100))
+    (
+        page.unwrap_or(1).max(1),
+        per_page.unwrap_or(15).clamp(1, 100),
+    )
 }
 
 async fn list_tickets(
@@ -170,7 +173,12 @@ async fn list_tickets(
         None | Some("false") => Some(false),
         Some("true") => Some(true),
         Some("any") => None,
-        Some(_) => return error(StatusCode::BAD_REQUEST, "archived must be true, false or any"),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "archived must be true, false or any",
+            );
+        }
     };
     let trash = p.trash.unwrap_or(false);
     let (page, per_page) = paging(p.page, p.per_page);
@@ -255,7 +263,12 @@ async fn post_reply(
 ) -> Response {
     let req = match body {
         Ok(Json(r)) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid reply: {}", e.body_text())),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid reply: {}", e.body_text()),
+            );
+        }
     };
     let lose = hub.faults.get(Stage::Api) == Fault::Drop;
     match hub.post_reply(id, req.reply.content_attributes.body, lose) {

@@ -121,11 +121,7 @@ impl ParsedMail {
         let (mut requester, mut subject, mut body, mut message_id) =
             (String::new(), String::new(), String::new(), String::new());
         if let Some(m) = &parsed {
-            if let Some(addr) = m
-                .from()
-                .and_then(|f| f.first())
-                .and_then(|a| a.address())
-            {
+            if let Some(addr) = m.from().and_then(|f| f.first()).and_then(|a| a.address()) {
                 requester = addr.to_string();
             }
             subject = m.subject().unwrap_or_default().to_string();

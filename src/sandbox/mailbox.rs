@@ -144,9 +144,9 @@ impl Flags {
         match change {
             FlagChange::Replace => self.keywords = given.keywords.clone(),
             FlagChange::Add => self.keywords.extend(given.keywords.iter().cloned()),
-            FlagChange::Remove => self.keywords.retain(|k| {
-                !given.keywords.iter().any(|g| g.eq_ignore_ascii_case(k))
-            }),
+            FlagChange::Remove => self
+                .keywords
+                .retain(|k| !given.keywords.iter().any(|g| g.eq_ignore_ascii_case(k))),
         }
     }
 }

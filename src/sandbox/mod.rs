@@ -159,10 +159,23 @@ impl Sandbox {
         let mut tasks = JoinSet::new();
         let (hub, queues) = helpdesk::Hub::new(config.clone(), faults.clone(), mailboxes.clone());
 
-        tasks.spawn(pipeline::run_import(hub.clone(), queues.import, shutdown.clone()));
-        tasks.spawn(pipeline::run_outbound(hub.clone(), queues.outbound, shutdown.clone()));
+        tasks.spawn(pipeline::run_import(
+            hub.clone(),
+            queues.import,
+            shutdown.clone(),
+        ));
+        tasks.spawn(pipeline::run_outbound(
+            hub.clone(),
+            queues.outbound,
+            shutdown.clone(),
+        ));
         tasks.spawn(smtp::serve(smtp, hub.clone(), shutdown.clone()));
-        tasks.spawn(imap::serve(imap, mailboxes, faults.clone(), shutdown.clone()));
+        tasks.spawn(imap::serve(
+            imap,
+            mailboxes,
+            faults.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(api::serve(http, hub.clone(), shutdown.clone()));
 
         Ok(Sandbox {

@@ -131,7 +131,12 @@ fn deliver(hub: &Hub, job: OutboundJob) {
         Ok((raw, message_id)) => {
             let uid = hub.mailboxes.deliver(&job.to, raw);
             hub.delivered(job.seq, &message_id);
-            debug!(seq = job.seq, ticket = job.ticket_id, uid, "reply delivered");
+            debug!(
+                seq = job.seq,
+                ticket = job.ticket_id,
+                uid,
+                "reply delivered"
+            );
         }
         Err(e) => {
             // Only an unusable requester address gets here (the helpdesk took any From):

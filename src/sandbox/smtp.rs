@@ -107,7 +107,13 @@ impl Handler for MxHandler {
         }
     }
 
-    fn data_start(&mut self, _domain: &str, _from: &str, _is8bit: bool, _to: &[String]) -> Response {
+    fn data_start(
+        &mut self,
+        _domain: &str,
+        _from: &str,
+        _is8bit: bool,
+        _to: &[String],
+    ) -> Response {
         let mut t = self.txn();
         t.data.clear();
         t.size = 0;
@@ -184,7 +190,11 @@ async fn read_line(
         }
         r.consume(take);
         if done {
-            return Ok(if too_long { Line::TooLong } else { Line::Complete });
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete
+            });
         }
     }
 }
@@ -208,7 +218,11 @@ async fn connection(
     let mut in_data = false;
     let mut line = Vec::with_capacity(1024);
     loop {
-        let max = if in_data { MAX_DATA_LINE } else { MAX_COMMAND_LINE };
+        let max = if in_data {
+            MAX_DATA_LINE
+        } else {
+            MAX_COMMAND_LINE
+        };
         match read_line(&mut rd, &mut line, max).await? {
             Line::Eof => return Ok(()),
             Line::TooLong if in_data => {

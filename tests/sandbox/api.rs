@@ -7,9 +7,14 @@ use serde_json::Value;
 use crate::common::*;
 
 async fn ticket_for(sb: &mailcanary::sandbox::Sandbox, tok: &str) -> Value {
-    send(sb, "dora@customer.test", &format!("Need help {tok}"), "body text")
-        .await
-        .unwrap();
+    send(
+        sb,
+        "dora@customer.test",
+        &format!("Need help {tok}"),
+        "body text",
+    )
+    .await
+    .unwrap();
     eventually(Duration::from_secs(5), "ticket", || async {
         search(sb, tok).await.into_iter().next()
     })
@@ -33,8 +38,16 @@ async fn token_is_required_and_checked() {
     let sb = start().await;
     let base = sb.api_url();
     assert_eq!(get_json(&format!("{base}/tickets")).await.0, 401);
-    assert_eq!(get_json(&format!("{base}/tickets?auth_token=wrong")).await.0, 401);
-    assert_eq!(get_json(&format!("{base}/tickets/search?query=x")).await.0, 401);
+    assert_eq!(
+        get_json(&format!("{base}/tickets?auth_token=wrong"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        get_json(&format!("{base}/tickets/search?query=x")).await.0,
+        401
+    );
     let (s, body) = get_json(&format!("{base}/tickets?auth_token={TOKEN}")).await;
     assert_eq!(s, 200);
     assert_eq!(body["total"], 0);
@@ -100,11 +113,21 @@ async fn api_error_is_500_and_health_follows_only_the_api_fault() {
     )
     .await;
     assert_eq!(get_json(&format!("{base}/health")).await.0, 200);
-    assert_eq!(get_json(&format!("{base}/tickets?auth_token={TOKEN}")).await.0, 200);
+    assert_eq!(
+        get_json(&format!("{base}/tickets?auth_token={TOKEN}"))
+            .await
+            .0,
+        200
+    );
 
     set_fault(&sb, r#"{"api":"error"}"#).await;
     assert_eq!(get_json(&format!("{base}/health")).await.0, 500);
-    assert_eq!(get_json(&format!("{base}/tickets?auth_token={TOKEN}")).await.0, 500);
+    assert_eq!(
+        get_json(&format!("{base}/tickets?auth_token={TOKEN}"))
+            .await
+            .0,
+        500
+    );
     // The control endpoints are never faulted, so the fault can be cleared.
     let (s, faults) = get_json(&format!("{base}/sandbox/faults")).await;
     assert_eq!(s, 200);
@@ -120,13 +143,21 @@ async fn api_error_is_500_and_health_follows_only_the_api_fault() {
 async fn bad_fault_requests_change_nothing() {
     let sb = start().await;
     assert_eq!(set_fault(&sb, "{oops").await.status(), 400);
-    assert_eq!(set_fault(&sb, r#"{"import":"explode"}"#).await.status(), 400);
     assert_eq!(
-        set_fault(&sb, r#"{"import":"stall","nonsense":"ok"}"#).await.status(),
+        set_fault(&sb, r#"{"import":"explode"}"#).await.status(),
+        400
+    );
+    assert_eq!(
+        set_fault(&sb, r#"{"import":"stall","nonsense":"ok"}"#)
+            .await
+            .status(),
         400
     );
     let (_, faults) = get_json(&format!("{}/sandbox/faults", sb.api_url())).await;
-    assert_eq!(faults["import"], "ok", "a rejected request must not half-apply");
+    assert_eq!(
+        faults["import"], "ok",
+        "a rejected request must not half-apply"
+    );
     let r = set_fault(&sb, r#"{"outbound":"delay:250ms"}"#).await;
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["outbound"], "delay:250ms");

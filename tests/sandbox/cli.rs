@@ -17,7 +17,7 @@ impl Drop for KillOnDrop {
 }
 
 #[test]
-fn sandbox_command_serves_at_default_addresses_and_exits_on_sigterm() {
+fn sandbox_command_serves_at_default_ports_and_exits_on_sigterm() {
     let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_mailcanary"))
             .args(["sandbox", "--fault", "import=delay:1s"])
@@ -27,7 +27,11 @@ fn sandbox_command_serves_at_default_addresses_and_exits_on_sigterm() {
             .expect("spawn mailcanary sandbox"),
     );
     let stdout = child.0.stdout.take().unwrap();
-    let lines: Vec<String> = BufReader::new(stdout).lines().take(5).map(|l| l.unwrap()).collect();
+    let lines: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .take(5)
+        .map(|l| l.unwrap())
+        .collect();
     assert_eq!(lines[0], "smtp 127.0.0.1:2525");
     assert_eq!(lines[1], "imap 127.0.0.1:1143");
     assert_eq!(lines[2], "api http://127.0.0.1:8088");
@@ -53,7 +57,10 @@ fn sandbox_command_serves_at_default_addresses_and_exits_on_sigterm() {
             assert!(status.success(), "exit status {status}");
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "did not exit within 5 s of SIGTERM");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "did not exit within 5 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -17,7 +17,10 @@ async fn import_stall_queues_and_clearing_releases_in_arrival_order() {
             .expect("the MX accepts mail while import is stalled");
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(search(&sb, &tok).await.is_empty(), "no ticket while stalled");
+    assert!(
+        search(&sb, &tok).await.is_empty(),
+        "no ticket while stalled"
+    );
     let (status, _) = get_json(&format!("{}/health", sb.api_url())).await;
     assert_eq!(status, 200, "the web app looks healthy");
 
@@ -30,7 +33,12 @@ async fn import_stall_queues_and_clearing_releases_in_arrival_order() {
     // Newest first in the API; ids grow in creation order, which must be arrival order.
     let mut by_id: Vec<(u64, String)> = tickets
         .iter()
-        .map(|t| (t["id"].as_u64().unwrap(), t["subject"].as_str().unwrap().to_string()))
+        .map(|t| {
+            (
+                t["id"].as_u64().unwrap(),
+                t["subject"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     by_id.sort();
     let subjects: Vec<String> = by_id.into_iter().map(|(_, s)| s).collect();
@@ -46,7 +54,10 @@ async fn import_error_retries_until_cleared_and_counts_failures() {
     let tok = token();
     send(&sb, "f@customer.test", &tok, "b").await.unwrap();
     eventually(Duration::from_secs(5), "two failed attempts", || async {
-        sb.events().first().filter(|e| e.import_failures >= 2).cloned()
+        sb.events()
+            .first()
+            .filter(|e| e.import_failures >= 2)
+            .cloned()
     })
     .await;
     assert!(search(&sb, &tok).await.is_empty());
@@ -70,7 +81,10 @@ async fn outbound_drop_never_delivers_and_events_say_dropped() {
     .await;
     let id = t["id"].as_u64().unwrap();
     let r = http()
-        .post(format!("{}/tickets/{id}/replies?auth_token={TOKEN}", sb.api_url()))
+        .post(format!(
+            "{}/tickets/{id}/replies?auth_token={TOKEN}",
+            sb.api_url()
+        ))
         .json(&serde_json::json!({"reply": {"content_attributes": {"body": "hi"}}}))
         .send()
         .await
@@ -137,7 +151,9 @@ async fn deleted_tickets_are_freed_and_events_are_capped() {
     let sb = start_with(|c| c.event_capacity = 5).await;
     let tok = token();
     for i in 0..8 {
-        send(&sb, "h@customer.test", &format!("{tok} {i}"), "b").await.unwrap();
+        send(&sb, "h@customer.test", &format!("{tok} {i}"), "b")
+            .await
+            .unwrap();
     }
     let tickets = eventually(Duration::from_secs(5), "8 tickets", || async {
         let t = search(&sb, &tok).await;
@@ -149,11 +165,25 @@ async fn deleted_tickets_are_freed_and_events_are_capped() {
     for t in &tickets {
         let id = t["id"].as_u64().unwrap();
         let base = format!("{}/tickets/{id}", sb.api_url());
-        c.post(format!("{base}/trash?auth_token={TOKEN}")).send().await.unwrap();
-        let r = c.delete(format!("{base}?auth_token={TOKEN}")).send().await.unwrap();
+        c.post(format!("{base}/trash?auth_token={TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        let r = c
+            .delete(format!("{base}?auth_token={TOKEN}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 204);
     }
-    let (_, list) = get_json(&format!("{}/tickets?auth_token={TOKEN}&trash=true", sb.api_url())).await;
-    assert_eq!(list["total"], 0, "deleted tickets are gone, not just hidden");
+    let (_, list) = get_json(&format!(
+        "{}/tickets?auth_token={TOKEN}&trash=true",
+        sb.api_url()
+    ))
+    .await;
+    assert_eq!(
+        list["total"], 0,
+        "deleted tickets are gone, not just hidden"
+    );
     sb.shutdown().await;
 }

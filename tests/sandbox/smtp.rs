@@ -35,7 +35,9 @@ impl Raw {
                 .unwrap();
             assert!(n > 0, "connection closed");
             if line.as_bytes().get(3) != Some(&b'-') {
-                return line[..3].parse().unwrap_or_else(|_| panic!("bad reply {line:?}"));
+                return line[..3]
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad reply {line:?}"));
             }
         }
     }
@@ -54,9 +56,14 @@ impl Raw {
 async fn lettre_mail_becomes_a_ticket_found_by_list_and_search() {
     let sb = start().await;
     let tok = token();
-    send(&sb, "alice@customer.test", &format!("Help {tok}"), "my printer is on fire")
-        .await
-        .unwrap();
+    send(
+        &sb,
+        "alice@customer.test",
+        &format!("Help {tok}"),
+        "my printer is on fire",
+    )
+    .await
+    .unwrap();
     let found = eventually(Duration::from_secs(5), "ticket by search", || async {
         let t = search(&sb, &tok).await;
         (!t.is_empty()).then_some(t)
@@ -64,7 +71,12 @@ async fn lettre_mail_becomes_a_ticket_found_by_list_and_search() {
     .await;
     assert_eq!(found.len(), 1);
     assert_eq!(found[0]["requester"]["email"], "alice@customer.test");
-    assert!(found[0]["content"]["body"].as_str().unwrap().contains("printer"));
+    assert!(
+        found[0]["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("printer")
+    );
 
     // The list, filtered by requester, finds it too; another requester does not.
     let (_, list) = get_json(&format!(
@@ -73,7 +85,12 @@ async fn lettre_mail_becomes_a_ticket_found_by_list_and_search() {
     ))
     .await;
     assert_eq!(list["total"], 1);
-    assert!(list["tickets"][0]["subject"].as_str().unwrap().contains(&tok));
+    assert!(
+        list["tickets"][0]["subject"]
+            .as_str()
+            .unwrap()
+            .contains(&tok)
+    );
     let (_, other) = get_json(&format!(
         "{}/tickets?auth_token={TOKEN}&requester_emails=bob@customer.test",
         sb.api_url()
@@ -111,7 +128,9 @@ async fn garbage_and_8bit_junk_get_5xx_while_other_clients_are_served() {
     // The same connection still works.
     assert_eq!(c.cmd(b"EHLO client.test\r\n").await, 250);
     // And another client is served meanwhile.
-    send(&sb, "carol@customer.test", "still here", "body").await.unwrap();
+    send(&sb, "carol@customer.test", "still here", "body")
+        .await
+        .unwrap();
     sb.shutdown().await;
 }
 
@@ -153,7 +172,12 @@ async fn inbound_error_answers_451() {
     assert!(err.contains("451"), "expected 451, got {err}");
     assert!(sb.events().is_empty());
     // Cleared live, mail flows again.
-    assert!(set_fault(&sb, r#"{"inbound":"ok"}"#).await.status().is_success());
+    assert!(
+        set_fault(&sb, r#"{"inbound":"ok"}"#)
+            .await
+            .status()
+            .is_success()
+    );
     send(&sb, "a@customer.test", "x", "y").await.unwrap();
     sb.shutdown().await;
 }

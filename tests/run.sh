@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what the tests need (Debian
+# packages) when missing, then runs the quality gates and every test. `.ci/run` calls this.
+#
+#   tests/run.sh            # everything
+#   tests/run.sh --no-lint  # skip fmt/clippy (quick local loop)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+lint=1
+for a in "$@"; do
+  case "$a" in
+    --no-lint) lint=0 ;;
+    *) echo "usage: tests/run.sh [--no-lint]" >&2; exit 2 ;;
+  esac
+done
+
+need_pkgs=()
+command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "==> installing ${need_pkgs[*]} (Debian packages)"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+# Debian's prometheus package ships promtool but must not run a server here.
+if pgrep -x prometheus >/dev/null 2>&1 && [ -n "${CI:-}" ]; then
+  pkill -x prometheus || true
+fi
+
+if [ "$lint" -eq 1 ]; then
+  echo "==> cargo fmt --check"
+  cargo fmt --all -- --check
+  echo "==> cargo clippy --all-targets -- -D warnings"
+  cargo clippy --all-targets --quiet -- -D warnings
+fi
+
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --no-fail-fast
+  # nextest does not run doctests.
+  cargo test --doc --quiet
+else
+  cargo test --no-fail-fast
+fi
