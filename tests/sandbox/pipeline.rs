@@ -187,3 +187,106 @@ async fn deleted_tickets_are_freed_and_events_are_capped() {
     );
     sb.shutdown().await;
 }
+
+/// The whole pipeline with independent clients at both ends: lettre in, the API's reply out,
+/// read by async-imap and by Python's imaplib; the reply threads to the original.
+#[tokio::test]
+async fn reply_reaches_the_requester_mailbox_threaded_to_the_original() {
+    use futures::TryStreamExt;
+
+    let sb = start().await;
+    let tok = token();
+    let original_id = format!("{tok}@customer.test");
+    let m = lettre::Message::builder()
+        .from("erin@customer.test".parse().unwrap())
+        .to("support@helpdesk.test".parse().unwrap())
+        .subject(format!("Question {tok}"))
+        .message_id(Some(format!("<{original_id}>")))
+        .body("Where is my order?".to_string())
+        .unwrap();
+    lettre::AsyncTransport::send(&smtp(&sb), m).await.unwrap();
+    let t = eventually(Duration::from_secs(5), "ticket", || async {
+        search(&sb, &tok).await.into_iter().next()
+    })
+    .await;
+    let id = t["id"].as_u64().unwrap();
+    let r = http()
+        .post(format!("{}/tickets/{id}/replies?auth_token={TOKEN}", sb.api_url()))
+        .json(&serde_json::json!({"reply": {"content_attributes": {"body": format!("Shipped. {tok}")}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    eventually(Duration::from_secs(5), "delivery", || async {
+        sb.events().into_iter().find(|e| e.delivered_at.is_some())
+    })
+    .await;
+
+    // async-imap
+    let tcp = tokio::net::TcpStream::connect(sb.imap_addr).await.unwrap();
+    let mut client = async_imap::Client::new(tcp);
+    client.read_response().await.unwrap().unwrap();
+    let mut session = client
+        .login("erin@customer.test", "sandbox")
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    session.select("INBOX").await.unwrap();
+    let uids = session
+        .uid_search(format!("SUBJECT \"{tok}\""))
+        .await
+        .unwrap();
+    assert_eq!(uids.len(), 1);
+    let uid = *uids.iter().next().unwrap();
+    let fetched: Vec<_> = session
+        .uid_fetch(uid.to_string(), "BODY.PEEK[]")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let raw = fetched[0].body().unwrap().to_vec();
+    let msg = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(msg.subject(), Some(format!("Re: Question {tok}").as_str()));
+    assert_eq!(msg.in_reply_to().as_text(), Some(original_id.as_str()));
+    assert!(
+        msg.references()
+            .as_text_list()
+            .is_some_and(|l| l.iter().any(|r| r == original_id.as_str()))
+            || msg.references().as_text() == Some(original_id.as_str()),
+        "References must name the original"
+    );
+    assert!(msg.message_id().is_some_and(|id| id != original_id));
+    assert!(msg.date().is_some());
+    assert!(msg.body_text(0).unwrap().contains("Shipped."));
+    session.logout().await.unwrap();
+
+    // Python's imaplib reads (and removes) the same message.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sandbox/imaplib_client.py"
+    );
+    let port = sb.imap_addr.port().to_string();
+    let tok2 = tok.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([
+                script,
+                "127.0.0.1",
+                &port,
+                "erin@customer.test",
+                "sandbox",
+                &tok2,
+            ])
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "imaplib: {stdout}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["found_uids"], serde_json::json!([uid]));
+    assert_eq!(r["size_matches"], true);
+    sb.shutdown().await;
+}
