@@ -1,14 +1,28 @@
 //! The commands. This is the only place that wires the sandbox into the prober (`run` without
 //! `--config` starts one in-process).
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use mailcanary::sandbox::{self, DelayRange, Fault, Sandbox, SandboxConfig, Stage};
+use mailcanary::{
+    canary::life::Transition,
+    config::{self, Config},
+    daemon::{Daemon, Options},
+    sandbox::{self, DelayRange, Fault, Sandbox, SandboxConfig, Stage},
+};
 
 #[derive(Parser)]
-#[command(name = "mailcanary", version, about = "Synthetic end-to-end email flow prober")]
+#[command(
+    name = "mailcanary",
+    version,
+    about = "Synthetic end-to-end email flow prober"
+)]
 struct Cli {
     /// Log format: human-readable text, or JSON lines for containers.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -25,8 +39,60 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The daemon. Without --config it starts the sandbox in-process and probes it.
+    Run(RunArgs),
+    /// Validate the config and exit (errors name file, line and key).
+    Check(CheckArgs),
+    /// Send one canary per probe, print each stage as it completes, exit 0 if all passed.
+    Once(OnceArgs),
     /// Run only the sandbox helpdesk (SMTP in, tickets API, IMAP out) and print its addresses.
     Sandbox(SandboxArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Config file or directory of *.toml files. Default: the embedded sandbox probe.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// HTTP listen address (default: the config's, else 127.0.0.1:9725).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// State directory for the ledger and the generated secret (default: the config's, else
+    /// ./.mailcanary).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Run only the probes of shard K of N (`K/N`, stable hashing of probe names).
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(u32, u32)>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Config file or directory of *.toml files. Default: the embedded sandbox probe.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct OnceArgs {
+    /// Config file or directory of *.toml files. Default: the embedded sandbox probe.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Only this probe (default: every probe).
+    #[arg(long)]
+    probe: Option<String>,
+}
+
+fn parse_shard(s: &str) -> Result<(u32, u32), String> {
+    let (k, n) = s.split_once('/').ok_or("expected K/N, e.g. 0/3")?;
+    let (k, n): (u32, u32) = (
+        k.parse().map_err(|_| "K must be a number")?,
+        n.parse().map_err(|_| "N must be a number")?,
+    );
+    if n == 0 || k >= n {
+        return Err("need 0 <= K < N".into());
+    }
+    Ok((k, n))
 }
 
 #[derive(Args)]
@@ -70,6 +136,8 @@ fn parse_fault(s: &str) -> Result<(Stage, Fault), String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS stack, ring, for lettre, reqwest and the IMAP client alike.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -84,6 +152,9 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Sandbox(args) => run_sandbox(args).await,
+            Command::Run(args) => run(args).await,
+            Command::Check(args) => Ok(check(args)),
+            Command::Once(args) => once(args).await,
         }
     });
     match result {
@@ -97,8 +168,8 @@ pub fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_env("MAILCANARY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("MAILCANARY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -164,4 +235,174 @@ async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     tracing::info!("shutting down");
     sb.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads `path`, or the embedded sandbox probe when there is none.
+fn load_config(path: Option<&Path>) -> Result<Config, String> {
+    match path {
+        Some(p) => config::load(p).map_err(|e| e.to_string()),
+        None => config::parse_str(config::SANDBOX_TOML, "probes/sandbox.toml (embedded)")
+            .map_err(|e| e.to_string()),
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    match load_config(args.config.as_deref()) {
+        Ok(c) => {
+            println!("ok: {} probe(s)", c.probes.len());
+            for p in &c.probes {
+                let stages: Vec<&str> = p.stages().iter().map(|s| s.as_str()).collect();
+                println!(
+                    "  {} ({}): {}",
+                    p.name,
+                    p.kind.as_str(),
+                    stages.join(" -> ")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some((k, n)) = args.shard {
+        config = config.shard(k, n);
+    }
+    // No config: the sandbox this probe talks to runs in-process, at DESIGN's default addresses.
+    let sandbox = match args.config {
+        Some(_) => None,
+        None => {
+            let sb = Sandbox::start(SandboxConfig::default())
+                .await
+                .context("starting the embedded sandbox (are ports 2525, 1143, 8088 free?)")?;
+            tracing::info!(smtp = %sb.smtp_addr, imap = %sb.imap_addr, api = %sb.http_addr, "embedded sandbox started");
+            Some(sb)
+        }
+    };
+    let state_dir = args
+        .state_dir
+        .or_else(|| config.prober.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(".mailcanary"));
+    let listen = args.listen.unwrap_or(config.prober.listen);
+    let daemon = Daemon::start(
+        &config,
+        Options {
+            state_dir: state_dir.clone(),
+            listen,
+            schedule: true,
+        },
+    )
+    .await?;
+    println!(
+        "mailcanary listening on http://{} ({} probe(s))",
+        daemon.addr,
+        daemon.prober.probes.len()
+    );
+    tracing::info!(listen = %daemon.addr, probes = daemon.prober.probes.len(), state_dir = %state_dir.display(), "mailcanary running");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new canaries; in-flight ones stay in the ledger");
+    daemon.stop().await;
+    if let Some(sb) = sandbox {
+        let _ = tokio::time::timeout(Duration::from_millis(500), sb.shutdown()).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some(name) = &args.probe {
+        config.probes.retain(|p| &p.name == name);
+        if config.probes.is_empty() {
+            eprintln!("no probe named {name:?} in the config");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    // A throwaway state dir: `once` must not disturb a daemon's ledger, nor inherit it. Without
+    // a configured secret the key is generated there, so only this run's canaries verify.
+    let state_dir = std::env::temp_dir().join(format!("mailcanary-once-{}", std::process::id()));
+    let mut daemon = Daemon::start(
+        &config,
+        Options {
+            state_dir: state_dir.clone(),
+            listen: ([127, 0, 0, 1], 0).into(),
+            schedule: false,
+        },
+    )
+    .await?;
+    let mut events = daemon.engine.subscribe();
+    let longest = config
+        .probes
+        .iter()
+        .map(|p| p.deadlines.end_to_end)
+        .max()
+        .unwrap_or(Duration::from_secs(60));
+    daemon.send_once();
+    let mut pending = daemon.prober.probes.len();
+    let mut all_ok = true;
+    let deadline = tokio::time::sleep(longest + Duration::from_secs(5));
+    tokio::pin!(deadline);
+    while pending > 0 {
+        let ev = tokio::select! {
+            _ = &mut deadline => {
+                println!("gave up waiting after {}", humantime::format_duration(longest + Duration::from_secs(5)));
+                all_ok = false;
+                break;
+            }
+            ev = events.recv() => match ev { Ok(e) => e, Err(_) => continue },
+        };
+        match &ev.transition {
+            Transition::StageDone {
+                stage,
+                duration_ms,
+                late,
+            } => println!(
+                "{:<12} {:<11} ok   {:>9.3}s{}",
+                ev.probe,
+                stage.as_str(),
+                *duration_ms as f64 / 1000.0,
+                if *late { "  (late)" } else { "" }
+            ),
+            Transition::StageFailed { stage, reason } => println!(
+                "{:<12} {:<11} FAIL {}{}",
+                ev.probe,
+                stage.as_str(),
+                reason,
+                ev.detail
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            ),
+            Transition::Lost { stage } => println!("{:<12} {:<11} LOST", ev.probe, stage.as_str()),
+            Transition::Finished { outcome } => {
+                println!("{:<12} {:<11} {:?}", ev.probe, "finished", outcome);
+                all_ok &= !outcome.is_failure();
+                pending -= 1;
+            }
+        }
+    }
+    daemon.stop().await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

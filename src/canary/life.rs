@@ -266,7 +266,10 @@ impl Canary {
     }
 
     pub fn record(&self, stage: Stage) -> Option<&StageRecord> {
-        self.stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r)
+        self.stages
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map(|(_, r)| r)
     }
 
     fn record_mut(&mut self, stage: Stage) -> Option<&mut StageRecord> {
@@ -293,7 +296,11 @@ impl Canary {
 
     /// Whether any stage in progress is past its deadline.
     pub fn is_overdue(&self) -> bool {
-        !self.is_finished() && self.stages.iter().any(|(_, r)| r.overdue && r.done_ms.is_none())
+        !self.is_finished()
+            && self
+                .stages
+                .iter()
+                .any(|(_, r)| r.overdue && r.done_ms.is_none())
     }
 
     /// Whether this in-flight canary makes its probe fail now: overdue, or its current stage
@@ -371,7 +378,17 @@ impl Canary {
         let started = rec.started_ms.unwrap_or(at);
         let duration_ms = at.saturating_sub(started);
         let late = rec.overdue || duration_ms > deadline;
+        // Past its deadline but no tick saw it yet: the deadline miss is still a failure, and
+        // it is counted exactly once, here, like `tick` would have.
+        let missed_unseen = late && !rec.overdue;
+        rec.overdue |= late;
         rec.done_ms = Some(at);
+        if missed_unseen {
+            out.push(Transition::StageFailed {
+                stage,
+                reason: Reason::Deadline,
+            });
+        }
         // Errors met along the way do not make a completed stage a failure: the stage worked in
         // the end. They were counted when they happened.
         out.push(Transition::StageDone {
@@ -400,6 +417,13 @@ impl Canary {
                 if let Some(e2e) = self.record_mut(Stage::EndToEnd) {
                     let d = at.saturating_sub(created);
                     e2e_late = e2e.overdue || d > e2e_deadline;
+                    if e2e_late && !e2e.overdue {
+                        out.push(Transition::StageFailed {
+                            stage: Stage::EndToEnd,
+                            reason: Reason::Deadline,
+                        });
+                    }
+                    e2e.overdue |= e2e_late;
                     e2e.done_ms = Some(at);
                     out.push(Transition::StageDone {
                         stage: Stage::EndToEnd,
@@ -558,11 +582,20 @@ mod tests {
     fn on_time_through_every_stage() {
         let mut c = helpdesk(0);
         assert_eq!(c.current(), Some(Stage::Submit));
-        assert_eq!(c.observe(Stage::Submit, 100), vec![done(Stage::Submit, 100, false)]);
+        assert_eq!(
+            c.observe(Stage::Submit, 100),
+            vec![done(Stage::Submit, 100, false)]
+        );
         assert_eq!(c.current(), Some(Stage::Import));
         assert!(c.tick(2_000).is_empty());
-        assert_eq!(c.observe(Stage::Import, 2_100), vec![done(Stage::Import, 2_000, false)]);
-        assert_eq!(c.observe(Stage::Reply, 2_300), vec![done(Stage::Reply, 200, false)]);
+        assert_eq!(
+            c.observe(Stage::Import, 2_100),
+            vec![done(Stage::Import, 2_000, false)]
+        );
+        assert_eq!(
+            c.observe(Stage::Reply, 2_300),
+            vec![done(Stage::Reply, 200, false)]
+        );
         let t = c.observe(Stage::Delivery, 3_300);
         assert_eq!(
             t,
@@ -575,14 +608,20 @@ mod tests {
             ]
         );
         assert!(c.is_finished());
-        assert!(c.observe(Stage::Delivery, 4_000).is_empty(), "a duplicate changes nothing");
+        assert!(
+            c.observe(Stage::Delivery, 4_000).is_empty(),
+            "a duplicate changes nothing"
+        );
     }
 
     #[test]
     fn overdue_once_then_late_with_true_duration() {
         let mut c = helpdesk(0);
         c.observe(Stage::Submit, 100);
-        assert!(c.tick(5_100).is_empty(), "exactly at the deadline is not overdue");
+        assert!(
+            c.tick(5_100).is_empty(),
+            "exactly at the deadline is not overdue"
+        );
         assert_eq!(
             c.tick(5_101),
             vec![Transition::StageFailed {
@@ -601,6 +640,23 @@ mod tests {
         assert!(t.contains(&Transition::Finished {
             outcome: Outcome::Late
         }));
+    }
+
+    #[test]
+    fn a_late_stage_no_tick_saw_still_counts_its_deadline_once() {
+        let mut c = helpdesk(0);
+        c.observe(Stage::Submit, 100);
+        let t = c.observe(Stage::Import, 9_100);
+        assert_eq!(
+            t,
+            vec![
+                Transition::StageFailed {
+                    stage: Stage::Import,
+                    reason: Reason::Deadline
+                },
+                done(Stage::Import, 9_000, true)
+            ]
+        );
     }
 
     #[test]
@@ -633,7 +689,10 @@ mod tests {
             outcome: Outcome::Lost
         }));
         assert!(c.tick(70_000).is_empty());
-        assert!(c.observe(Stage::Import, 70_000).is_empty(), "too late to count");
+        assert!(
+            c.observe(Stage::Import, 70_000).is_empty(),
+            "too late to count"
+        );
     }
 
     #[test]
@@ -686,7 +745,10 @@ mod tests {
         assert!(c.note_error(Reason::Api, "500 again", 300).is_empty());
         assert_eq!(c.note_error(Reason::Timeout, "slow", 400).len(), 1);
         assert!(c.is_failing());
-        assert_eq!(c.observe(Stage::Import, 1_000), vec![done(Stage::Import, 900, false)]);
+        assert_eq!(
+            c.observe(Stage::Import, 1_000),
+            vec![done(Stage::Import, 900, false)]
+        );
         assert!(!c.is_failing(), "the next stage is clean");
     }
 
@@ -695,7 +757,10 @@ mod tests {
         let mut c = helpdesk(1_000);
         assert!(c.skip_unknown().is_empty());
         assert_eq!(c.current(), Some(Stage::Import));
-        assert_eq!(c.observe(Stage::Import, 3_000), vec![done(Stage::Import, 2_000, false)]);
+        assert_eq!(
+            c.observe(Stage::Import, 3_000),
+            vec![done(Stage::Import, 2_000, false)]
+        );
     }
 
     #[test]
@@ -706,7 +771,10 @@ mod tests {
         let json = serde_json::to_string(&c).unwrap();
         let mut back: Canary = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
-        assert!(back.tick(6_000).is_empty(), "an overdue counted before a restart is not recounted");
+        assert!(
+            back.tick(6_000).is_empty(),
+            "an overdue counted before a restart is not recounted"
+        );
         assert_eq!(back.next_wakeup(), Some(20_001));
     }
 }

@@ -8,10 +8,10 @@
 //! Architecture invariant: this module imports nothing of the prober's edges, ledger, metrics,
 //! flow or web; they all import it.
 
+pub mod life;
 pub mod message;
 pub mod recognise;
 pub mod token;
-pub mod life;
 
 pub use message::CanaryMail;
 pub use recognise::{Candidate, Classified, Inspected, classify, inspect};

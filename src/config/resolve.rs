@@ -28,7 +28,7 @@ const DEFAULT_IMAP_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_IMAP_POLL: Duration = Duration::from_secs(5);
 const DEFAULT_HELPDESK_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HELPDESK_POLL: Duration = Duration::from_secs(5);
-const MIN_INTERVAL: Duration = Duration::from_secs(1);
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One config text, with the directory its relative paths are relative to.
 pub(crate) struct FileText<'a> {
@@ -396,7 +396,7 @@ impl Ctx<'_> {
             && !interval.is_zero()
             && interval < MIN_INTERVAL
         {
-            self.err(v.span(), key(&pre, "interval"), "must be at least 1s");
+            self.err(v.span(), key(&pre, "interval"), "must be at least 100ms");
         }
         let jitter = raw
             .jitter

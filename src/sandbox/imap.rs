@@ -127,7 +127,8 @@ enum Gate {
 }
 
 /// Applies the mailbox stage's `stall`, `delay` and `drop` to one unit of work (a command or an
-/// IDLE push). `error` is LOGIN's business, so it passes here.
+/// IDLE push). `error` is LOGIN's business (and ends logged-in sessions, see `connection`), so
+/// it passes here.
 async fn gate(faults: &FaultBoard, shutdown: &CancellationToken) -> Gate {
     let fault = match faults.get(Stage::Mailbox) {
         Fault::Stall => tokio::select! {
@@ -187,9 +188,22 @@ async fn connection(
     // Set once LOGOUT was answered: the connection ends when that answer is on the wire.
     let mut logout: Option<ResponseHandle> = None;
     let mut autologout = Instant::now() + AUTOLOGOUT;
+    // A mailbox server that breaks (`error`) or goes away (`drop`) ends the sessions it has,
+    // idle ones included, the way a restarted or failing Dovecot does: clients must log in
+    // again and meet the refusal, instead of idling on unaware.
+    let mut fault_rx = faults.subscribe();
 
     loop {
         let event = tokio::select! {
+            Ok(()) = fault_rx.changed() => {
+                let fault = faults.get(Stage::Mailbox);
+                let logged_in = session.user_mailbox().is_some();
+                if fault == Fault::Drop || (fault == Fault::Error && logged_in) {
+                    say_bye(&mut stream, &mut server, "mailbox unavailable").await;
+                    return;
+                }
+                continue;
+            }
             _ = shutdown.cancelled() => {
                 say_bye(&mut stream, &mut server, "sandbox shutting down").await;
                 return;

@@ -541,7 +541,7 @@ async fn mailbox_faults_error_stall_delay_drop() {
     assert!(started.elapsed() >= Duration::from_millis(200));
     server.faults.set(Stage::Mailbox, Fault::Ok);
 
-    // drop: new connections are closed at once, existing ones at their next command.
+    // drop: new connections are closed at once, existing ones told BYE and closed.
     server.faults.set(Stage::Mailbox, Fault::Drop);
     let tcp = TcpStream::connect(server.addr).await.expect("connect");
     let mut fresh = BufReader::new(tcp);
@@ -551,8 +551,24 @@ async fn mailbox_faults_error_stall_delay_drop() {
         .expect("closed in time")
         .unwrap_or(0);
     assert_eq!(n, 0, "got {:?}", String::from_utf8_lossy(&buf));
-    raw.send(b"x1 NOOP\r\n").await;
+    // The existing session is told and closed without waiting for a command.
+    let bye = raw.line().await.expect("BYE");
+    assert!(bye.starts_with("* BYE"), "{bye}");
     assert_eq!(raw.line().await, None);
+
+    // error ends logged-in sessions too (they must log in again and meet the refusal), but
+    // leaves a not-yet-authenticated connection alone.
+    server.faults.set(Stage::Mailbox, Fault::Ok);
+    let mut logged_in = Raw::connect(server.addr).await;
+    let lines = logged_in
+        .command("l1", &format!("LOGIN {USER} {PASSWORD}"))
+        .await;
+    assert!(tagged(&lines, "l1").starts_with("l1 OK"), "{lines:?}");
+    let mut anonymous = Raw::connect(server.addr).await;
+    server.faults.set(Stage::Mailbox, Fault::Error);
+    let bye = logged_in.line().await.expect("BYE");
+    assert!(bye.starts_with("* BYE"), "{bye}");
+    anonymous.assert_noop_ok("a1").await;
 
     server.faults.set(Stage::Mailbox, Fault::Ok);
     Raw::connect(server.addr).await.assert_noop_ok("ok1").await;

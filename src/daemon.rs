@@ -1,0 +1,107 @@
+//! The daemon's wiring: config → ledger, metrics, engine, probes, HTTP. Shared by the `run` and
+//! `once` commands and by in-process tests, so all three run the same code.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    canary::Key,
+    config::Config,
+    flow::{Engine, Prober},
+    ledger::Ledger,
+    metrics::Metrics,
+    web,
+};
+
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Start the schedulers (false for `once`, which sends by hand).
+    pub schedule: bool,
+}
+
+/// A running prober.
+pub struct Daemon {
+    /// Where the HTTP server listens (the real port when asked for port 0).
+    pub addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    pub prober: Prober,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    server: JoinHandle<()>,
+}
+
+/// The HMAC key: from the config's secret, else generated once into the state dir.
+pub fn key_for(config: &Config, state_dir: &Path) -> anyhow::Result<Key> {
+    match &config.prober.secret {
+        Some(s) => Ok(Key::from_secret(s.expose())),
+        None => Key::load_or_create(state_dir)
+            .with_context(|| format!("creating the secret in {}", state_dir.display())),
+    }
+}
+
+impl Daemon {
+    pub async fn start(config: &Config, opts: Options) -> anyhow::Result<Daemon> {
+        let key = key_for(config, &opts.state_dir)?;
+        let ledger = Ledger::open(&opts.state_dir).context("opening the ledger")?;
+        let metrics = Arc::new(Metrics::new(
+            env!("CARGO_PKG_VERSION"),
+            option_env!("MAILCANARY_REVISION").unwrap_or("unknown"),
+        ));
+        metrics.set_config_reload(true);
+        let engine = Engine::new(ledger, metrics);
+        let prober = Prober::new(config, engine.clone(), key)?;
+        let ready = Arc::new(AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("binding {}", opts.listen))?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let app = web::router(web::WebState {
+            engine: engine.clone(),
+            ready: ready.clone(),
+        });
+        let sd = shutdown.clone();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { sd.cancelled().await })
+                .await;
+        });
+        let tasks = prober.start(config, opts.schedule, shutdown.clone())?;
+        ready.store(true, Ordering::Relaxed);
+        Ok(Daemon {
+            addr,
+            engine,
+            prober,
+            shutdown,
+            tasks,
+            server,
+        })
+    }
+
+    /// Sends one canary per probe now.
+    pub fn send_once(&mut self) {
+        crate::flow::send_once(&self.engine, &self.prober.probes, &mut self.tasks);
+    }
+
+    /// Stops sending and serving. Every change is already in the ledger; waiting is bounded.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(4), async {
+            while self.tasks.join_next().await.is_some() {}
+            let _ = (&mut self.server).await;
+        })
+        .await;
+    }
+}

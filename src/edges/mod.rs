@@ -1,0 +1,109 @@
+//! The edges: all network I/O of the prober.
+//!
+//! | module | talks to | main entry |
+//! |---|---|---|
+//! | [`smtp`] | the submission server (the helpdesk's MX, or a relay) | [`smtp::Submitter::submit`] |
+//! | [`helpdesk`] | a helpdesk's HTTP API (SupportBee so far) | [`helpdesk::Helpdesk`] |
+//!
+//! Architecture invariant: edges do network I/O only. They know nothing of metrics, the ledger,
+//! config files or scheduling: they take plain parameter structs and return results and typed
+//! errors. Every error carries a [`Reason`](crate::canary::life::Reason) (the `reason` label) and
+//! a human detail for the dashboard that never contains a password, token or other secret; the
+//! edge that holds the secret scrubs it, because nothing downstream knows what to scrub.
+
+pub mod helpdesk;
+pub mod imap;
+pub mod smtp;
+
+/// How a connection is secured, for SMTP and IMAP alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plaintext (a loopback MX, the sandbox; IMAP 143 without STARTTLS).
+    None,
+    /// Plaintext, then STARTTLS, which the server *must* offer: a server that does not fails
+    /// with `tls` (a downgrade is exactly what a probe should notice).
+    StartTls,
+    /// TLS from the first byte (SMTP submissions on 465, IMAPS on 993).
+    Tls,
+}
+
+use std::sync::Arc;
+
+use rustls_pki_types::{CertificateDer, pem::PemObject};
+
+/// A rustls client config on the ring provider, trusting webpki-roots plus `extra_roots_pem`
+/// (one or more PEM certificates, e.g. a private CA in front of a test MX).
+///
+/// The provider is passed explicitly rather than read from the process default, so an edge
+/// works the same whether or not `main` installed one (tests, library users).
+pub(crate) fn rustls_client_config(
+    extra_roots_pem: Option<&[u8]>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_roots_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("extra root certificates: bad PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("extra root certificates: unusable certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("extra root certificates: no PEM certificate found".into());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// Replaces every occurrence of `secret` in `text`. Empty secrets are ignored (replacing ""
+/// would interleave the marker between every character).
+pub(crate) fn redact(text: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(secret, "[redacted]")
+    }
+}
+
+/// An error and its sources, joined with `": "` (Display of most network errors alone says
+/// little, e.g. reqwest's "error sending request").
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Some errors repeat their source in their own Display; do not say it twice.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_ignores_empty_secrets() {
+        assert_eq!(redact("a b", ""), "a b");
+        assert_eq!(redact("x=hunter2&y", "hunter2"), "x=[redacted]&y");
+    }
+
+    #[test]
+    fn extra_roots_must_hold_a_certificate() {
+        assert!(rustls_client_config(None).is_ok());
+        let err = rustls_client_config(Some(b"not pem")).unwrap_err();
+        assert!(err.contains("no PEM certificate"), "{err}");
+    }
+}

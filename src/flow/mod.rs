@@ -1,0 +1,429 @@
+//! The flow: turns a resolved [`Config`] into running probes.
+//!
+//! - the **scheduler** (one task per probe) owns interval, jitter and the concurrency limit;
+//! - a **run** (`run.rs`, one task per canary) owns submit → import → reply over the edges;
+//! - a **mailbox dispatcher** (one task per watched mailbox, shared by every probe reading it)
+//!   recognises arrivals and completes the delivery stage;
+//! - the **ticker** moves time forward for every canary (deadlines, lost) and refreshes gauges.
+//!
+//! All four report to the [`Engine`], the only thing that changes a canary.
+
+pub mod engine;
+pub mod run;
+
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+
+use lettre::message::Mailbox;
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use engine::{Engine, Event, now_ms};
+
+use crate::{
+    canary::{
+        Classified, Inspected, Key, classify, inspect,
+        life::{Limits, Stage},
+    },
+    config::{Config, ProbeConfig, ReplyMode, Tls},
+    edges::{
+        helpdesk::{
+            CleanupMode, Helpdesk,
+            supportbee::{SupportBee, SupportBeeParams},
+        },
+        imap::{self, ImapTarget, WatchCommand, WatchEvent},
+        smtp::{SmtpTarget, Submitter},
+    },
+    metrics::Ignored,
+};
+
+/// A probe ready to run: its config resolved into edges and limits.
+pub struct Probe {
+    pub name: String,
+    pub key: Key,
+    pub hostname: String,
+    pub from: Mailbox,
+    pub to: Mailbox,
+    pub plan: Vec<Stage>,
+    pub limits: Limits,
+    pub interval: Duration,
+    pub jitter: Duration,
+    pub max_in_flight: usize,
+    pub cleanup: Option<CleanupMode>,
+    pub delete_delivered: bool,
+    pub reply: ReplyMode,
+    pub poll_interval: Duration,
+    pub submitter: Submitter,
+    pub helpdesk: Option<Arc<Helpdesk>>,
+    pub mailbox_key: String,
+    mailbox_commands: std::sync::OnceLock<mpsc::Sender<WatchCommand>>,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn read_roots(path: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    match path {
+        None => Ok(None),
+        Some(p) => Ok(Some(std::fs::read(p).map_err(|e| {
+            anyhow::anyhow!("reading CA file {}: {e}", p.display())
+        })?)),
+    }
+}
+
+fn tls_mode(t: Tls) -> crate::edges::TlsMode {
+    use crate::edges::TlsMode;
+    match t {
+        Tls::None => TlsMode::None,
+        Tls::StartTls => TlsMode::StartTls,
+        Tls::Tls => TlsMode::Tls,
+    }
+}
+
+impl Probe {
+    pub fn build(cfg: &ProbeConfig, key: &Key, hostname: &str) -> anyhow::Result<Probe> {
+        let d = &cfg.deadlines;
+        let limits = Limits {
+            submit_ms: ms(d.submit),
+            import_ms: ms(d.import),
+            reply_ms: ms(d.reply),
+            delivery_ms: ms(d.delivery),
+            end_to_end_ms: ms(d.end_to_end),
+            lost_after_ms: ms(cfg.lost_after),
+        };
+        let plan: Vec<Stage> = cfg
+            .stages()
+            .into_iter()
+            .filter(|s| *s != Stage::EndToEnd)
+            .collect();
+        let smtp = &cfg.smtp;
+        let submitter = Submitter::new(SmtpTarget {
+            host: smtp.host.clone(),
+            port: smtp.port,
+            tls: tls_mode(smtp.tls),
+            credentials: smtp
+                .username
+                .clone()
+                .zip(smtp.password.as_ref().map(|p| p.expose().to_string())),
+            extra_roots_pem: read_roots(smtp.ca_file.as_deref())?,
+            timeout: smtp.timeout,
+            helo_name: smtp.helo_name.clone(),
+        })
+        .map_err(|e| anyhow::anyhow!("probe {}: smtp: {e}", cfg.name))?;
+        let (helpdesk, reply, poll_interval, cleanup) = match &cfg.helpdesk {
+            Some(h) => (
+                Some(Arc::new(Helpdesk::SupportBee(
+                    SupportBee::new(SupportBeeParams {
+                        timeout: h.timeout,
+                        ..SupportBeeParams::new(h.base_url.as_str(), h.token.expose())
+                    })
+                    .map_err(|e| anyhow::anyhow!("probe {}: helpdesk: {e}", cfg.name))?,
+                ))),
+                h.reply,
+                h.poll_interval,
+                cfg.cleanup.then(|| cleanup_mode(h.cleanup)).flatten(),
+            ),
+            None => (None, ReplyMode::Auto, Duration::from_secs(1), None),
+        };
+        let imap = &cfg.imap;
+        Ok(Probe {
+            name: cfg.name.clone(),
+            key: key.clone(),
+            hostname: hostname.to_string(),
+            from: smtp
+                .from
+                .parse()
+                .map_err(|e| anyhow::anyhow!("probe {}: smtp.from: {e}", cfg.name))?,
+            to: smtp
+                .to
+                .parse()
+                .map_err(|e| anyhow::anyhow!("probe {}: smtp.to: {e}", cfg.name))?,
+            plan,
+            limits,
+            interval: cfg.interval,
+            jitter: cfg.jitter,
+            max_in_flight: cfg.max_in_flight,
+            cleanup,
+            delete_delivered: cfg.cleanup,
+            reply,
+            poll_interval,
+            submitter,
+            helpdesk,
+            mailbox_key: format!(
+                "{}@{}:{}/{}",
+                imap.username, imap.host, imap.port, imap.mailbox
+            ),
+            mailbox_commands: std::sync::OnceLock::new(),
+        })
+    }
+}
+
+fn cleanup_mode(c: crate::config::Cleanup) -> Option<CleanupMode> {
+    use crate::config::Cleanup;
+    match c {
+        Cleanup::Archive => Some(CleanupMode::Archive),
+        Cleanup::Trash => Some(CleanupMode::Trash),
+        Cleanup::Delete => Some(CleanupMode::Delete),
+        Cleanup::None => None,
+    }
+}
+
+fn imap_target(cfg: &ProbeConfig) -> anyhow::Result<ImapTarget> {
+    let i = &cfg.imap;
+    Ok(ImapTarget {
+        host: i.host.clone(),
+        port: i.port,
+        tls: tls_mode(i.tls),
+        username: i.username.clone(),
+        password: i.password.expose().to_string(),
+        mailbox: i.mailbox.clone(),
+        extra_roots_pem: read_roots(i.ca_file.as_deref())?,
+        timeout: i.timeout,
+        idle: i.idle,
+        poll_interval: i.poll_interval,
+    })
+}
+
+/// Every probe of a config, running until `shutdown`.
+pub struct Prober {
+    pub engine: Arc<Engine>,
+    pub probes: Vec<Arc<Probe>>,
+}
+
+impl Prober {
+    /// Builds every probe (fails on the first that cannot be built) and registers its metrics.
+    pub fn new(config: &Config, engine: Arc<Engine>, key: Key) -> anyhow::Result<Prober> {
+        let hostname = config
+            .prober
+            .hostname
+            .clone()
+            .unwrap_or_else(|| "mailcanary.invalid".to_string());
+        let mut probes = Vec::new();
+        for p in &config.probes {
+            let probe = Probe::build(p, &key, &hostname)?;
+            engine.register_probe(&probe.name, &probe.plan);
+            probes.push(Arc::new(probe));
+        }
+        Ok(Prober { engine, probes })
+    }
+
+    /// Starts watchers, the ticker, resumed canaries and (unless `schedule` is false) the
+    /// schedulers. Returns the tasks; they end when `shutdown` is cancelled.
+    pub fn start(
+        &self,
+        config: &Config,
+        schedule: bool,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<JoinSet<()>> {
+        let mut tasks = JoinSet::new();
+        // One watcher per distinct mailbox, shared by the probes that read it.
+        let mut by_mailbox: HashMap<String, Vec<Arc<Probe>>> = HashMap::new();
+        for p in &self.probes {
+            by_mailbox
+                .entry(p.mailbox_key.clone())
+                .or_default()
+                .push(p.clone());
+        }
+        for (mailbox_key, probes) in by_mailbox {
+            let cfg = config
+                .probes
+                .iter()
+                .find(|c| c.name == probes[0].name)
+                .expect("probe built from this config");
+            let target = imap_target(cfg)?;
+            let (ev_tx, ev_rx) = mpsc::channel(256);
+            let (cmd_tx, cmd_rx) = mpsc::channel(256);
+            for p in &probes {
+                let _ = p.mailbox_commands.set(cmd_tx.clone());
+            }
+            let cursor = self.engine.ledger().cursor(&mailbox_key).ok().flatten();
+            let watcher = imap::spawn_watcher(target, cursor, ev_tx, cmd_rx, shutdown.clone());
+            tasks.spawn(async move {
+                let _ = watcher.await;
+            });
+            tasks.spawn(dispatch(
+                self.engine.clone(),
+                mailbox_key,
+                probes,
+                ev_rx,
+                shutdown.clone(),
+            ));
+        }
+        // Time moves for every canary, four times a second: the stall shows within 250 ms of
+        // its deadline, and the oldest-in-flight gauge rises smoothly.
+        let engine = self.engine.clone();
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    _ = tick.tick() => engine.tick(now_ms()),
+                }
+            }
+        });
+        // Canaries from before a restart.
+        for c in self.engine.resume() {
+            if let Some(p) = self.probes.iter().find(|p| p.name == c.probe)
+                && run::resume(&self.engine, &c)
+            {
+                let (engine, p, sd) = (self.engine.clone(), p.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = sd.cancelled() => {}
+                        _ = run::drive(engine, p, c.id.clone()) => {}
+                    }
+                });
+            }
+        }
+        if schedule {
+            for p in &self.probes {
+                tasks.spawn(scheduler(self.engine.clone(), p.clone(), shutdown.clone()));
+            }
+        }
+        Ok(tasks)
+    }
+}
+
+/// Sends a canary every `interval` (± `jitter`), unless `max_in_flight` are already out.
+async fn scheduler(engine: Arc<Engine>, probe: Arc<Probe>, shutdown: CancellationToken) {
+    use rand::RngExt;
+    let jitter = |max: Duration| {
+        if max.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(rand::rng().random_range(0..=ms(max)))
+        }
+    };
+    // Spread the first canaries of many probes over the jitter window.
+    let mut next = tokio::time::Instant::now() + jitter(probe.jitter);
+    let mut runs = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                runs.abort_all();
+                return;
+            }
+            _ = tokio::time::sleep_until(next) => {}
+            Some(_) = runs.join_next(), if !runs.is_empty() => continue,
+        }
+        next += probe.interval;
+        next += jitter(probe.jitter);
+        next -= probe.jitter / 2;
+        let in_flight = engine.in_flight_count(&probe.name);
+        if in_flight >= probe.max_in_flight {
+            warn!(probe = %probe.name, in_flight, "at max_in_flight; skipping this canary");
+            continue;
+        }
+        runs.spawn(run::start_canary(engine.clone(), probe.clone()));
+    }
+}
+
+/// Sends one canary per probe now (the `once` command); returns their ids.
+pub fn send_once(engine: &Arc<Engine>, probes: &[Arc<Probe>], tasks: &mut JoinSet<()>) {
+    for p in probes {
+        tasks.spawn(run::start_canary(engine.clone(), p.clone()));
+    }
+}
+
+/// Recognises what arrives in one mailbox and completes the delivery stage of its canary.
+async fn dispatch(
+    engine: Arc<Engine>,
+    mailbox_key: String,
+    probes: Vec<Arc<Probe>>,
+    mut events: mpsc::Receiver<WatchEvent>,
+    shutdown: CancellationToken,
+) {
+    let names: Vec<&str> = probes.iter().map(|p| p.name.as_str()).collect();
+    let blame = names[0].to_string();
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = events.recv() => match ev { Some(e) => e, None => return },
+        };
+        match ev {
+            WatchEvent::Connected { idle } => {
+                info!(mailbox = %mailbox_key, idle, "mailbox watcher connected");
+                for n in &names {
+                    engine.mailbox_status(n, None);
+                }
+            }
+            WatchEvent::Failed { reason, detail } => {
+                warn!(mailbox = %mailbox_key, %reason, %detail, "mailbox watcher failed; reconnecting");
+                for n in &names {
+                    engine.mailbox_status(n, Some((reason, detail.clone())));
+                }
+            }
+            WatchEvent::Cursor {
+                uid_validity,
+                last_uid,
+            } => {
+                if let Err(e) = engine
+                    .ledger()
+                    .set_cursor(&mailbox_key, uid_validity, last_uid)
+                {
+                    warn!(mailbox = %mailbox_key, error = %e, "cannot persist the mailbox cursor");
+                }
+            }
+            WatchEvent::Arrived(a) => {
+                let seen_at = a
+                    .seen_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or_else(|_| now_ms());
+                let candidate = match inspect(&a.raw) {
+                    Inspected::Ordinary => continue,
+                    Inspected::Malformed(why) => {
+                        warn!(mailbox = %mailbox_key, uid = a.uid, why, "malformed message ignored");
+                        engine.ignored(&blame, Ignored::Malformed);
+                        continue;
+                    }
+                    Inspected::Candidate(c) => c,
+                };
+                let key = &probes[0].key;
+                match classify(&candidate, key, &names) {
+                    Classified::Forged { .. } => {
+                        warn!(mailbox = %mailbox_key, uid = a.uid, "forged canary ignored");
+                        engine.ignored(&blame, Ignored::Forged);
+                    }
+                    Classified::Canary { probe, token } => {
+                        let done = engine.delivered(&probe, token.id(), seen_at, a.uid, |mid| {
+                            candidate.threaded_to(mid)
+                        });
+                        if let Some(c) = done
+                            && c.is_finished()
+                            && let Some(p) = probes.iter().find(|p| p.name == probe)
+                        {
+                            clean_up(p, &c, a.uid_validity, a.uid).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Removes what a finished canary left behind: the delivered message (by UID) and the ticket.
+async fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary, uid_validity: u32, uid: u32) {
+    if p.delete_delivered
+        && let Some(tx) = p.mailbox_commands.get()
+    {
+        let _ = tx.try_send(WatchCommand::Delete { uid_validity, uid });
+    }
+    if let (Some(mode), Some(h), Some(ticket)) =
+        (p.cleanup, p.helpdesk.clone(), c.ticket_id.clone())
+    {
+        let (probe, canary) = (p.name.clone(), c.id.clone());
+        tokio::spawn(async move {
+            let t = crate::edges::helpdesk::TicketRef {
+                id: ticket,
+                created_at: None,
+            };
+            if let Err(e) = h.cleanup(&t, mode).await {
+                warn!(%probe, %canary, error = %e, "ticket cleanup failed");
+            }
+        });
+    }
+}

@@ -1,0 +1,135 @@
+//! One canary's run over the edges: submit, then (helpdesk probes) find the ticket and post the
+//! reply. Delivery is observed by the mailbox dispatcher, not here.
+//!
+//! Every observation goes through [`Engine::update`]; this module only drives the edges and
+//! retries. A run ends when its part is done or the canary finished (failed, lost) meanwhile.
+
+use std::{sync::Arc, time::Duration};
+
+use tracing::debug;
+
+use super::{
+    Probe,
+    engine::{Engine, now_ms},
+};
+use crate::{
+    canary::{
+        Token,
+        life::{Canary, Stage},
+        message::{self, CanaryMail},
+    },
+    config::ReplyMode,
+    edges::helpdesk::TicketRef,
+};
+
+/// Sends a new canary for `probe` and drives it as far as this process can.
+pub async fn start_canary(engine: Arc<Engine>, probe: Arc<Probe>) {
+    let created = now_ms();
+    let sent_at = std::time::UNIX_EPOCH + Duration::from_millis(created);
+    let token = Token::issue(&probe.key, &probe.name, sent_at);
+    let mail = CanaryMail {
+        probe: probe.name.clone(),
+        token: token.clone(),
+        from: probe.from.clone(),
+        to: probe.to.clone(),
+        sent_at,
+        hostname: probe.hostname.clone(),
+    };
+    let message = mail.build();
+    let canary = Canary::new(
+        &probe.name,
+        token.id(),
+        token.as_str(),
+        &message::message_id(&token, &probe.hostname),
+        probe.plan.clone(),
+        probe.limits.clone(),
+        created,
+    );
+    let id = canary.id.clone();
+    // Written before DATA is sent: a crash from here on leaves a canary to resume, not a
+    // canary nobody knows about.
+    if let Err(e) = engine.begin(canary) {
+        tracing::error!(probe = %probe.name, error = %e, "cannot record the canary; not sending it");
+        return;
+    }
+    match probe.submitter.submit(&message).await {
+        Ok(_) => {
+            engine.update(&probe.name, &id, |c| c.observe(Stage::Submit, now_ms()));
+        }
+        Err(e) => {
+            let detail = e.to_string();
+            engine.update(&probe.name, &id, |c| c.fail(e.reason(), &detail, now_ms()));
+            return;
+        }
+    }
+    drive(engine, probe, id).await;
+}
+
+/// Continues a canary from whatever stage it is in (a fresh one after submit, or one resumed
+/// from the ledger after a restart).
+pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
+    let Some(helpdesk) = probe.helpdesk.clone() else {
+        return; // mail loop: only delivery is left, and the dispatcher sees it.
+    };
+    let poll = probe.poll_interval;
+    loop {
+        let Some(c) = engine.get(&probe.name, &id) else {
+            return; // finished meanwhile (lost, or delivered early and completed)
+        };
+        let result = match c.current() {
+            Some(Stage::Import) => {
+                let since = std::time::UNIX_EPOCH
+                    + Duration::from_millis(c.created_ms.saturating_sub(60_000));
+                match helpdesk.find_ticket(&c.token, since).await {
+                    Ok(Some(t)) => {
+                        engine.update(&probe.name, &id, |c| {
+                            c.ticket_id = Some(t.id.clone());
+                            c.observe(Stage::Import, now_ms())
+                        });
+                        continue;
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err((e.reason(), e.to_string())),
+                }
+            }
+            Some(Stage::Reply) if probe.reply == ReplyMode::Post => {
+                let ticket = TicketRef {
+                    id: c.ticket_id.clone().unwrap_or_default(),
+                    created_at: None,
+                };
+                let token = Token::parse(&c.token).ok();
+                let body = token
+                    .as_ref()
+                    .map(message::reply_body)
+                    .unwrap_or_else(|| c.token.clone());
+                match helpdesk.post_reply(&ticket, &body).await {
+                    Ok(()) => {
+                        engine.update(&probe.name, &id, |c| c.observe(Stage::Reply, now_ms()));
+                        continue;
+                    }
+                    Err(e) => Err((e.reason(), e.to_string())),
+                }
+            }
+            // Delivery (or nothing) left: the dispatcher takes it from here.
+            _ => return,
+        };
+        if let Err((reason, detail)) = result {
+            debug!(probe = %probe.name, canary = %id, %reason, %detail, "helpdesk call failed; retrying");
+            engine.update(&probe.name, &id, |c| {
+                c.note_error(reason, &detail, now_ms())
+            });
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Prepares a canary found in the ledger at start-up; true if a run should drive it on.
+pub fn resume(engine: &Arc<Engine>, c: &Canary) -> bool {
+    if c.current() == Some(Stage::Submit) {
+        // The process died between writing the canary and hearing the server's answer to
+        // DATA: whether the mail was accepted is unknown. Keep watching for it rather than
+        // guess a duration or call it failed; if it was refused, a deadline says so.
+        engine.update(&c.probe, &c.id, |c| c.skip_unknown());
+    }
+    true
+}

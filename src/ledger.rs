@@ -1,0 +1,723 @@
+//! The ledger: canaries in flight, recently finished canaries and IMAP cursors, kept in one redb
+//! file in the state dir (`state_dir/ledger.redb`), so that a restart (crash, `kill -9`, rolling
+//! update) resumes what was in flight and never loses or double-counts a canary.
+//!
+//! The contract with the flow:
+//!
+//! - a canary is [`Ledger::put`] before its SMTP DATA is sent, and again after every transition;
+//! - it leaves the in-flight table only through [`Ledger::finish`], which moves it to the recent
+//!   table in the same transaction, so a crash between "finished" and "recorded" is impossible;
+//! - on start, [`Ledger::in_flight`] is what to resume. The flags that stop a transition from
+//!   being counted twice live inside [`Canary`] itself, so a resumed canary recounts nothing.
+//!
+//! Every method is one redb transaction and, for writes, durable when it returns (redb's default
+//! `Durability::Immediate`: an fsync). They block: call them from `spawn_blocking` or accept a
+//! millisecond or two on the runtime thread.
+//!
+//! Architecture invariant: the ledger stores and returns [`Canary`] values; it never decides
+//! anything about them (that is `crate::canary::life`), and knows nothing of networking, config
+//! or the flow.
+//!
+//! # Tables
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `in_flight` | `probe \0 id` | the canary, serde_json |
+//! | `finished` | `probe \0 id` | (sequence, the canary as serde_json) |
+//! | `finished_order` | (probe, sequence) | id |
+//! | `imap_cursors` | mailbox key | (uidvalidity, last seen uid) |
+//! | `meta` | `"format"` | [`FORMAT`] |
+//!
+//! Finished canaries are ordered by a per-probe sequence number, not by their finish time: the
+//! sequence is what makes "oldest evicted" exact even if the wall clock steps back.
+//!
+//! Values are JSON rather than a binary encoding so that a field added to [`Canary`] with
+//! `#[serde(default)]` reads old records, and so an operator can inspect a record. A value that
+//! does not decode (an older incompatible format, corruption) is skipped with one warning per key
+//! and counted in [`Ledger::undecodable`]; it is never a panic and never blocks the others.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::canary::life::Canary;
+
+/// Name of the ledger file inside the state dir.
+pub const FILE_NAME: &str = "ledger.redb";
+/// On-disk format of this code. A ledger written by a newer format is refused, not misread.
+pub const FORMAT: u32 = 1;
+/// Finished canaries kept per probe for the status page; the oldest beyond this are evicted.
+pub const RECENT_CAP: usize = 200;
+
+const IN_FLIGHT: TableDefinition<&str, &[u8]> = TableDefinition::new("in_flight");
+const FINISHED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("finished");
+const FINISHED_ORDER: TableDefinition<(&str, u64), &str> = TableDefinition::new("finished_order");
+const CURSORS: TableDefinition<&str, (u32, u32)> = TableDefinition::new("imap_cursors");
+const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+
+/// What went wrong, with the file and the operation it happened in.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(
+        "ledger {}: is in use by another mailcanary (only one process may own a state dir)",
+        path.display()
+    )]
+    InUse { path: PathBuf },
+    #[error("ledger {}: {operation}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        operation: &'static str,
+        source: std::io::Error,
+    },
+    #[error("ledger {}: {operation}: {source}", path.display())]
+    Db {
+        path: PathBuf,
+        operation: &'static str,
+        source: Box<redb::Error>,
+    },
+    #[error("ledger {}: {operation}: encoding {key:?}: {source}", path.display())]
+    Encode {
+        path: PathBuf,
+        operation: &'static str,
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error(
+        "ledger {}: written in format {found}, this mailcanary reads format {FORMAT}; \
+         run a newer mailcanary or move the file away",
+        path.display()
+    )]
+    NewerFormat { path: PathBuf, found: u32 },
+    #[error("ledger {}: {operation}: probe name {probe:?} contains a NUL byte", path.display())]
+    InvalidProbe {
+        path: PathBuf,
+        operation: &'static str,
+        probe: String,
+    },
+}
+
+/// What the ledger knows about one canary id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Still watched: a delivery of it is the real one.
+    InFlight(Canary),
+    /// Already finished (and still among the recent ones): a delivery of it is a duplicate.
+    Finished(Canary),
+    /// Never seen, or finished so long ago it was evicted.
+    Unknown,
+}
+
+/// The embedded store. One per process and state dir; `Send + Sync`, share it with an `Arc`.
+pub struct Ledger {
+    db: Database,
+    path: PathBuf,
+    /// Keys already warned about as undecodable, so a bad record is logged once, not per read.
+    undecodable: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("path", &self.path).finish()
+    }
+}
+
+impl Ledger {
+    /// Opens (or creates) `state_dir/ledger.redb`, creating `state_dir` if it is missing.
+    ///
+    /// A second process (or a second `open` in this one) on the same file gets
+    /// [`LedgerError::InUse`]: two probers resuming the same canaries would count them twice.
+    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+        let path = state_dir.join(FILE_NAME);
+        std::fs::create_dir_all(state_dir).map_err(|source| LedgerError::Io {
+            path: path.clone(),
+            operation: "create the state dir",
+            source,
+        })?;
+        let db = Database::create(&path).map_err(|err| match err {
+            redb::DatabaseError::DatabaseAlreadyOpen => LedgerError::InUse { path: path.clone() },
+            other => LedgerError::Db {
+                path: path.clone(),
+                operation: "open",
+                source: Box::new(other.into()),
+            },
+        })?;
+        let ledger = Ledger {
+            db,
+            path,
+            undecodable: Mutex::new(HashSet::new()),
+        };
+        ledger.init()?;
+        Ok(ledger)
+    }
+
+    /// The ledger file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates the tables (so reads never meet a missing table) and checks the format.
+    fn init(&self) -> Result<(), LedgerError> {
+        const OP: &str = "initialise";
+        let txn = self.db.begin_write().map_err(self.db_err(OP))?;
+        {
+            let mut meta = txn.open_table(META).map_err(self.db_err(OP))?;
+            let found = meta
+                .get("format")
+                .map_err(self.db_err(OP))?
+                .map(|v| v.value());
+            match found {
+                Some(found) if found > FORMAT => {
+                    return Err(LedgerError::NewerFormat {
+                        path: self.path.clone(),
+                        found,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("format", FORMAT).map_err(self.db_err(OP))?;
+                }
+            }
+            txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
+            txn.open_table(FINISHED).map_err(self.db_err(OP))?;
+            txn.open_table(FINISHED_ORDER).map_err(self.db_err(OP))?;
+            txn.open_table(CURSORS).map_err(self.db_err(OP))?;
+        }
+        txn.commit().map_err(self.db_err(OP))
+    }
+
+    /// Inserts or replaces an in-flight canary. Durable when it returns.
+    pub fn put(&self, canary: &Canary) -> Result<(), LedgerError> {
+        const OP: &str = "put";
+        let key = self.key(OP, &canary.probe, &canary.id)?;
+        let value = self.encode(OP, &key, canary)?;
+        let txn = self.db.begin_write().map_err(self.db_err(OP))?;
+        {
+            let mut table = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
+            table
+                .insert(key.as_str(), value.as_slice())
+                .map_err(self.db_err(OP))?;
+        }
+        txn.commit().map_err(self.db_err(OP))
+    }
+
+    /// Moves a canary from in flight to the recent ones of its probe, in one transaction, and
+    /// evicts the oldest recent ones beyond [`RECENT_CAP`]. Finishing the same canary twice
+    /// keeps one record (the later one).
+    pub fn finish(&self, canary: &Canary) -> Result<(), LedgerError> {
+        const OP: &str = "finish";
+        let probe = canary.probe.as_str();
+        let key = self.key(OP, probe, &canary.id)?;
+        let value = self.encode(OP, &key, canary)?;
+        let txn = self.db.begin_write().map_err(self.db_err(OP))?;
+        {
+            let mut in_flight = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
+            let mut finished = txn.open_table(FINISHED).map_err(self.db_err(OP))?;
+            let mut order = txn.open_table(FINISHED_ORDER).map_err(self.db_err(OP))?;
+
+            in_flight.remove(key.as_str()).map_err(self.db_err(OP))?;
+            let previous = finished
+                .get(key.as_str())
+                .map_err(self.db_err(OP))?
+                .map(|v| v.value().0);
+            if let Some(seq) = previous {
+                order.remove((probe, seq)).map_err(self.db_err(OP))?;
+            }
+            let range = (probe, 0u64)..=(probe, u64::MAX);
+            let next = order
+                .range(range.clone())
+                .map_err(self.db_err(OP))?
+                .next_back()
+                .transpose()
+                .map_err(self.db_err(OP))?
+                .map_or(0, |(k, _)| k.value().1 + 1);
+            finished
+                .insert(key.as_str(), (next, value.as_slice()))
+                .map_err(self.db_err(OP))?;
+            order
+                .insert((probe, next), canary.id.as_str())
+                .map_err(self.db_err(OP))?;
+
+            // Evict the oldest beyond the cap. Collected first: a table cannot be changed while
+            // a range over it is open.
+            let mut kept = Vec::new();
+            for entry in order.range(range).map_err(self.db_err(OP))? {
+                let (k, v) = entry.map_err(self.db_err(OP))?;
+                kept.push((k.value().1, v.value().to_string()));
+            }
+            let excess = kept.len().saturating_sub(RECENT_CAP);
+            for (seq, id) in kept.into_iter().take(excess) {
+                order.remove((probe, seq)).map_err(self.db_err(OP))?;
+                finished
+                    .remove(join_key(probe, &id).as_str())
+                    .map_err(self.db_err(OP))?;
+            }
+        }
+        txn.commit().map_err(self.db_err(OP))
+    }
+
+    /// Every in-flight canary of every probe, oldest first (by `created_ms`): what to resume.
+    pub fn in_flight(&self) -> Result<Vec<Canary>, LedgerError> {
+        self.read_in_flight("read in-flight", None)
+    }
+
+    /// The in-flight canaries of one probe, oldest first.
+    pub fn in_flight_of(&self, probe: &str) -> Result<Vec<Canary>, LedgerError> {
+        self.read_in_flight("read in-flight of a probe", Some(probe))
+    }
+
+    fn read_in_flight(
+        &self,
+        op: &'static str,
+        probe: Option<&str>,
+    ) -> Result<Vec<Canary>, LedgerError> {
+        let txn = self.db.begin_read().map_err(self.db_err(op))?;
+        let table = txn.open_table(IN_FLIGHT).map_err(self.db_err(op))?;
+        let range = match probe {
+            Some(probe) => {
+                self.check_probe(op, probe)?;
+                // Keys of `probe` are exactly those in ["probe\0", "probe\x01").
+                let lower = format!("{probe}\0");
+                let upper = format!("{probe}\u{1}");
+                table.range(lower.as_str()..upper.as_str())
+            }
+            None => table.iter(),
+        }
+        .map_err(self.db_err(op))?;
+        let mut out = Vec::new();
+        for entry in range {
+            let (k, v) = entry.map_err(self.db_err(op))?;
+            if let Some(canary) = self.decode(k.value(), v.value()) {
+                out.push(canary);
+            }
+        }
+        // Stable: equal times stay in key order, so the result is deterministic.
+        out.sort_by_key(|c| c.created_ms);
+        Ok(out)
+    }
+
+    /// Whether `probe`/`id` is in flight, recently finished, or unknown to this ledger.
+    pub fn lookup(&self, probe: &str, id: &str) -> Result<Lookup, LedgerError> {
+        const OP: &str = "lookup";
+        let key = self.key(OP, probe, id)?;
+        let txn = self.db.begin_read().map_err(self.db_err(OP))?;
+        let in_flight = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
+        if let Some(v) = in_flight.get(key.as_str()).map_err(self.db_err(OP))?
+            && let Some(canary) = self.decode(&key, v.value())
+        {
+            return Ok(Lookup::InFlight(canary));
+        }
+        let finished = txn.open_table(FINISHED).map_err(self.db_err(OP))?;
+        if let Some(v) = finished.get(key.as_str()).map_err(self.db_err(OP))?
+            && let Some(canary) = self.decode(&key, v.value().1)
+        {
+            return Ok(Lookup::Finished(canary));
+        }
+        Ok(Lookup::Unknown)
+    }
+
+    /// Up to `limit` finished canaries of `probe`, newest first.
+    pub fn recent(&self, probe: &str, limit: usize) -> Result<Vec<Canary>, LedgerError> {
+        const OP: &str = "read recent";
+        self.check_probe(OP, probe)?;
+        let txn = self.db.begin_read().map_err(self.db_err(OP))?;
+        let order = txn.open_table(FINISHED_ORDER).map_err(self.db_err(OP))?;
+        let finished = txn.open_table(FINISHED).map_err(self.db_err(OP))?;
+        let mut out = Vec::new();
+        let range = order
+            .range((probe, 0u64)..=(probe, u64::MAX))
+            .map_err(self.db_err(OP))?;
+        for entry in range.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, id) = entry.map_err(self.db_err(OP))?;
+            let key = join_key(probe, id.value());
+            if let Some(v) = finished.get(key.as_str()).map_err(self.db_err(OP))?
+                && let Some(canary) = self.decode(&key, v.value().1)
+            {
+                out.push(canary);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The IMAP cursor of a mailbox: `(uidvalidity, last uid seen)`, for UID catch-up after a
+    /// restart. `mailbox_key` is the caller's stable name for the mailbox (e.g. probe + folder).
+    pub fn cursor(&self, mailbox_key: &str) -> Result<Option<(u32, u32)>, LedgerError> {
+        const OP: &str = "read cursor";
+        let txn = self.db.begin_read().map_err(self.db_err(OP))?;
+        let table = txn.open_table(CURSORS).map_err(self.db_err(OP))?;
+        Ok(table
+            .get(mailbox_key)
+            .map_err(self.db_err(OP))?
+            .map(|v| v.value()))
+    }
+
+    /// Records the IMAP cursor of a mailbox. Durable when it returns.
+    pub fn set_cursor(
+        &self,
+        mailbox_key: &str,
+        uidvalidity: u32,
+        last_uid: u32,
+    ) -> Result<(), LedgerError> {
+        const OP: &str = "set cursor";
+        let txn = self.db.begin_write().map_err(self.db_err(OP))?;
+        {
+            let mut table = txn.open_table(CURSORS).map_err(self.db_err(OP))?;
+            table
+                .insert(mailbox_key, (uidvalidity, last_uid))
+                .map_err(self.db_err(OP))?;
+        }
+        txn.commit().map_err(self.db_err(OP))
+    }
+
+    /// How many distinct records were found undecodable (and skipped) since this ledger was
+    /// opened. Each was logged once with its key.
+    pub fn undecodable(&self) -> usize {
+        self.undecodable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+
+    fn decode(&self, key: &str, bytes: &[u8]) -> Option<Canary> {
+        match serde_json::from_slice::<Canary>(bytes) {
+            Ok(canary) => Some(canary),
+            Err(err) => {
+                let first = self
+                    .undecodable
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(key.to_string());
+                if first {
+                    tracing::warn!(
+                        ledger = %self.path.display(),
+                        key = %key.replace('\0', "/"),
+                        error = %err,
+                        "skipping a ledger record that does not decode (older format or corruption)"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    fn encode(&self, op: &'static str, key: &str, canary: &Canary) -> Result<Vec<u8>, LedgerError> {
+        serde_json::to_vec(canary).map_err(|source| LedgerError::Encode {
+            path: self.path.clone(),
+            operation: op,
+            key: key.replace('\0', "/"),
+            source,
+        })
+    }
+
+    fn key(&self, op: &'static str, probe: &str, id: &str) -> Result<String, LedgerError> {
+        self.check_probe(op, probe)?;
+        Ok(join_key(probe, id))
+    }
+
+    /// A NUL in a probe name would make `probe\0id` ambiguous and the per-probe range wrong.
+    /// Config validation forbids it; this keeps the ledger correct on its own.
+    fn check_probe(&self, op: &'static str, probe: &str) -> Result<(), LedgerError> {
+        if probe.contains('\0') {
+            return Err(LedgerError::InvalidProbe {
+                path: self.path.clone(),
+                operation: op,
+                probe: probe.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn db_err<E: Into<redb::Error>>(
+        &self,
+        operation: &'static str,
+    ) -> impl FnOnce(E) -> LedgerError {
+        let path = self.path.clone();
+        move |err| LedgerError::Db {
+            path,
+            operation,
+            source: Box::new(err.into()),
+        }
+    }
+}
+
+fn join_key(probe: &str, id: &str) -> String {
+    format!("{probe}\0{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::canary::life::{Limits, Stage};
+
+    fn limits() -> Limits {
+        Limits {
+            submit_ms: 1_000,
+            import_ms: 5_000,
+            reply_ms: 1_000,
+            delivery_ms: 5_000,
+            end_to_end_ms: 20_000,
+            lost_after_ms: 60_000,
+        }
+    }
+
+    fn canary(probe: &str, id: &str, now: u64) -> Canary {
+        Canary::new(
+            probe,
+            id,
+            &format!("mc-{id}-tok"),
+            &format!("<{id}@prober.test>"),
+            vec![Stage::Submit, Stage::Import, Stage::Delivery],
+            limits(),
+            now,
+        )
+    }
+
+    fn finished(probe: &str, id: &str, now: u64) -> Canary {
+        let mut c = canary(probe, id, now);
+        c.observe(Stage::Submit, now + 10);
+        c.observe(Stage::Import, now + 20);
+        c.observe(Stage::Delivery, now + 30);
+        assert!(c.is_finished());
+        c
+    }
+
+    #[test]
+    fn put_survives_a_reopen_and_resumes_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut a = canary("p", "aaaa", 2_000);
+        a.observe(Stage::Submit, 2_100);
+        a.tick(7_200); // import overdue: a flag that must survive, or it is counted twice
+        let b = canary("p", "bbbb", 1_000);
+        let c = canary("q", "cccc", 3_000);
+        {
+            let ledger = Ledger::open(&state).unwrap();
+            assert!(state.join(FILE_NAME).exists());
+            for x in [&a, &b, &c] {
+                ledger.put(x).unwrap();
+            }
+        }
+        let ledger = Ledger::open(&state).unwrap();
+        assert_eq!(
+            ledger.in_flight().unwrap(),
+            vec![b.clone(), a.clone(), c.clone()]
+        );
+        assert_eq!(ledger.in_flight_of("p").unwrap(), vec![b, a.clone()]);
+        assert_eq!(ledger.in_flight_of("q").unwrap(), vec![c]);
+        assert!(ledger.in_flight_of("").unwrap().is_empty());
+
+        // An upsert replaces, never duplicates.
+        a.observe(Stage::Import, 9_000);
+        ledger.put(&a).unwrap();
+        let p = ledger.in_flight_of("p").unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[1], a);
+    }
+
+    #[test]
+    fn a_probe_prefix_of_another_is_not_mixed_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.put(&canary("p", "one", 1)).unwrap();
+        ledger.put(&canary("p2", "two", 2)).unwrap();
+        ledger.put(&canary("p-x", "three", 3)).unwrap();
+        let ids = |v: Vec<Canary>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+        assert_eq!(ids(ledger.in_flight_of("p").unwrap()), ["one"]);
+        assert_eq!(ids(ledger.in_flight_of("p2").unwrap()), ["two"]);
+        ledger.finish(&finished("p", "four", 4)).unwrap();
+        ledger.finish(&finished("p2", "five", 5)).unwrap();
+        assert_eq!(ids(ledger.recent("p", 10).unwrap()), ["four"]);
+        assert!(matches!(
+            ledger.put(&canary("p\0x", "six", 6)),
+            Err(LedgerError::InvalidProbe { .. })
+        ));
+    }
+
+    #[test]
+    fn finish_moves_it_out_of_flight_in_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let mut c = canary("p", "aaaa", 1_000);
+        ledger.put(&c).unwrap();
+        c.observe(Stage::Submit, 1_010);
+        c.observe(Stage::Import, 1_020);
+        c.observe(Stage::Delivery, 1_030);
+        ledger.finish(&c).unwrap();
+        assert!(ledger.in_flight().unwrap().is_empty());
+        assert_eq!(ledger.recent("p", 10).unwrap(), vec![c.clone()]);
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert!(
+            ledger.in_flight().unwrap().is_empty(),
+            "not resumed after a restart"
+        );
+        assert_eq!(ledger.recent("p", 10).unwrap(), vec![c.clone()]);
+        // Finishing again (a retry after an error) keeps one record.
+        ledger.finish(&c).unwrap();
+        assert_eq!(ledger.recent("p", 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn recent_is_newest_first_and_capped_per_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let n = RECENT_CAP + 5;
+        for i in 0..n {
+            let c = finished("p", &format!("id{i:04}"), i as u64 * 100);
+            ledger.put(&c).unwrap();
+            ledger.finish(&c).unwrap();
+        }
+        ledger.finish(&finished("q", "other", 1)).unwrap();
+
+        let all = ledger.recent("p", usize::MAX).unwrap();
+        assert_eq!(all.len(), RECENT_CAP);
+        assert_eq!(all[0].id, format!("id{:04}", n - 1), "newest first");
+        assert_eq!(all[RECENT_CAP - 1].id, "id0005", "the 5 oldest evicted");
+        assert_eq!(ledger.lookup("p", "id0004").unwrap(), Lookup::Unknown);
+        let three: Vec<_> = ledger
+            .recent("p", 3)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(three, ["id0204", "id0203", "id0202"]);
+        assert_eq!(
+            ledger.recent("q", 10).unwrap().len(),
+            1,
+            "another probe's cap"
+        );
+        assert!(ledger.recent("nobody", 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn lookup_tells_in_flight_finished_and_unknown_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let live = canary("p", "live", 1);
+        let done = finished("p", "done", 2);
+        ledger.put(&live).unwrap();
+        ledger.put(&done).unwrap();
+        ledger.finish(&done).unwrap();
+        assert_eq!(ledger.lookup("p", "live").unwrap(), Lookup::InFlight(live));
+        assert_eq!(ledger.lookup("p", "done").unwrap(), Lookup::Finished(done));
+        assert_eq!(ledger.lookup("p", "never").unwrap(), Lookup::Unknown);
+        assert_eq!(
+            ledger.lookup("q", "live").unwrap(),
+            Lookup::Unknown,
+            "ids are per probe"
+        );
+    }
+
+    #[test]
+    fn cursor_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            assert_eq!(ledger.cursor("p/INBOX").unwrap(), None);
+            ledger.set_cursor("p/INBOX", 7, 41).unwrap();
+            ledger.set_cursor("p/INBOX", 7, 42).unwrap();
+            ledger.set_cursor("q/INBOX", u32::MAX, 1).unwrap();
+        }
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.cursor("p/INBOX").unwrap(), Some((7, 42)));
+        assert_eq!(ledger.cursor("q/INBOX").unwrap(), Some((u32::MAX, 1)));
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_dir_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Ledger::open(dir.path()).unwrap();
+        let err = Ledger::open(dir.path()).unwrap_err();
+        assert!(matches!(err, LedgerError::InUse { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("in use by another mailcanary"), "{msg}");
+        assert!(msg.contains(FILE_NAME), "{msg}");
+        drop(first);
+        Ledger::open(dir.path()).expect("free again once the first is closed");
+    }
+
+    /// Set by [`another_process_is_refused_too`] for the copy of this test binary it starts.
+    const CHILD_DIR_ENV: &str = "MAILCANARY_LEDGER_TEST_CHILD_DIR";
+
+    /// The other half of [`another_process_is_refused_too`]; does nothing when run on its own.
+    #[test]
+    fn child_process_opens_the_ledger() {
+        if let Some(dir) = std::env::var_os(CHILD_DIR_ENV) {
+            match Ledger::open(Path::new(&dir)) {
+                Ok(_) => println!("CHILD: opened"),
+                Err(err) => println!("CHILD: {err}"),
+            }
+        }
+    }
+
+    #[test]
+    fn another_process_is_refused_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Ledger::open(dir.path()).unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "ledger::tests::child_process_opens_the_ledger",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DIR_ENV, dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("CHILD: ledger") && stdout.contains("is in use by another mailcanary"),
+            "{stdout}"
+        );
+    }
+
+    #[test]
+    fn an_undecodable_record_is_skipped_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let good = canary("p", "good", 1);
+        ledger.put(&good).unwrap();
+        let txn = ledger.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(IN_FLIGHT).unwrap();
+            t.insert("p\0bad", &b"{\"probe\": \"p\", \"id\": 4"[..])
+                .unwrap();
+            t.insert("p\0old", &br#"{"probe":"p","id":"old"}"#[..])
+                .unwrap();
+        }
+        txn.commit().unwrap();
+
+        assert_eq!(ledger.in_flight().unwrap(), vec![good.clone()]);
+        assert_eq!(ledger.in_flight_of("p").unwrap(), vec![good]);
+        assert_eq!(
+            ledger.undecodable(),
+            2,
+            "two distinct keys, however often read"
+        );
+        assert_eq!(ledger.lookup("p", "bad").unwrap(), Lookup::Unknown);
+        // A put over a bad record repairs it.
+        let fixed = canary("p", "bad", 5);
+        ledger.put(&fixed).unwrap();
+        assert_eq!(ledger.lookup("p", "bad").unwrap(), Lookup::InFlight(fixed));
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let txn = ledger.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("format", FORMAT + 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Ledger::open(dir.path()).unwrap_err();
+        assert!(matches!(err, LedgerError::NewerFormat { .. }), "{err}");
+    }
+}

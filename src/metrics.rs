@@ -1,0 +1,997 @@
+//! The Prometheus exposition of the canary's life: every metric of DESIGN.md's table, in a
+//! private [`Registry`] (never the process-global default one, so tests and a second prober in
+//! the same process do not share counters).
+//!
+//! The canary's life (`crate::canary::life`) decides; this module only counts what it returns:
+//! [`Metrics::apply`] maps each [`Transition`] one-to-one onto counters and the histogram. Gauges
+//! that describe the present (in flight, oldest age, probe success) are set by the flow, which
+//! holds the canaries.
+//!
+//! Architecture invariant: label values are only probe names (validated by the config), stage
+//! names, reasons and the build's version and revision — never an address, a token, a ticket id
+//! or an error message. Every series of a registered probe exists from [`Metrics::register_probe`]
+//! on, at 0, so `rate()` and `absent()` work from the first scrape.
+//!
+//! | metric | labels | changed by |
+//! |---|---|---|
+//! | `mailcanary_canaries_sent_total` | probe | [`Metrics::sent`] |
+//! | `mailcanary_canaries_completed_total` | probe | `Finished{OnTime, Late}` |
+//! | `mailcanary_stage_duration_seconds` | probe, stage | `StageDone` (late ones too) |
+//! | `mailcanary_stage_failures_total` | probe, stage, reason | `StageFailed` |
+//! | `mailcanary_stage_late_total` | probe, stage | `StageDone{late: true}` |
+//! | `mailcanary_canaries_lost_total` | probe, stage | `Lost` |
+//! | `mailcanary_stage_in_flight` | probe, stage | [`Metrics::set_in_flight`] |
+//! | `mailcanary_stage_oldest_in_flight_seconds` | probe, stage | [`Metrics::set_in_flight`] |
+//! | `mailcanary_stage_last_success_timestamp_seconds` | probe, stage | `StageDone{late: false}` |
+//! | `mailcanary_probe_success` | probe | [`Metrics::set_probe_success`] |
+//! | `mailcanary_messages_ignored_total` | probe, reason | [`Metrics::ignored`] |
+//! | `mailcanary_build_info` | version, revision | [`Metrics::new`] |
+//! | `mailcanary_config_last_reload_successful` | | [`Metrics::set_config_reload`] |
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use prometheus::core::Collector;
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::canary::life::{Outcome, Reason, Stage, Transition};
+
+/// Buckets of `mailcanary_stage_duration_seconds`: from a fast SMTP reply to an hour-long import
+/// backlog. The client library's default stops at 10 s, where email latency only begins.
+pub const DURATION_BUCKETS: [f64; 15] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Why a message in the watched mailbox (or a webhook) was not counted as a canary's arrival.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ignored {
+    /// It carried a canary token that failed the HMAC check.
+    Forged,
+    /// A valid token of a canary the ledger does not know (evicted, or another prober's).
+    Unknown,
+    /// A second arrival of a canary that already finished this stage.
+    Duplicate,
+    /// It could not be parsed as a message at all.
+    Malformed,
+}
+
+impl Ignored {
+    pub const ALL: [Ignored; 4] = [
+        Ignored::Forged,
+        Ignored::Unknown,
+        Ignored::Duplicate,
+        Ignored::Malformed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ignored::Forged => "forged",
+            Ignored::Unknown => "unknown",
+            Ignored::Duplicate => "duplicate",
+            Ignored::Malformed => "malformed",
+        }
+    }
+}
+
+/// Every metric of the prober. `Send + Sync`: share it with an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    sent: IntCounterVec,
+    completed: IntCounterVec,
+    duration: HistogramVec,
+    failures: IntCounterVec,
+    late: IntCounterVec,
+    lost: IntCounterVec,
+    in_flight: IntGaugeVec,
+    oldest: GaugeVec,
+    last_success: GaugeVec,
+    probe_success: IntGaugeVec,
+    ignored: IntCounterVec,
+    config_reload: IntGauge,
+    /// Stages already registered per probe: registering again (a config reload) only adds the
+    /// new ones and never resets a gauge.
+    registered: Mutex<HashMap<String, HashSet<Stage>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// All metric families, with `mailcanary_build_info{version, revision} 1` set, and
+    /// `mailcanary_config_last_reload_successful` at 0 until [`Metrics::set_config_reload`] says
+    /// otherwise (a wiring that forgets to report its first load shows up as a failed reload
+    /// rather than as a silent success).
+    pub fn new(version: &str, revision: &str) -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels))
+        };
+        let sent = counter(
+            "mailcanary_canaries_sent_total",
+            "Canaries whose sending was attempted (written to the ledger, SMTP begun).",
+            &["probe"],
+        );
+        let completed = counter(
+            "mailcanary_canaries_completed_total",
+            "Canaries that went through every stage of their probe, on time or late.",
+            &["probe"],
+        );
+        let failures = counter(
+            "mailcanary_stage_failures_total",
+            "Stage failures by reason; reason=\"deadline\" counts a stage that passed its deadline.",
+            &["probe", "stage", "reason"],
+        );
+        let late = counter(
+            "mailcanary_stage_late_total",
+            "Stages that completed after their deadline (also observed in the duration histogram).",
+            &["probe", "stage"],
+        );
+        let lost = counter(
+            "mailcanary_canaries_lost_total",
+            "Canaries given up past the lost horizon, by the stage they were stuck in.",
+            &["probe", "stage"],
+        );
+        let ignored = counter(
+            "mailcanary_messages_ignored_total",
+            "Messages that looked like canaries but were not counted, by reason.",
+            &["probe", "reason"],
+        );
+        let duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "mailcanary_stage_duration_seconds",
+                    "Time a canary spent in a stage, including stages completed late.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["probe", "stage"],
+            ),
+        );
+        let in_flight = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "mailcanary_stage_in_flight",
+                    "Canaries currently waiting in a stage.",
+                ),
+                &["probe", "stage"],
+            ),
+        );
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, GaugeVec::new(Opts::new(name, help), labels))
+        };
+        let oldest = gauge(
+            "mailcanary_stage_oldest_in_flight_seconds",
+            "Age in the stage of the oldest canary waiting in it, 0 when none is.",
+            &["probe", "stage"],
+        );
+        let last_success = gauge(
+            "mailcanary_stage_last_success_timestamp_seconds",
+            "Unix time the stage last completed within its deadline, 0 if never since start.",
+            &["probe", "stage"],
+        );
+        let probe_success = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "mailcanary_probe_success",
+                    "1 unless a canary of the probe is overdue or failing, or the newest one failed.",
+                ),
+                &["probe"],
+            ),
+        );
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "mailcanary_build_info",
+                    "Always 1; its labels name the running build.",
+                ),
+                &["version", "revision"],
+            ),
+        );
+        build_info.with_label_values(&[version, revision]).set(1);
+        let config_reload = register(
+            &registry,
+            IntGauge::new(
+                "mailcanary_config_last_reload_successful",
+                "1 if the last load of the configuration succeeded, 0 if it failed.",
+            ),
+        );
+        Metrics {
+            registry,
+            sent,
+            completed,
+            duration,
+            failures,
+            late,
+            lost,
+            in_flight,
+            oldest,
+            last_success,
+            probe_success,
+            ignored,
+            config_reload,
+            registered: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Creates every series of `probe` at 0; `stages` are the probe's planned stages plus
+    /// `EndToEnd`. Registering a probe again (a config reload) adds series for new stages and
+    /// leaves existing ones alone.
+    ///
+    /// `mailcanary_probe_success` starts at 1: at start-up there is no evidence of failure yet,
+    /// and a restart (a rolling update) must not page anyone. A probe that never gets a canary
+    /// through is caught within one deadline anyway: the stalled canary makes the flow set it
+    /// to 0, and `mailcanary_stage_oldest_in_flight_seconds` climbs from the first second. The
+    /// flow resuming overdue canaries from the ledger sets it to 0 as soon as it has looked.
+    pub fn register_probe(&self, probe: &str, stages: &[Stage]) {
+        let mut registered = self
+            .registered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let known = match registered.get_mut(probe) {
+            Some(known) => known,
+            None => {
+                self.sent.with_label_values(&[probe]);
+                self.completed.with_label_values(&[probe]);
+                self.probe_success.with_label_values(&[probe]).set(1);
+                for reason in Ignored::ALL {
+                    self.ignored.with_label_values(&[probe, reason.as_str()]);
+                }
+                registered.entry(probe.to_string()).or_default()
+            }
+        };
+        for &stage in stages {
+            if !known.insert(stage) {
+                continue;
+            }
+            let ps = [probe, stage.as_str()];
+            self.duration.with_label_values(&ps);
+            for reason in Reason::ALL {
+                self.failures
+                    .with_label_values(&[probe, stage.as_str(), reason.as_str()]);
+            }
+            self.late.with_label_values(&ps);
+            self.lost.with_label_values(&ps);
+            self.in_flight.with_label_values(&ps).set(0);
+            self.oldest.with_label_values(&ps).set(0.0);
+            self.last_success.with_label_values(&ps);
+        }
+    }
+
+    /// Counts what a canary's life returned. `now_ms` (Unix milliseconds) is when the
+    /// transitions were observed; it stamps `last_success`.
+    ///
+    /// `last_success` moves only for a stage done within its deadline. A late completion was
+    /// already counted as a failure (`reason="deadline"`), so calling it a success would make
+    /// "time since last success" look healthy while every canary still misses its deadline; that
+    /// the stage is moving again shows in the duration histogram and `stage_late_total`, and a
+    /// stall (nothing moving at all) in `stage_oldest_in_flight_seconds`.
+    ///
+    /// Failed and lost canaries end without `completed_total`: they were counted by their
+    /// `StageFailed` or `Lost` transition.
+    pub fn apply(&self, probe: &str, transitions: &[Transition], now_ms: u64) {
+        for transition in transitions {
+            match *transition {
+                Transition::StageDone {
+                    stage,
+                    duration_ms,
+                    late,
+                } => {
+                    let ps = [probe, stage.as_str()];
+                    self.duration
+                        .with_label_values(&ps)
+                        .observe(duration_ms as f64 / 1000.0);
+                    if late {
+                        self.late.with_label_values(&ps).inc();
+                    } else {
+                        self.last_success
+                            .with_label_values(&ps)
+                            .set(now_ms as f64 / 1000.0);
+                    }
+                }
+                Transition::StageFailed { stage, reason } => {
+                    self.failures
+                        .with_label_values(&[probe, stage.as_str(), reason.as_str()])
+                        .inc();
+                }
+                Transition::Lost { stage } => {
+                    self.lost.with_label_values(&[probe, stage.as_str()]).inc();
+                }
+                Transition::Finished {
+                    outcome: Outcome::OnTime | Outcome::Late,
+                } => {
+                    self.completed.with_label_values(&[probe]).inc();
+                }
+                Transition::Finished {
+                    outcome: Outcome::Failed | Outcome::Lost,
+                } => {}
+            }
+        }
+    }
+
+    /// After a restart, restores `last_success` from what the ledger remembers (the recent
+    /// canaries' on-time stages), so "time since last success" does not start from 1970. Never
+    /// moves the timestamp back.
+    pub fn restore_last_success(&self, probe: &str, stage: Stage, at_ms: u64) {
+        let gauge = self
+            .last_success
+            .with_label_values(&[probe, stage.as_str()]);
+        let at = at_ms as f64 / 1000.0;
+        if at > gauge.get() {
+            gauge.set(at);
+        }
+    }
+
+    /// A canary of `probe` is being sent.
+    pub fn sent(&self, probe: &str) {
+        self.sent.with_label_values(&[probe]).inc();
+    }
+
+    /// A message was not counted as a canary's arrival.
+    pub fn ignored(&self, probe: &str, reason: Ignored) {
+        self.ignored
+            .with_label_values(&[probe, reason.as_str()])
+            .inc();
+    }
+
+    /// How many canaries wait in `stage`, and the age in the stage of the oldest (0 if none).
+    pub fn set_in_flight(&self, probe: &str, stage: Stage, count: usize, oldest_seconds: f64) {
+        let ps = [probe, stage.as_str()];
+        self.in_flight
+            .with_label_values(&ps)
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.oldest.with_label_values(&ps).set(oldest_seconds);
+    }
+
+    pub fn set_probe_success(&self, probe: &str, ok: bool) {
+        self.probe_success
+            .with_label_values(&[probe])
+            .set(i64::from(ok));
+    }
+
+    pub fn set_config_reload(&self, ok: bool) {
+        self.config_reload.set(i64::from(ok));
+    }
+
+    /// The text exposition format (`text/plain; version=0.0.4`), for `GET /metrics`.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|err| {
+                // Only an empty family fails to encode, and `gather` leaves those out.
+                tracing::error!(error = %err, "encoding metrics");
+                String::new()
+            })
+    }
+}
+
+/// Registers a collector built from constant names. Failing here is a programming error (a bad
+/// or duplicate name), caught by every test that builds a [`Metrics`].
+fn register<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: prometheus::Result<C>,
+) -> C {
+    let collector = collector.expect("metric definition is valid");
+    registry
+        .register(Box::new(collector.clone()))
+        .expect("metric names are unique");
+    collector
+}
+
+/// A tiny reader of the text exposition format, to assert on metrics by name and labels rather
+/// than by searching the text (as linkerd2-proxy's tests do). Public, not `cfg(test)`, because
+/// integration tests use it.
+///
+/// ```
+/// use mailcanary::metrics::testing::parse_exposition;
+/// let s = parse_exposition("# TYPE x_total counter\nx_total{stage=\"import\",probe=\"p\"} 2\n");
+/// assert_eq!(s.value("x_total", &[("probe", "p"), ("stage", "import")]), Some(2.0));
+/// ```
+pub mod testing {
+    use std::collections::BTreeMap;
+
+    /// One sample line: its full name (with `_bucket`, `_sum` or `_count` for a histogram),
+    /// labels and value.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Sample {
+        pub name: String,
+        pub labels: BTreeMap<String, String>,
+        pub value: f64,
+    }
+
+    impl Sample {
+        pub fn label(&self, name: &str) -> Option<&str> {
+            self.labels.get(name).map(String::as_str)
+        }
+    }
+
+    /// Every sample of an exposition, and the `# TYPE` of every family.
+    #[derive(Clone, Debug, Default)]
+    pub struct Samples {
+        pub samples: Vec<Sample>,
+        /// Family name → type (`counter`, `gauge`, `histogram`, ...), in order of appearance.
+        pub types: Vec<(String, String)>,
+    }
+
+    impl Samples {
+        /// The value of the one sample named exactly `name` whose labels are exactly `labels`
+        /// (in any order). A histogram's series are `NAME_bucket` (with `le`), `NAME_sum` and
+        /// `NAME_count`.
+        pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+            let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
+            self.samples
+                .iter()
+                .find(|s| {
+                    s.name == name
+                        && s.labels.len() == want.len()
+                        && want.iter().all(|(k, v)| s.label(k) == Some(v))
+                })
+                .map(|s| s.value)
+        }
+
+        /// The samples of a family: those named `family`, plus `_bucket`, `_sum`, `_count` for a
+        /// histogram or summary.
+        pub fn family(&self, family: &str) -> Vec<&Sample> {
+            self.samples
+                .iter()
+                .filter(|s| family_of(&s.name, &self.types) == family)
+                .collect()
+        }
+
+        /// The family a sample name belongs to.
+        pub fn family_of<'a>(&'a self, name: &'a str) -> &'a str {
+            family_of(name, &self.types)
+        }
+    }
+
+    fn family_of<'a>(name: &'a str, types: &[(String, String)]) -> &'a str {
+        if types.iter().any(|(f, _)| f == name) {
+            return name;
+        }
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix)
+                && types
+                    .iter()
+                    .any(|(f, t)| f == base && (t == "histogram" || t == "summary"))
+            {
+                return base;
+            }
+        }
+        name
+    }
+
+    /// Parses the text exposition format.
+    ///
+    /// # Panics
+    ///
+    /// On a line it cannot read, naming it: this is for tests. See [`try_parse_exposition`].
+    pub fn parse_exposition(text: &str) -> Samples {
+        try_parse_exposition(text).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// Parses the text exposition format; an error names the line it could not read.
+    pub fn try_parse_exposition(text: &str) -> Result<Samples, String> {
+        let mut out = Samples::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            let bad = |why: &str| format!("exposition line {}: {why}: {line:?}", n + 1);
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix('#') {
+                let mut words = rest.split_whitespace();
+                if words.next() == Some("TYPE") {
+                    let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+                        return Err(bad("TYPE needs a name and a type"));
+                    };
+                    out.types.push((name.to_string(), kind.to_string()));
+                }
+                continue;
+            }
+            let name_end = line
+                .find(|c: char| c == '{' || c.is_whitespace())
+                .ok_or_else(|| bad("no value"))?;
+            let name = &line[..name_end];
+            let mut rest = &line[name_end..];
+            let mut labels = BTreeMap::new();
+            if let Some(after) = rest.strip_prefix('{') {
+                rest = parse_labels(after, &mut labels).map_err(bad)?;
+            }
+            let value = rest
+                .split_whitespace()
+                .next()
+                .ok_or_else(|| bad("no value"))?;
+            let value = parse_value(value).ok_or_else(|| bad("bad value"))?;
+            out.samples.push(Sample {
+                name: name.to_string(),
+                labels,
+                value,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Reads `k="v",k2="v2"}` and returns what follows the `}`.
+    fn parse_labels<'a>(
+        mut s: &'a str,
+        labels: &mut BTreeMap<String, String>,
+    ) -> Result<&'a str, &'static str> {
+        loop {
+            s = s.trim_start();
+            if let Some(rest) = s.strip_prefix('}') {
+                return Ok(rest);
+            }
+            let eq = s.find('=').ok_or("label without '='")?;
+            let key = s[..eq].trim().to_string();
+            s = s[eq + 1..]
+                .trim_start()
+                .strip_prefix('"')
+                .ok_or("label value not quoted")?;
+            let mut value = String::new();
+            let mut chars = s.char_indices();
+            let end = loop {
+                match chars.next() {
+                    Some((i, '"')) => break i,
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, 'n')) => value.push('\n'),
+                        Some((_, c)) => value.push(c),
+                        None => return Err("unterminated escape"),
+                    },
+                    Some((_, c)) => value.push(c),
+                    None => return Err("unterminated label value"),
+                }
+            };
+            if labels.insert(key, value).is_some() {
+                return Err("repeated label");
+            }
+            s = s[end + 1..].trim_start();
+            s = s.strip_prefix(',').unwrap_or(s);
+        }
+    }
+
+    fn parse_value(s: &str) -> Option<f64> {
+        match s {
+            "+Inf" => Some(f64::INFINITY),
+            "-Inf" => Some(f64::NEG_INFINITY),
+            "NaN" => Some(f64::NAN),
+            _ => s.parse().ok(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{Samples, parse_exposition};
+    use super::*;
+
+    const PLAN: [Stage; 5] = [
+        Stage::Submit,
+        Stage::Import,
+        Stage::Reply,
+        Stage::Delivery,
+        Stage::EndToEnd,
+    ];
+
+    fn metrics() -> Metrics {
+        let m = Metrics::new("0.1.0", "abc1234");
+        m.register_probe("helpdesk", &PLAN);
+        m.register_probe("loop", &[Stage::Submit, Stage::Delivery, Stage::EndToEnd]);
+        m
+    }
+
+    fn samples(m: &Metrics) -> Samples {
+        parse_exposition(&m.render())
+    }
+
+    /// Families with a `stage` label, and whether they also take a `reason`.
+    const STAGE_FAMILIES: [&str; 6] = [
+        "mailcanary_stage_failures_total",
+        "mailcanary_stage_late_total",
+        "mailcanary_canaries_lost_total",
+        "mailcanary_stage_in_flight",
+        "mailcanary_stage_oldest_in_flight_seconds",
+        "mailcanary_stage_last_success_timestamp_seconds",
+    ];
+
+    #[test]
+    fn every_series_of_a_registered_probe_exists_at_zero() {
+        let m = metrics();
+        let s = samples(&m);
+        for probe in ["helpdesk", "loop"] {
+            let p = [("probe", probe)];
+            assert_eq!(s.value("mailcanary_canaries_sent_total", &p), Some(0.0));
+            assert_eq!(
+                s.value("mailcanary_canaries_completed_total", &p),
+                Some(0.0)
+            );
+            assert_eq!(s.value("mailcanary_probe_success", &p), Some(1.0));
+            for reason in Ignored::ALL {
+                let l = [("probe", probe), ("reason", reason.as_str())];
+                assert_eq!(s.value("mailcanary_messages_ignored_total", &l), Some(0.0));
+            }
+        }
+        for stage in PLAN {
+            let ps = [("probe", "helpdesk"), ("stage", stage.as_str())];
+            for family in STAGE_FAMILIES.into_iter().skip(1) {
+                assert_eq!(s.value(family, &ps), Some(0.0), "{family} {stage}");
+            }
+            for reason in Reason::ALL {
+                let l = [
+                    ("probe", "helpdesk"),
+                    ("stage", stage.as_str()),
+                    ("reason", reason.as_str()),
+                ];
+                assert_eq!(
+                    s.value(STAGE_FAMILIES[0], &l),
+                    Some(0.0),
+                    "{stage} {reason}"
+                );
+            }
+            let h = "mailcanary_stage_duration_seconds";
+            assert_eq!(s.value(&format!("{h}_count"), &ps), Some(0.0));
+            assert_eq!(s.value(&format!("{h}_sum"), &ps), Some(0.0));
+            for le in ["0.05", "3600", "+Inf"] {
+                let l = [("probe", "helpdesk"), ("stage", stage.as_str()), ("le", le)];
+                assert_eq!(s.value(&format!("{h}_bucket"), &l), Some(0.0), "le={le}");
+            }
+        }
+        // A mail-loop probe has no import or reply series.
+        let import = [("probe", "loop"), ("stage", "import")];
+        assert_eq!(s.value("mailcanary_stage_late_total", &import), None);
+        assert_eq!(
+            s.value(
+                "mailcanary_build_info",
+                &[("version", "0.1.0"), ("revision", "abc1234")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            s.value("mailcanary_config_last_reload_successful", &[]),
+            Some(0.0)
+        );
+
+        // Every family of DESIGN.md's table is there, with the right type.
+        let mut types = s.types.clone();
+        types.sort();
+        let want = [
+            ("mailcanary_build_info", "gauge"),
+            ("mailcanary_canaries_completed_total", "counter"),
+            ("mailcanary_canaries_lost_total", "counter"),
+            ("mailcanary_canaries_sent_total", "counter"),
+            ("mailcanary_config_last_reload_successful", "gauge"),
+            ("mailcanary_messages_ignored_total", "counter"),
+            ("mailcanary_probe_success", "gauge"),
+            ("mailcanary_stage_duration_seconds", "histogram"),
+            ("mailcanary_stage_failures_total", "counter"),
+            ("mailcanary_stage_in_flight", "gauge"),
+            ("mailcanary_stage_last_success_timestamp_seconds", "gauge"),
+            ("mailcanary_stage_late_total", "counter"),
+            ("mailcanary_stage_oldest_in_flight_seconds", "gauge"),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(types, want);
+        // Every sample of every family but the two global ones belongs to a registered probe.
+        for sample in &s.samples {
+            let family = s.family_of(&sample.name);
+            if family != "mailcanary_build_info"
+                && family != "mailcanary_config_last_reload_successful"
+            {
+                assert!(sample.label("probe").is_some(), "{sample:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn label_values_are_only_names_never_data() {
+        let m = metrics();
+        let import = Stage::Import;
+        m.sent("helpdesk");
+        m.apply(
+            "helpdesk",
+            &[
+                Transition::StageFailed {
+                    stage: import,
+                    reason: Reason::Api,
+                },
+                Transition::StageDone {
+                    stage: import,
+                    duration_ms: 1_500,
+                    late: false,
+                },
+            ],
+            1_700_000_000_000,
+        );
+        m.ignored("loop", Ignored::Forged);
+        let s = samples(&m);
+        let stages: Vec<&str> = Stage::ALL.iter().map(|s| s.as_str()).collect();
+        let reasons: Vec<&str> = Reason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .chain(Ignored::ALL.iter().map(|r| r.as_str()))
+            .collect();
+        let buckets: Vec<String> = DURATION_BUCKETS
+            .iter()
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_string()])
+            .collect();
+        for sample in &s.samples {
+            for (k, v) in &sample.labels {
+                let ok = match k.as_str() {
+                    "probe" => v == "helpdesk" || v == "loop",
+                    "stage" => stages.contains(&v.as_str()),
+                    "reason" => reasons.contains(&v.as_str()),
+                    "version" => v == "0.1.0",
+                    "revision" => v == "abc1234",
+                    "le" => buckets.contains(v),
+                    _ => false,
+                };
+                assert!(ok, "label {k}={v:?} in {sample:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_late_import_counts_late_and_observes_its_true_duration() {
+        let m = metrics();
+        let now_ms = 1_700_000_000_000;
+        m.apply(
+            "helpdesk",
+            &[Transition::StageDone {
+                stage: Stage::Import,
+                duration_ms: 400_000,
+                late: true,
+            }],
+            now_ms,
+        );
+        let s = samples(&m);
+        let ps = [("probe", "helpdesk"), ("stage", "import")];
+        assert_eq!(s.value("mailcanary_stage_late_total", &ps), Some(1.0));
+        assert_eq!(
+            s.value("mailcanary_stage_duration_seconds_count", &ps),
+            Some(1.0)
+        );
+        assert_eq!(
+            s.value("mailcanary_stage_duration_seconds_sum", &ps),
+            Some(400.0)
+        );
+        let bucket = |le| {
+            s.value(
+                "mailcanary_stage_duration_seconds_bucket",
+                &[("le", le), ("stage", "import"), ("probe", "helpdesk")],
+            )
+        };
+        assert_eq!(bucket("300"), Some(0.0));
+        assert_eq!(bucket("600"), Some(1.0));
+        assert_eq!(
+            s.value("mailcanary_stage_last_success_timestamp_seconds", &ps),
+            Some(0.0),
+            "late is not a success"
+        );
+        let other = [("probe", "helpdesk"), ("stage", "delivery")];
+        assert_eq!(s.value("mailcanary_stage_late_total", &other), Some(0.0));
+    }
+
+    #[test]
+    fn a_canary_life_maps_onto_counters() {
+        let m = metrics();
+        let now_ms = 1_700_000_000_250;
+        let done = |stage, late| Transition::StageDone {
+            stage,
+            duration_ms: 100,
+            late,
+        };
+        m.sent("loop");
+        m.apply(
+            "loop",
+            &[
+                done(Stage::Submit, false),
+                done(Stage::Delivery, false),
+                done(Stage::EndToEnd, false),
+                Transition::Finished {
+                    outcome: Outcome::OnTime,
+                },
+            ],
+            now_ms,
+        );
+        m.apply(
+            "loop",
+            &[
+                Transition::StageFailed {
+                    stage: Stage::Delivery,
+                    reason: Reason::Deadline,
+                },
+                Transition::Lost {
+                    stage: Stage::Delivery,
+                },
+                Transition::Finished {
+                    outcome: Outcome::Lost,
+                },
+            ],
+            now_ms,
+        );
+        m.apply(
+            "loop",
+            &[
+                Transition::StageFailed {
+                    stage: Stage::Submit,
+                    reason: Reason::Rejected,
+                },
+                Transition::Finished {
+                    outcome: Outcome::Failed,
+                },
+            ],
+            now_ms,
+        );
+        m.ignored("loop", Ignored::Duplicate);
+        m.set_in_flight("loop", Stage::Delivery, 3, 42.5);
+        m.set_probe_success("loop", false);
+        m.set_config_reload(true);
+        m.restore_last_success("loop", Stage::Submit, 1_000);
+
+        let s = samples(&m);
+        let p = [("probe", "loop")];
+        let ps = |stage| [("probe", "loop"), ("stage", stage)];
+        let psr = |stage, reason| [("probe", "loop"), ("stage", stage), ("reason", reason)];
+        assert_eq!(s.value("mailcanary_canaries_sent_total", &p), Some(1.0));
+        assert_eq!(
+            s.value("mailcanary_canaries_completed_total", &p),
+            Some(1.0)
+        );
+        assert_eq!(
+            s.value(
+                "mailcanary_stage_last_success_timestamp_seconds",
+                &ps("submit")
+            ),
+            Some(1_700_000_000.25),
+            "restoring never moves it back"
+        );
+        assert_eq!(
+            s.value(
+                "mailcanary_stage_failures_total",
+                &psr("delivery", "deadline")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            s.value(
+                "mailcanary_stage_failures_total",
+                &psr("submit", "rejected")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            s.value("mailcanary_canaries_lost_total", &ps("delivery")),
+            Some(1.0)
+        );
+        assert_eq!(
+            s.value(
+                "mailcanary_messages_ignored_total",
+                &[("probe", "loop"), ("reason", "duplicate")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            s.value("mailcanary_stage_in_flight", &ps("delivery")),
+            Some(3.0)
+        );
+        assert_eq!(
+            s.value("mailcanary_stage_oldest_in_flight_seconds", &ps("delivery")),
+            Some(42.5)
+        );
+        assert_eq!(s.value("mailcanary_probe_success", &p), Some(0.0));
+        assert_eq!(
+            s.value("mailcanary_config_last_reload_successful", &[]),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn registering_again_adds_stages_and_resets_nothing() {
+        let m = metrics();
+        m.set_probe_success("loop", false);
+        m.sent("loop");
+        m.register_probe("loop", &[Stage::Submit, Stage::Import, Stage::EndToEnd]);
+        let s = samples(&m);
+        assert_eq!(
+            s.value("mailcanary_probe_success", &[("probe", "loop")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            s.value("mailcanary_canaries_sent_total", &[("probe", "loop")]),
+            Some(1.0)
+        );
+        let import = [("probe", "loop"), ("stage", "import")];
+        assert_eq!(s.value("mailcanary_stage_late_total", &import), Some(0.0));
+    }
+
+    #[test]
+    fn the_matcher_reads_escapes_suffixes_and_any_label_order() {
+        let s = parse_exposition(concat!(
+            "# HELP h_seconds x\n",
+            "# TYPE h_seconds histogram\n",
+            "h_seconds_bucket{b=\"2\",a=\"1\",le=\"+Inf\"} 3\n",
+            "h_seconds_sum{a=\"1\",b=\"2\"} 1.5\n",
+            "h_seconds_count{a=\"1\",b=\"2\"} 3\n",
+            "# TYPE c_count counter\n",
+            "c_count{v=\"q\\\"u\\\\o\\nte, }\"} 7 1700000000000\n",
+        ));
+        assert_eq!(
+            s.value(
+                "h_seconds_bucket",
+                &[("le", "+Inf"), ("a", "1"), ("b", "2")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            s.value("h_seconds_sum", &[("b", "2"), ("a", "1")]),
+            Some(1.5)
+        );
+        assert_eq!(s.value("h_seconds", &[("a", "1"), ("b", "2")]), None);
+        assert_eq!(
+            s.value("h_seconds_sum", &[("a", "1")]),
+            None,
+            "labels match exactly"
+        );
+        assert_eq!(s.family("h_seconds").len(), 3);
+        assert_eq!(
+            s.family_of("c_count"),
+            "c_count",
+            "a counter named _count is its own"
+        );
+        assert_eq!(s.value("c_count", &[("v", "q\"u\\o\nte, }")]), Some(7.0));
+        assert!(super::testing::try_parse_exposition("x{a=\"1} 2\n").is_err());
+    }
+
+    #[test]
+    fn the_exposition_passes_promtool() {
+        let m = metrics();
+        m.apply(
+            "helpdesk",
+            &[Transition::StageDone {
+                stage: Stage::Submit,
+                duration_ms: 120,
+                late: false,
+            }],
+            1_700_000_000_000,
+        );
+        let text = m.render();
+        let child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                println!("NOTE: promtool is not on PATH; skipping `promtool check metrics`");
+                return;
+            }
+            Err(err) => panic!("starting promtool: {err}"),
+        };
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(text.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool check metrics: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

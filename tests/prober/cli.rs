@@ -1,0 +1,182 @@
+//! The commands, as a user runs them.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::common::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mailcanary"))
+}
+
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        // Two probes, one error each: every error is reported, not just the first.
+        "[[probe]]\nname = \"x\"\nkind = \"mail_loop\"\ninterval = \"soon\"\n\n\
+         [[probe]]\nname = \"y\"\nkind = \"mail_loop\"\ncolour = \"blue\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml:4"),
+        "interval error names line 4: {err}"
+    );
+    assert!(err.contains("interval"), "{err}");
+    assert!(
+        err.contains("bad.toml:9"),
+        "unknown key names line 9: {err}"
+    );
+    assert!(err.contains("colour"), "{err}");
+
+    let ok = bin()
+        .args(["check", "--config", "probes/sandbox.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("sandbox"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_completes_every_stage_and_exits_0() {
+    let sb = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, config_text(&sb, &Knobs::default())).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        bin().args(["once", "--config"]).arg(&cfg).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "once failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for stage in ["submit", "import", "reply", "delivery", "end_to_end"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(stage) && l.contains(" ok ")),
+            "no line for {stage}:\n{stdout}"
+        );
+    }
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_exits_1_when_a_stage_fails() {
+    let sb = sandbox().await;
+    sb.faults().set(
+        mailcanary::sandbox::Stage::Inbound,
+        mailcanary::sandbox::Fault::Error,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, config_text(&sb, &Knobs::default())).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        bin().args(["once", "--config"]).arg(&cfg).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FAIL tempfail"), "{stdout}");
+    sb.shutdown().await;
+}
+
+/// The README's run command on a fresh machine: within 30 s, completed canaries and
+/// observations for all five stages, and an exposition promtool finds nothing wrong with.
+#[test]
+fn default_ports_run_without_config_probes_the_embedded_sandbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Proc(
+        bin()
+            .arg("run")
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("127.0.0.1:9725"), "{first}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = Instant::now();
+    let text = loop {
+        let text = rt.block_on(get_text("http://127.0.0.1:9725/metrics"));
+        let s = mailcanary::metrics::testing::parse_exposition(&text);
+        let all_stages = ["submit", "import", "reply", "delivery", "end_to_end"]
+            .iter()
+            .all(|st| {
+                s.value(
+                    "mailcanary_stage_duration_seconds_count",
+                    &[("probe", "sandbox"), ("stage", st)],
+                )
+                .unwrap_or(0.0)
+                    >= 1.0
+            });
+        let completed = s
+            .value(
+                "mailcanary_canaries_completed_total",
+                &[("probe", "sandbox")],
+            )
+            .unwrap_or(0.0);
+        if completed >= 1.0 && all_stages {
+            break text;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no completed canary within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    println!("first completed canary visible after {:?}", t0.elapsed());
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by tests/run.sh");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The state dir defaulted to ./.mailcanary with the ledger and the generated secret.
+    assert!(dir.path().join(".mailcanary/ledger.redb").exists());
+    assert!(dir.path().join(".mailcanary/secret").exists());
+}

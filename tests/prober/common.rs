@@ -1,0 +1,183 @@
+//! Shared helpers: a fast sandbox, a config pointing at it, scraping metrics.
+
+use std::{path::Path, time::Duration};
+
+use mailcanary::{
+    config::{self, Config},
+    daemon::{Daemon, Options},
+    metrics::testing::{Samples, parse_exposition},
+    sandbox::{DelayRange, Sandbox, SandboxConfig},
+};
+
+pub const PROBE: &str = "drill";
+
+/// Knobs of the generated probe config.
+#[derive(Clone)]
+pub struct Knobs {
+    pub interval: &'static str,
+    pub import_deadline: &'static str,
+    pub delivery_deadline: &'static str,
+    pub end_to_end: &'static str,
+    pub lost_after: &'static str,
+    pub api_token: String,
+    pub imap_password: String,
+    pub secret: String,
+    pub idle: bool,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            interval: "1s",
+            import_deadline: "2s",
+            delivery_deadline: "2s",
+            end_to_end: "30s",
+            lost_after: "1h",
+            api_token: "sandbox".into(),
+            imap_password: "sandbox".into(),
+            secret: "drill-secret".into(),
+            idle: true,
+        }
+    }
+}
+
+pub async fn sandbox() -> Sandbox {
+    sandbox_with(|_| {}).await
+}
+
+pub async fn sandbox_with(f: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
+    let mut cfg = SandboxConfig::ephemeral();
+    cfg.import_delay = DelayRange::new(Duration::from_millis(50), Duration::from_millis(150));
+    cfg.outbound_delay = DelayRange::fixed(Duration::from_millis(30));
+    f(&mut cfg);
+    Sandbox::start(cfg).await.expect("sandbox starts")
+}
+
+/// A helpdesk probe of `sb`, as TOML text.
+pub fn config_text(sb: &Sandbox, k: &Knobs) -> String {
+    format!(
+        r#"
+[prober]
+listen = "127.0.0.1:0"
+secret = "{secret}"
+hostname = "prober.test"
+
+[[probe]]
+name = "{PROBE}"
+kind = "helpdesk"
+interval = "{interval}"
+jitter = "100ms"
+max_in_flight = 50
+lost_after = "{lost_after}"
+cleanup = true
+
+[probe.deadlines]
+submit = "5s"
+import = "{import_deadline}"
+reply = "5s"
+delivery = "{delivery_deadline}"
+end_to_end = "{end_to_end}"
+
+[probe.smtp]
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+from = "canary@prober.test"
+to = "support@helpdesk.test"
+timeout = "5s"
+
+[probe.helpdesk]
+api = "supportbee"
+base_url = "{api}"
+token = "{api_token}"
+poll_interval = "200ms"
+reply = "post"
+cleanup = "trash"
+timeout = "5s"
+
+[probe.imap]
+host = "127.0.0.1"
+port = {imap}
+tls = "none"
+username = "canary@prober.test"
+password = "{imap_password}"
+idle = {idle}
+poll_interval = "1s"
+timeout = "5s"
+"#,
+        secret = k.secret,
+        interval = k.interval,
+        lost_after = k.lost_after,
+        import_deadline = k.import_deadline,
+        delivery_deadline = k.delivery_deadline,
+        end_to_end = k.end_to_end,
+        smtp = sb.smtp_addr.port(),
+        api = sb.api_url(),
+        api_token = k.api_token,
+        imap = sb.imap_addr.port(),
+        imap_password = k.imap_password,
+        idle = k.idle,
+    )
+}
+
+pub fn config(sb: &Sandbox, k: &Knobs) -> Config {
+    config::parse_str(&config_text(sb, k), "drill.toml").expect("drill config parses")
+}
+
+pub async fn daemon(cfg: &Config, state_dir: &Path) -> Daemon {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Daemon::start(
+        cfg,
+        Options {
+            state_dir: state_dir.to_path_buf(),
+            listen: ([127, 0, 0, 1], 0).into(),
+            schedule: true,
+        },
+    )
+    .await
+    .expect("daemon starts")
+}
+
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+pub async fn get_text(url: &str) -> String {
+    http().get(url).send().await.unwrap().text().await.unwrap()
+}
+
+pub async fn scrape(addr: std::net::SocketAddr) -> Samples {
+    parse_exposition(&get_text(&format!("http://{addr}/metrics")).await)
+}
+
+/// The value of a series of the drill probe (0 when absent).
+pub fn v(s: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut all = vec![("probe", PROBE)];
+    all.extend_from_slice(labels);
+    s.value(name, &all).unwrap_or(0.0)
+}
+
+/// Polls the metrics every 100 ms until `cond` holds, or panics after `within`.
+pub async fn until(
+    addr: std::net::SocketAddr,
+    within: Duration,
+    what: &str,
+    cond: impl Fn(&Samples) -> bool,
+) -> Samples {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let s = scrape(addr).await;
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests of the prober against the sandbox: drills (stall, every fault blamed on
+//! its stage), restart, forged mail, secrets, and the CLI. The sandbox runs in the test process
+//! on port 0; the prober runs in-process (`Daemon`) or as the real binary where a process
+//! boundary is the point (kill -9, logs).
+
+mod cli;
+mod common;
+mod drills;
+mod restart;
+mod security;

@@ -1,0 +1,173 @@
+//! Restart drill: `kill -9` the prober with canaries in flight, start it again on the same
+//! state dir: every canary sent before the kill completes (on time or late), none lost, none
+//! counted twice.
+
+use std::{
+    collections::HashSet,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use mailcanary::sandbox::DelayRange;
+use serde_json::Value;
+
+use crate::common::*;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(config: &std::path::Path, state: &std::path::Path, port: u16) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_mailcanary"))
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mailcanary run"),
+    )
+}
+
+async fn status(port: u16) -> Option<Value> {
+    let r = http()
+        .get(format!("http://127.0.0.1:{port}/api/v1/status"))
+        .send()
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
+fn ids(v: &Value, list: &str) -> Vec<(String, Value)> {
+    v["probes"][0][list]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| (c["id"].as_str().unwrap().to_string(), c.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_loses_and_double_counts_nothing() {
+    // Imports take 1.5–2.5 s, so at any moment a few canaries are in flight.
+    let sb = sandbox_with(|c| {
+        c.import_delay = DelayRange::new(Duration::from_millis(1500), Duration::from_millis(2500))
+    })
+    .await;
+    let knobs = Knobs {
+        interval: "400ms",
+        import_deadline: "10s",
+        delivery_deadline: "10s",
+        ..Knobs::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("drill.toml");
+    std::fs::write(&cfg_path, config_text(&sb, &knobs)).unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+
+    let mut first = spawn(&cfg_path, &state, port);
+    let t0 = Instant::now();
+    let before = loop {
+        if let Some(s) = status(port).await
+            && ids(&s, "in_flight").len() >= 3
+            && t0.elapsed() > Duration::from_secs(3)
+        {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no canaries in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = first.0.kill(); // SIGKILL: no goodbye, no flush beyond what was already written
+    let _ = first.0.wait();
+    let killed_at = mailcanary::flow::now_ms();
+    drop(first);
+
+    // Every canary the sandbox received before the kill (ground truth), by Message-ID.
+    let received: HashSet<String> = sb.events().into_iter().map(|e| e.message_id).collect();
+    let in_flight_before: Vec<String> = ids(&before, "in_flight")
+        .into_iter()
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!in_flight_before.is_empty());
+
+    let _second = spawn(&cfg_path, &state, port);
+    // Wait until every canary in flight at the kill has finished in the new process.
+    let t1 = Instant::now();
+    let after = loop {
+        if let Some(s) = status(port).await {
+            let done: HashSet<String> = ids(&s, "recent").into_iter().map(|(i, _)| i).collect();
+            if in_flight_before.iter().all(|i| done.contains(i)) {
+                break s;
+            }
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(40),
+            "resumed canaries never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let recent = ids(&after, "recent");
+    for id in &in_flight_before {
+        let (_, c) = recent.iter().find(|(i, _)| i == id).unwrap();
+        let outcome = c["outcome"].as_str().unwrap();
+        assert!(
+            outcome == "on_time" || outcome == "late",
+            "canary {id} resumed after kill -9 ended {outcome}: {c}"
+        );
+    }
+    // Every canary the sandbox took before the kill is known to the new process (finished or
+    // in flight) — none forgotten.
+    let known: HashSet<String> = recent
+        .iter()
+        .chain(ids(&after, "in_flight").iter())
+        .map(|(_, c)| c["message_id"].as_str().unwrap().to_string())
+        .collect();
+    for mid in &received {
+        assert!(
+            known.contains(mid),
+            "canary {mid} forgotten across the restart"
+        );
+    }
+    // None counted twice: the new process's completed counter equals the canaries it finished.
+    let s = scrape(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let finished_here = recent
+        .iter()
+        .filter(|(_, c)| {
+            c["finished_ms"].as_u64().is_some_and(|f| f >= killed_at)
+                && matches!(c["outcome"].as_str(), Some("on_time") | Some("late"))
+        })
+        .count() as f64;
+    assert_eq!(
+        v(&s, "mailcanary_canaries_completed_total", &[]),
+        finished_here
+    );
+    for stage in ["submit", "import", "reply", "delivery", "end_to_end"] {
+        assert_eq!(
+            v(&s, "mailcanary_canaries_lost_total", &[("stage", stage)]),
+            0.0
+        );
+    }
+    sb.shutdown().await;
+}
