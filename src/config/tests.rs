@@ -360,7 +360,7 @@ fn a_broken_probe_does_not_hide_the_errors_of_the_next() {
 #[test]
 fn duration_rules() {
     single_error(
-        &mail_loop("a", "interval = \"500ms\""),
+        &mail_loop("a", "interval = \"50ms\""),
         4,
         "probe[0].interval",
     );

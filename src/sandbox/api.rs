@@ -317,11 +317,9 @@ async fn get_faults(State(hub): State<Arc<Hub>>) -> Response {
     Json(hub.faults.all()).into_response()
 }
 
-async fn put_faults(
-    State(hub): State<Arc<Hub>>,
-    body: Result<Json<BTreeMap<String, String>>, JsonRejection>,
-) -> Response {
-    let Ok(Json(changes)) = body else {
+async fn put_faults(State(hub): State<Arc<Hub>>, body: axum::body::Bytes) -> Response {
+    // Parsed whatever the Content-Type says: `curl -d '{"import":"stall"}'` must just work.
+    let Ok(changes) = serde_json::from_slice::<BTreeMap<String, String>>(&body) else {
         return error(
             StatusCode::BAD_REQUEST,
             "expected a JSON object such as {\"import\": \"stall\"}",

@@ -179,4 +179,23 @@ fn default_ports_run_without_config_probes_the_embedded_sandbox() {
     // The state dir defaulted to ./.mailcanary with the ledger and the generated secret.
     assert!(dir.path().join(".mailcanary/ledger.redb").exists());
     assert!(dir.path().join(".mailcanary/secret").exists());
+
+    // SIGTERM: stop sending, persist, exit within 5 s.
+    let t0 = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no exit within 5 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("exited {:?} after SIGTERM", t0.elapsed());
 }
