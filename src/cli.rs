@@ -17,6 +17,15 @@ use mailcanary::{
     sandbox::{self, DelayRange, Fault, Sandbox, SandboxConfig, Stage},
 };
 
+/// Prints a line to stdout, ignoring a closed pipe: a daemon must not die because whoever
+/// started it stopped reading its stdout (`println!` panics on EPIPE).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "mailcanary",
@@ -217,11 +226,11 @@ async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("starting the sandbox")?;
     // Plain stdout, one `key value` per line, so scripts and humans can both read it.
-    println!("smtp {}", sb.smtp_addr);
-    println!("imap {}", sb.imap_addr);
-    println!("api {}", sb.api_url());
-    println!("support {}", config.support_addresses.join(","));
-    println!(
+    say!("smtp {}", sb.smtp_addr);
+    say!("imap {}", sb.imap_addr);
+    say!("api {}", sb.api_url());
+    say!("support {}", config.support_addresses.join(","));
+    say!(
         "faults {}",
         sb.faults()
             .all()
@@ -249,10 +258,10 @@ fn load_config(path: Option<&Path>) -> Result<Config, String> {
 fn check(args: CheckArgs) -> ExitCode {
     match load_config(args.config.as_deref()) {
         Ok(c) => {
-            println!("ok: {} probe(s)", c.probes.len());
+            say!("ok: {} probe(s)", c.probes.len());
             for p in &c.probes {
                 let stages: Vec<&str> = p.stages().iter().map(|s| s.as_str()).collect();
-                println!(
+                say!(
                     "  {} ({}): {}",
                     p.name,
                     p.kind.as_str(),
@@ -304,7 +313,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .await?;
-    println!(
+    say!(
         "mailcanary listening on http://{} ({} probe(s))",
         daemon.addr,
         daemon.prober.probes.len()
@@ -362,7 +371,7 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     while pending > 0 {
         let ev = tokio::select! {
             _ = &mut deadline => {
-                println!("gave up waiting after {}", humantime::format_duration(longest + Duration::from_secs(5)));
+                say!("gave up waiting after {}", humantime::format_duration(longest + Duration::from_secs(5)));
                 all_ok = false;
                 break;
             }
@@ -373,14 +382,14 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
                 stage,
                 duration_ms,
                 late,
-            } => println!(
+            } => say!(
                 "{:<12} {:<11} ok   {:>9.3}s{}",
                 ev.probe,
                 stage.as_str(),
                 *duration_ms as f64 / 1000.0,
                 if *late { "  (late)" } else { "" }
             ),
-            Transition::StageFailed { stage, reason } => println!(
+            Transition::StageFailed { stage, reason } => say!(
                 "{:<12} {:<11} FAIL {}{}",
                 ev.probe,
                 stage.as_str(),
@@ -390,9 +399,9 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
                     .map(|d| format!(": {d}"))
                     .unwrap_or_default()
             ),
-            Transition::Lost { stage } => println!("{:<12} {:<11} LOST", ev.probe, stage.as_str()),
+            Transition::Lost { stage } => say!("{:<12} {:<11} LOST", ev.probe, stage.as_str()),
             Transition::Finished { outcome } => {
-                println!("{:<12} {:<11} {:?}", ev.probe, "finished", outcome);
+                say!("{:<12} {:<11} {:?}", ev.probe, "finished", outcome);
                 all_ok &= !outcome.is_failure();
                 pending -= 1;
             }

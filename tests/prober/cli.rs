@@ -199,3 +199,45 @@ fn default_ports_run_without_config_probes_the_embedded_sandbox() {
     }
     println!("exited {:?} after SIGTERM", t0.elapsed());
 }
+
+/// The README's manual check: `mailcanary sandbox` in one terminal, `mailcanary once --config
+/// probes/sandbox.toml` in another; every stage printed, exit 0.
+#[test]
+fn default_ports_once_with_the_shipped_sandbox_probe_against_the_sandbox_command() {
+    let mut sandbox = Proc(
+        bin()
+            .arg("sandbox")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The sandbox prints its addresses once it listens. Stop reading after the first line on
+    // purpose: a closed stdout must not kill it (regression: println! panicked on EPIPE).
+    let mut first = String::new();
+    BufReader::new(sandbox.0.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("smtp 127.0.0.1:2525"), "{first}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(sandbox.0.try_wait().unwrap().is_none(), "the sandbox died");
+    let out = bin()
+        .args(["once", "--config", "probes/sandbox.toml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "once failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for stage in ["submit", "import", "reply", "delivery", "end_to_end"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(stage) && l.contains(" ok ")),
+            "no line for {stage}:\n{stdout}"
+        );
+    }
+    print!("{stdout}");
+}
