@@ -2,7 +2,7 @@
 //!
 //! The log is capped (oldest evicted first) so a sandbox running for days stays flat in memory.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
@@ -133,11 +133,6 @@ impl EventLog {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-}
-
-/// Message-IDs by event, for tests that look an event up by the canary's Message-ID.
-pub fn by_message_id(events: &[MessageEvents]) -> HashMap<&str, &MessageEvents> {
-    events.iter().map(|e| (e.message_id.as_str(), e)).collect()
 }
 
 #[cfg(test)]

@@ -285,7 +285,7 @@ async fn finish_message(hub: &Hub, done: Completed) -> Response {
         Fault::Delay(d) => tokio::time::sleep(d).await,
         _ => {}
     }
-    let parsed = ParsedMail::parse(&done.data, &done.from, &hub.config.hostname, 0);
+    let parsed = ParsedMail::parse(&done.data, &done.from, &hub.config.hostname);
     let seq = hub.receive(parsed, fault != Fault::Drop);
     Response::custom(250, format!("2.0.0 Ok: queued as S{seq}"))
 }
