@@ -137,6 +137,9 @@ struct SandboxArgs {
     /// Largest message the MX takes, in bytes.
     #[arg(long, default_value_t = 10 * 1024 * 1024)]
     max_message_size: usize,
+    /// How many messages the ground-truth event log keeps (oldest dropped first).
+    #[arg(long, default_value_t = 10_000)]
+    event_capacity: usize,
 }
 
 fn parse_fault(s: &str) -> Result<(Stage, Fault), String> {
@@ -219,6 +222,7 @@ async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         import_delay: args.import_delay,
         outbound_delay: args.outbound_delay,
         max_message_size: args.max_message_size,
+        event_capacity: args.event_capacity,
         faults: args.faults,
         ..SandboxConfig::default()
     };
