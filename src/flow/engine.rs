@@ -385,23 +385,80 @@ impl Engine {
                     .map(|s| {
                         let ages: Vec<u64> = in_flight
                             .iter()
-                            .filter_map(|c| c.in_flight_for(now))
-                            .filter(|(st, _)| st == s)
-                            .map(|(_, a)| a)
+                            .filter_map(|c| {
+                                if *s == Stage::EndToEnd {
+                                    Some(now.saturating_sub(c.created_ms))
+                                } else {
+                                    c.in_flight_for(now)
+                                        .filter(|(st, _)| st == s)
+                                        .map(|(_, a)| a)
+                                }
+                            })
                             .collect();
+                        let mut durations: Vec<u64> = ps
+                            .recent
+                            .iter()
+                            .filter_map(|c| stage_duration(c, *s))
+                            .collect();
+                        durations.sort_unstable();
                         StageStatus {
                             stage: *s,
                             in_flight: ages.len(),
                             oldest_in_flight_ms: ages.iter().copied().max(),
+                            p50_ms: quantile(&durations, 0.50),
+                            p95_ms: quantile(&durations, 0.95),
+                            last_success_ms: ps
+                                .recent
+                                .iter()
+                                .filter_map(|c| {
+                                    let r = c.record(*s)?;
+                                    (!r.overdue && !r.unknown).then_some(r.done_ms?)
+                                })
+                                .max(),
                         }
                     })
                     .collect();
+                let failures = ps
+                    .recent
+                    .iter()
+                    .chain(in_flight.iter())
+                    .flat_map(|c| {
+                        c.stages.iter().flat_map(move |(stage, r)| {
+                            let deadline = r.overdue.then(|| FailureView {
+                                canary: c.id.clone(),
+                                stage: *stage,
+                                reason: crate::canary::life::Reason::Deadline,
+                                detail: format!(
+                                    "not done within its {} s deadline",
+                                    c.limits.deadline(*stage) / 1000
+                                ),
+                                at_ms: r.started_ms.unwrap_or(c.created_ms)
+                                    + c.limits.deadline(*stage),
+                            });
+                            r.failed
+                                .iter()
+                                .chain(r.errors.iter())
+                                .map(move |f| FailureView {
+                                    canary: c.id.clone(),
+                                    stage: *stage,
+                                    reason: f.reason,
+                                    detail: f.detail.clone(),
+                                    at_ms: f.at_ms,
+                                })
+                                .chain(deadline)
+                        })
+                    })
+                    .collect::<Vec<_>>();
+                let mut failures = failures;
+                failures.sort_by_key(|f| std::cmp::Reverse(f.at_ms));
+                failures.truncate(RECENT_FAILURES);
                 ProbeStatus {
                     name: name.clone(),
                     state,
                     why,
                     stages,
                     mailbox_error: ps.mailbox_error.clone(),
+                    failures,
                     in_flight,
                     recent: ps.recent.iter().cloned().collect(),
                 }
@@ -452,11 +509,49 @@ fn log_transition(c: &Canary, t: &Transition, detail: Option<&str>) {
     }
 }
 
+/// How many failures the status keeps per probe.
+pub const RECENT_FAILURES: usize = 20;
+
+/// How long `stage` took for a finished canary (`None` if it did not finish it, or its end is
+/// unknown).
+fn stage_duration(c: &Canary, stage: Stage) -> Option<u64> {
+    let r = c.record(stage)?;
+    if r.unknown {
+        return None;
+    }
+    Some(r.done_ms?.saturating_sub(r.started_ms?))
+}
+
+/// Nearest-rank quantile of sorted values.
+fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
 #[derive(Serialize)]
 pub struct StageStatus {
     pub stage: Stage,
     pub in_flight: usize,
     pub oldest_in_flight_ms: Option<u64>,
+    /// Over the recent finished canaries (up to [`RECENT_PER_PROBE`]), late ones included.
+    pub p50_ms: Option<u64>,
+    pub p95_ms: Option<u64>,
+    /// When a recent canary last finished this stage on time.
+    pub last_success_ms: Option<u64>,
+}
+
+/// One failure, for the status page: a hard failure, an error met while retrying, or a
+/// missed deadline.
+#[derive(Serialize)]
+pub struct FailureView {
+    pub canary: String,
+    pub stage: Stage,
+    pub reason: crate::canary::life::Reason,
+    pub detail: String,
+    pub at_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -468,6 +563,8 @@ pub struct ProbeStatus {
     pub why: String,
     pub stages: Vec<StageStatus>,
     pub mailbox_error: Option<Failure>,
+    /// Newest first.
+    pub failures: Vec<FailureView>,
     pub in_flight: Vec<Canary>,
     pub recent: Vec<Canary>,
 }

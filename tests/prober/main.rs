@@ -5,6 +5,7 @@
 
 mod cli;
 mod common;
+mod dashboard;
 mod drills;
 mod restart;
 mod security;

@@ -1,0 +1,301 @@
+//! The dashboard at `/`: the same data as `/api/v1/status`, for a person paged at 3 a.m.
+//!
+//! Rendered on the server into one self-contained page (no CDN, no script needed to see it:
+//! it works offline, through `curl`, and in a headless browser's DOM dump) that reloads itself
+//! every five seconds. Per probe: a status and why; per stage p50/p95, last success, in-flight
+//! count and oldest age; a waterfall of the last 50 canaries; recent failures with their text.
+
+use std::fmt::Write;
+
+use crate::{
+    canary::life::{Canary, Outcome, Stage},
+    flow::engine::ProbeStatus,
+};
+
+/// Escapes text for HTML element content and attribute values.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `1.23 s`, `450 ms`, `3.5 min`, `2.0 h`.
+fn dur(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..120_000 => format!("{:.2} s", ms as f64 / 1000.0),
+        120_000..7_200_000 => format!("{:.1} min", ms as f64 / 60_000.0),
+        _ => format!("{:.1} h", ms as f64 / 3_600_000.0),
+    }
+}
+
+fn ago(now: u64, at: u64) -> String {
+    format!("{} ago", dur(now.saturating_sub(at)))
+}
+
+const STYLE: &str = r#"
+:root { --ok:#1a7f37; --warn:#9a6700; --bad:#cf222e; --muted:#57606a; --line:#d0d7de; }
+* { box-sizing: border-box; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1f2328; }
+h1 { font-size: 1.3rem; margin: 0 0 1rem; }
+h2 { font-size: 1.15rem; margin: 0; display: flex; gap: .6rem; align-items: center; }
+h3 { font-size: .95rem; margin: 1rem 0 .4rem; color: var(--muted); }
+section.probe { border: 1px solid var(--line); border-radius: 8px; padding: 1rem; margin-bottom: 1.5rem; }
+.badge { font-size: .8rem; padding: .1rem .55rem; border-radius: 1rem; color: #fff; text-transform: uppercase; }
+.badge.ok { background: var(--ok); } .badge.degraded { background: var(--warn); } .badge.failing { background: var(--bad); }
+.why { margin: .4rem 0 0; font-weight: 600; color: var(--bad); }
+table { border-collapse: collapse; }
+td, th { padding: .2rem .7rem .2rem 0; text-align: left; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { color: var(--muted); font-weight: 500; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.overdue { color: var(--bad); font-weight: 600; }
+.wf { width: 100%; }
+.wf td.track { width: 70%; position: relative; }
+.bar { position: absolute; top: 4px; height: 12px; border-radius: 2px; min-width: 2px; }
+.bar.submit { background: #8250df; } .bar.import { background: #0969da; }
+.bar.reply { background: #1a7f37; } .bar.delivery { background: #bf8700; }
+.bar.late { outline: 2px solid var(--bad); } .bar.failed { background: var(--bad); }
+.bar.open { opacity: .45; }
+.legend span { display: inline-block; margin-right: 1rem; }
+.legend i { display: inline-block; width: 10px; height: 10px; margin-right: .3rem; border-radius: 2px; }
+.out-on_time { color: var(--ok); } .out-late { color: var(--warn); }
+.out-failed, .out-lost { color: var(--bad); } .out-in_flight { color: var(--muted); }
+footer { color: var(--muted); }
+"#;
+
+fn outcome(c: &Canary) -> (&'static str, &'static str) {
+    match c.outcome {
+        None => ("in_flight", "in flight"),
+        Some(Outcome::OnTime) => ("on_time", "on time"),
+        Some(Outcome::Late) => ("late", "late"),
+        Some(Outcome::Failed) => ("failed", "failed"),
+        Some(Outcome::Lost) => ("lost", "lost"),
+    }
+}
+
+fn stage_table(out: &mut String, p: &ProbeStatus, now: u64) {
+    out.push_str(
+        "<h3>Stages</h3><table class=\"stages\"><tr><th>stage</th><th>p50</th><th>p95</th>\
+         <th>last success</th><th>in flight</th><th>oldest in flight</th></tr>",
+    );
+    for s in &p.stages {
+        let opt = |v: Option<u64>| v.map(dur).unwrap_or_else(|| "–".into());
+        let oldest = opt(s.oldest_in_flight_ms);
+        let _ = write!(
+            out,
+            "<tr class=\"stage\" data-stage=\"{st}\"><td>{st}</td><td class=\"num\">{p50}</td>\
+             <td class=\"num\">{p95}</td><td>{last}</td><td class=\"num\">{n}</td>\
+             <td class=\"num\">{oldest}</td></tr>",
+            st = s.stage,
+            p50 = opt(s.p50_ms),
+            p95 = opt(s.p95_ms),
+            last = s
+                .last_success_ms
+                .map(|t| ago(now, t))
+                .unwrap_or_else(|| "never (recently)".into()),
+            n = s.in_flight,
+        );
+    }
+    out.push_str("</table>");
+}
+
+/// One waterfall row: a bar per stage, positioned on a shared time scale.
+fn waterfall_row(out: &mut String, c: &Canary, now: u64, scale_ms: u64) {
+    let (class, label) = outcome(c);
+    let end = c.finished_ms.unwrap_or(now);
+    let mut bars = String::new();
+    let mut tip = Vec::new();
+    for (stage, r) in &c.stages {
+        if *stage == Stage::EndToEnd {
+            continue;
+        }
+        let Some(start) = r.started_ms else { continue };
+        let stop = r
+            .done_ms
+            .or(r.failed.as_ref().map(|f| f.at_ms))
+            .unwrap_or(end);
+        let left = start.saturating_sub(c.created_ms) as f64 * 100.0 / scale_ms as f64;
+        let width = stop.saturating_sub(start) as f64 * 100.0 / scale_ms as f64;
+        let mut classes = vec![stage.as_str()];
+        if r.overdue {
+            classes.push("late");
+        }
+        if r.failed.is_some() {
+            classes.push("failed");
+        }
+        if r.done_ms.is_none() && r.failed.is_none() {
+            classes.push("open");
+        }
+        let what = match (&r.failed, r.done_ms, r.overdue) {
+            (Some(f), _, _) => format!("{stage}: failed ({}) {}", f.reason, f.detail),
+            (None, Some(_), true) => format!("{stage}: {} (late)", dur(stop - start)),
+            (None, Some(_), false) => format!("{stage}: {}", dur(stop - start)),
+            (None, None, o) => format!(
+                "{stage}: in flight {}{}",
+                dur(stop - start),
+                if o { " OVERDUE" } else { "" }
+            ),
+        };
+        let _ = write!(
+            bars,
+            "<div class=\"bar {cls}\" style=\"left:{left:.2}%;width:{width:.2}%\" title=\"{t}\"></div>",
+            cls = classes.join(" "),
+            left = left.min(100.0),
+            width = width.min(100.0 - left.min(100.0)),
+            t = esc(&what),
+        );
+        tip.push(what);
+    }
+    let _ = write!(
+        out,
+        "<tr class=\"canary\"><td><code>{id}</code></td><td class=\"out-{class}\">{label}</td>\
+         <td class=\"num\">{total}</td><td class=\"track\" title=\"{tip}\">{bars}</td></tr>",
+        id = esc(&c.id),
+        total = dur(end.saturating_sub(c.created_ms)),
+        tip = esc(&tip.join("; ")),
+    );
+}
+
+fn waterfall(out: &mut String, p: &ProbeStatus, now: u64) {
+    let rows: Vec<&Canary> = p.in_flight.iter().chain(p.recent.iter()).take(50).collect();
+    if rows.is_empty() {
+        out.push_str("<h3>Last canaries</h3><p>No canary yet.</p>");
+        return;
+    }
+    let scale = rows
+        .iter()
+        .map(|c| c.finished_ms.unwrap_or(now).saturating_sub(c.created_ms))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let _ = write!(
+        out,
+        "<h3>Last {} canaries (scale {})</h3><p class=\"legend\"><span><i class=\"bar submit\" \
+         style=\"position:static\"></i>submit</span><span><i class=\"bar import\" \
+         style=\"position:static\"></i>import</span><span><i class=\"bar reply\" \
+         style=\"position:static\"></i>reply</span><span><i class=\"bar delivery\" \
+         style=\"position:static\"></i>delivery</span><span>red outline: late · red: failed · \
+         faded: in flight</span></p><table class=\"wf\">",
+        rows.len(),
+        dur(scale)
+    );
+    for c in rows {
+        waterfall_row(out, c, now, scale);
+    }
+    out.push_str("</table>");
+}
+
+fn failures(out: &mut String, p: &ProbeStatus, now: u64) {
+    out.push_str("<h3>Recent failures</h3>");
+    if p.failures.is_empty() && p.mailbox_error.is_none() {
+        out.push_str("<p>None.</p>");
+        return;
+    }
+    out.push_str(
+        "<table class=\"failures\"><tr><th>when</th><th>canary</th><th>stage</th>\
+         <th>reason</th><th>error</th></tr>",
+    );
+    if let Some(f) = &p.mailbox_error {
+        let _ = write!(
+            out,
+            "<tr class=\"failure\"><td>{}</td><td>(mailbox)</td><td>delivery</td><td>{}</td>\
+             <td>{}</td></tr>",
+            ago(now, f.at_ms),
+            f.reason,
+            esc(&f.detail)
+        );
+    }
+    for f in &p.failures {
+        let _ = write!(
+            out,
+            "<tr class=\"failure\"><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td>\
+             <td>{}</td></tr>",
+            ago(now, f.at_ms),
+            esc(&f.canary),
+            f.stage,
+            f.reason,
+            esc(&f.detail)
+        );
+    }
+    out.push_str("</table>");
+}
+
+/// The whole page.
+pub fn render(probes: &[ProbeStatus], now: u64) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let worst = if probes.iter().any(|p| p.state == "failing") {
+        "FAILING"
+    } else if probes.iter().any(|p| p.state == "degraded") {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let _ = write!(
+        out,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\">\
+         <meta http-equiv=\"refresh\" content=\"5\"><title>{worst} · mailcanary</title>\
+         <style>{STYLE}</style></head><body><h1>mailcanary</h1>"
+    );
+    if probes.is_empty() {
+        out.push_str("<p>No probe configured.</p>");
+    }
+    for p in probes {
+        let _ = write!(
+            out,
+            "<section class=\"probe\" id=\"probe-{name}\" data-state=\"{state}\">\
+             <h2>{name} <span class=\"badge {state}\">{state}</span></h2>",
+            name = esc(&p.name),
+            state = p.state,
+        );
+        if !p.why.is_empty() {
+            let _ = write!(out, "<p class=\"why\">{}</p>", esc(&p.why));
+        }
+        stage_table(&mut out, p, now);
+        waterfall(&mut out, p, now);
+        failures(&mut out, p, now);
+        out.push_str("</section>");
+    }
+    out.push_str(
+        "<footer>Refreshes every 5 s · <a href=\"/api/v1/status\">status JSON</a> · \
+         <a href=\"/metrics\">metrics</a></footer></body></html>",
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_everything_that_could_be_markup() {
+        assert_eq!(
+            esc("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(dur(450), "450 ms");
+        assert_eq!(dur(1_234), "1.23 s");
+        assert_eq!(dur(300_000), "5.0 min");
+        assert_eq!(dur(10_800_000), "3.0 h");
+    }
+
+    #[test]
+    fn an_empty_prober_still_renders() {
+        let html = render(&[], 0);
+        assert!(html.contains("No probe configured"));
+        assert!(html.ends_with("</html>"));
+    }
+}
