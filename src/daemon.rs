@@ -71,6 +71,7 @@ impl Daemon {
         let app = web::router(web::WebState {
             engine: engine.clone(),
             ready: ready.clone(),
+            probes: prober.probes.clone(),
         });
         let sd = shutdown.clone();
         let server = tokio::spawn(async move {

@@ -107,11 +107,16 @@ pub fn canary_body(token: &Token) -> String {
 /// The agent reply the prober posts through a helpdesk API; the token on its own line is what
 /// recognises the reply when it reaches the mailbox (the helpdesk may change the subject).
 pub fn reply_body(token: &Token) -> String {
-    format!(
-        "Automated reply from mailcanary, measuring reply delivery. No action is needed.\n\
-         \n\
-         {token}\n"
+    custom_reply_body(
+        "Automated reply from mailcanary, measuring reply delivery. No action is needed.",
+        token,
     )
+}
+
+/// The agent reply with an operator's text (`reply_body` in the config). The token is always
+/// appended on its own line: the reply is recognised by it, whatever the text says.
+pub fn custom_reply_body(text: &str, token: &Token) -> String {
+    format!("{}\n\n{token}\n", text.trim_end())
 }
 
 #[cfg(test)]
@@ -119,6 +124,16 @@ mod tests {
     use super::*;
     use crate::canary::token::{Key, find_tokens};
     use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn a_custom_reply_body_keeps_the_token_on_its_own_line() {
+        let key = Key::from_secret("k");
+        let token = Token::issue(&key, "p", UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        let body = custom_reply_body("Thanks, we are on it.\n\n", &token);
+        assert!(body.starts_with("Thanks, we are on it.\n\n"));
+        assert!(body.lines().any(|l| l == token.as_str()));
+        assert_eq!(find_tokens(&body), vec![token.as_str()]);
+    }
 
     fn mail(hostname: &str) -> CanaryMail {
         let key = Key::generate();

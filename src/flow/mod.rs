@@ -10,6 +10,7 @@
 
 pub mod engine;
 pub mod run;
+pub mod webhook;
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
@@ -52,6 +53,10 @@ pub struct Probe {
     pub cleanup: Option<CleanupMode>,
     pub delete_delivered: bool,
     pub reply: ReplyMode,
+    /// The operator's reply text, if configured (the token is appended to it).
+    pub reply_body: Option<String>,
+    /// Shared secret of `POST /webhooks/{probe}`; webhooks are refused without one.
+    pub webhook_secret: Option<String>,
     pub poll_interval: Duration,
     pub submitter: Submitter,
     pub helpdesk: Option<Arc<Helpdesk>>,
@@ -111,6 +116,13 @@ impl Probe {
             helo_name: smtp.helo_name.clone(),
         })
         .map_err(|e| anyhow::anyhow!("probe {}: smtp: {e}", cfg.name))?;
+        let (reply_body, webhook_secret) = match &cfg.helpdesk {
+            Some(h) => (
+                h.reply_body.clone(),
+                h.webhook_secret.as_ref().map(|s| s.expose().to_string()),
+            ),
+            None => (None, None),
+        };
         let (helpdesk, reply, poll_interval, cleanup) = match &cfg.helpdesk {
             Some(h) => (
                 Some(Arc::new(Helpdesk::SupportBee(
@@ -147,6 +159,8 @@ impl Probe {
             cleanup,
             delete_delivered: cfg.cleanup,
             reply,
+            reply_body,
+            webhook_secret,
             poll_interval,
             submitter,
             helpdesk,

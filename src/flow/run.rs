@@ -72,6 +72,8 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
         return; // mail loop: only delivery is left, and the dispatcher sees it.
     };
     let poll = probe.poll_interval;
+    // Woken early when something else (a webhook, the dispatcher) changes this canary.
+    let mut changes = engine.subscribe();
     loop {
         let Some(c) = engine.get(&probe.name, &id) else {
             return; // finished meanwhile (lost, or delivered early and completed)
@@ -97,11 +99,12 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                     id: c.ticket_id.clone().unwrap_or_default(),
                     created_at: None,
                 };
-                let token = Token::parse(&c.token).ok();
-                let body = token
-                    .as_ref()
-                    .map(message::reply_body)
-                    .unwrap_or_else(|| c.token.clone());
+                let body = match (Token::parse(&c.token), &probe.reply_body) {
+                    (Ok(t), Some(text)) => message::custom_reply_body(text, &t),
+                    (Ok(t), None) => message::reply_body(&t),
+                    // Our own token always parses; keep the canary recognisable regardless.
+                    (Err(_), _) => c.token.clone(),
+                };
                 match helpdesk.post_reply(&ticket, &body).await {
                     Ok(()) => {
                         engine.update(&probe.name, &id, |c| c.observe(Stage::Reply, now_ms()));
@@ -119,7 +122,22 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                 c.note_error(reason, &detail, now_ms())
             });
         }
-        tokio::time::sleep(poll).await;
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = changed(&mut changes, &probe.name, &id) => {}
+        }
+    }
+}
+
+/// Resolves when an event about this canary is published (or events were missed, in which
+/// case the caller simply looks again).
+async fn changed(rx: &mut tokio::sync::broadcast::Receiver<super::Event>, probe: &str, id: &str) {
+    loop {
+        match rx.recv().await {
+            Ok(e) if e.probe == probe && e.canary == id => return,
+            Ok(_) => continue,
+            Err(_) => return,
+        }
     }
 }
 

@@ -7,6 +7,10 @@
 //! | GET | `/readyz` | 200 once config is loaded and the ledger open, else 503 |
 //! | GET | `/api/v1/status` | probes, stages, in-flight and recent canaries, as JSON |
 //! | GET | `/` | the dashboard: the same data, for humans (`page.rs`) |
+//! | POST | `/webhooks/{probe}` | a ticket-created webhook; `Authorization: Bearer SECRET` or `?secret=SECRET` |
+//!
+//! The webhook is the one route that leads to a canary changing, and it does so only through
+//! the flow (`flow::webhook`): this layer authenticates and forwards.
 
 use std::sync::{
     Arc,
@@ -15,14 +19,15 @@ use std::sync::{
 
 use axum::{
     Json, Router,
-    extract::State,
-    http::{StatusCode, header},
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
     response::{Html, IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde_json::json;
 
-use crate::flow::{Engine, now_ms};
+use crate::flow::{Engine, Probe, now_ms, webhook::ticket_created};
 
 mod page;
 
@@ -30,6 +35,8 @@ mod page;
 pub struct WebState {
     pub engine: Arc<Engine>,
     pub ready: Arc<AtomicBool>,
+    /// The probes, for webhooks (their names, keys and webhook secrets).
+    pub probes: Vec<Arc<Probe>>,
 }
 
 pub fn router(state: WebState) -> Router {
@@ -39,6 +46,7 @@ pub fn router(state: WebState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .route("/", get(page))
+        .route("/webhooks/{probe}", post(webhook))
         .with_state(state)
 }
 
@@ -71,4 +79,51 @@ async fn status(State(s): State<WebState>) -> Response {
 async fn page(State(s): State<WebState>) -> Html<String> {
     let now = now_ms();
     Html(page::render(&s.engine.status(now), now))
+}
+
+#[derive(serde::Deserialize)]
+struct SecretParam {
+    secret: Option<String>,
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much matched.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+async fn webhook(
+    State(s): State<WebState>,
+    Path(name): Path<String>,
+    Query(q): Query<SecretParam>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(probe) = s.probes.iter().find(|p| p.name == name) else {
+        return (StatusCode::NOT_FOUND, "no such probe\n").into_response();
+    };
+    let Some(expected) = &probe.webhook_secret else {
+        return (
+            StatusCode::FORBIDDEN,
+            "webhooks are not enabled for this probe (set helpdesk.webhook_secret)\n",
+        )
+            .into_response();
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+        .or(q.secret);
+    if !given.is_some_and(|g| same_secret(&g, expected)) {
+        return (StatusCode::UNAUTHORIZED, "bad or missing webhook secret\n").into_response();
+    }
+    let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "the body must be JSON\n").into_response();
+    };
+    let matched = ticket_created(&s.engine, probe, &payload);
+    (StatusCode::ACCEPTED, Json(matched)).into_response()
 }

@@ -23,6 +23,9 @@ pub struct Knobs {
     pub imap_password: String,
     pub secret: String,
     pub idle: bool,
+    pub poll_interval: &'static str,
+    /// `webhook_secret` of the helpdesk, if any.
+    pub webhook_secret: Option<&'static str>,
 }
 
 impl Default for Knobs {
@@ -37,6 +40,8 @@ impl Default for Knobs {
             imap_password: "sandbox".into(),
             secret: "drill-secret".into(),
             idle: true,
+            poll_interval: "200ms",
+            webhook_secret: None,
         }
     }
 }
@@ -90,7 +95,8 @@ timeout = "5s"
 api = "supportbee"
 base_url = "{api}"
 token = "{api_token}"
-poll_interval = "200ms"
+poll_interval = "{poll_interval}"
+{webhook}
 reply = "post"
 cleanup = "trash"
 timeout = "5s"
@@ -117,6 +123,11 @@ timeout = "5s"
         imap = sb.imap_addr.port(),
         imap_password = k.imap_password,
         idle = k.idle,
+        poll_interval = k.poll_interval,
+        webhook = k
+            .webhook_secret
+            .map(|w| format!("webhook_secret = \"{w}\""))
+            .unwrap_or_default(),
     )
 }
 

@@ -9,3 +9,4 @@ mod dashboard;
 mod drills;
 mod restart;
 mod security;
+mod webhook;
