@@ -12,6 +12,25 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mailcanary"))
 }
 
+/// `once` exited 0 and printed an `ok` line for every stage; returns its stdout.
+fn assert_once_passed(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "once failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for stage in ["submit", "import", "reply", "delivery", "end_to_end"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(stage) && l.contains(" ok ")),
+            "no line for {stage}:\n{stdout}"
+        );
+    }
+    stdout
+}
+
 struct Proc(std::process::Child);
 
 impl Drop for Proc {
@@ -73,20 +92,7 @@ async fn once_completes_every_stage_and_exits_0() {
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "once failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for stage in ["submit", "import", "reply", "delivery", "end_to_end"] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l.contains(stage) && l.contains(" ok ")),
-            "no line for {stage}:\n{stdout}"
-        );
-    }
+    assert_once_passed(&out);
     sb.shutdown().await;
 }
 
@@ -225,19 +231,6 @@ fn default_ports_once_with_the_shipped_sandbox_probe_against_the_sandbox_command
         .args(["once", "--config", "probes/sandbox.toml"])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "once failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for stage in ["submit", "import", "reply", "delivery", "end_to_end"] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l.contains(stage) && l.contains(" ok ")),
-            "no line for {stage}:\n{stdout}"
-        );
-    }
+    let stdout = assert_once_passed(&out);
     print!("{stdout}");
 }
