@@ -18,10 +18,20 @@ done
 need_pkgs=()
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+# Real Postfix and Dovecot for tests/realmail (started by the tests on loopback, never as
+# system services; no systemd runs here).
+[ -x /usr/sbin/postfix ] || need_pkgs+=(postfix)
+[ -x /usr/lib/dovecot/imap ] || need_pkgs+=(dovecot-imapd)
+[ -x /usr/lib/dovecot/lmtp ] || need_pkgs+=(dovecot-lmtpd)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "==> installing ${need_pkgs[*]} (Debian packages)"
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  # Postfix asks its setup questions through debconf: answer them up front.
+  printf '%s\n' \
+    'postfix postfix/main_mailer_type select Internet Site' \
+    'postfix postfix/mailname string mail.example.test' | $sudo_cmd debconf-set-selections
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi

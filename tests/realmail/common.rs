@@ -1,0 +1,355 @@
+//! Probes of the real servers as TOML, an in-process daemon, scraping metrics.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use mailcanary::{
+    canary::life::{Canary, Stage},
+    config,
+    daemon::{Daemon, Options},
+    metrics::testing::{Samples, parse_exposition},
+};
+
+use crate::harness::{Servers, address, password};
+
+pub const SECRET: &str = "realmail-secret";
+pub const HOSTNAME: &str = "prober.test";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpMode {
+    /// Port 25, no TLS, no AUTH (the MX path).
+    Plain25,
+    /// Port 25, STARTTLS required, no AUTH.
+    StartTls25,
+    /// Port 587, STARTTLS + AUTH.
+    Submission587,
+    /// Port 465, implicit TLS + AUTH.
+    Submissions465,
+}
+
+impl SmtpMode {
+    pub const ALL: [SmtpMode; 4] = [
+        SmtpMode::Plain25,
+        SmtpMode::StartTls25,
+        SmtpMode::Submission587,
+        SmtpMode::Submissions465,
+    ];
+
+    pub fn slug(self) -> &'static str {
+        match self {
+            SmtpMode::Plain25 => "smtp25",
+            SmtpMode::StartTls25 => "smtp25tls",
+            SmtpMode::Submission587 => "sub587",
+            SmtpMode::Submissions465 => "subs465",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImapMode {
+    /// Port 143 with STARTTLS.
+    StartTls143,
+    /// Port 993, implicit TLS.
+    Tls993,
+}
+
+impl ImapMode {
+    pub const ALL: [ImapMode; 2] = [ImapMode::StartTls143, ImapMode::Tls993];
+
+    pub fn slug(self) -> &'static str {
+        match self {
+            ImapMode::StartTls143 => "imap143",
+            ImapMode::Tls993 => "imaps993",
+        }
+    }
+}
+
+/// One mail-loop probe of the real servers.
+#[derive(Clone, Debug)]
+pub struct ProbeSpec {
+    pub name: String,
+    /// Host name for both servers: `localhost` (the certificate's DNS SAN) or `127.0.0.1`
+    /// (its IP SAN).
+    pub host: &'static str,
+    pub smtp: SmtpMode,
+    pub imap: ImapMode,
+    /// Local part of the watched mailbox (also the AUTH user on 587/465).
+    pub mailbox: String,
+    /// Local part the canary is sent to (default: the mailbox).
+    pub rcpt: Option<String>,
+    pub smtp_password: Option<String>,
+    pub imap_password: Option<String>,
+    pub smtp_ca: Option<PathBuf>,
+    pub imap_ca: Option<PathBuf>,
+    pub interval: &'static str,
+    pub delivery_deadline: &'static str,
+    pub idle: bool,
+    pub poll_interval: &'static str,
+    pub cleanup: bool,
+}
+
+impl ProbeSpec {
+    pub fn new(name: &str, smtp: SmtpMode, imap: ImapMode, mailbox: &str) -> ProbeSpec {
+        ProbeSpec {
+            name: name.to_string(),
+            host: "localhost",
+            smtp,
+            imap,
+            mailbox: mailbox.to_string(),
+            rcpt: None,
+            smtp_password: None,
+            imap_password: None,
+            smtp_ca: None,
+            imap_ca: None,
+            interval: "1s",
+            delivery_deadline: "10s",
+            idle: true,
+            poll_interval: "200ms",
+            cleanup: true,
+        }
+    }
+
+    fn toml(&self, s: &Servers) -> String {
+        let p = s.ports;
+        let ca = s.ca_file();
+        let mailbox = address(&self.mailbox);
+        let rcpt = address(self.rcpt.as_deref().unwrap_or(&self.mailbox));
+        let (port, tls, auth) = match self.smtp {
+            SmtpMode::Plain25 => (p.smtp, "none", false),
+            SmtpMode::StartTls25 => (p.smtp, "starttls", false),
+            SmtpMode::Submission587 => (p.submission, "starttls", true),
+            SmtpMode::Submissions465 => (p.submissions, "tls", true),
+        };
+        let smtp_auth = if auth {
+            let pw = self
+                .smtp_password
+                .clone()
+                .unwrap_or_else(|| password(&self.mailbox));
+            format!("username = \"{mailbox}\"\npassword = \"{pw}\"\n")
+        } else {
+            String::new()
+        };
+        // On the MX path the canary comes from outside, as a customer's mail would.
+        let from = if auth {
+            mailbox.clone()
+        } else {
+            "canary@prober.test".into()
+        };
+        let (imap_port, imap_tls) = match self.imap {
+            ImapMode::StartTls143 => (p.imap, "starttls"),
+            ImapMode::Tls993 => (p.imaps, "tls"),
+        };
+        format!(
+            r#"
+[[probe]]
+name = "{name}"
+kind = "mail_loop"
+interval = "{interval}"
+jitter = "100ms"
+max_in_flight = 50
+lost_after = "1h"
+cleanup = {cleanup}
+
+[probe.deadlines]
+submit = "15s"
+delivery = "{delivery}"
+end_to_end = "1m"
+
+[probe.smtp]
+host = "{host}"
+port = {port}
+tls = "{tls}"
+{smtp_auth}ca_file = "{smtp_ca}"
+from = "{from}"
+to = "{rcpt}"
+timeout = "10s"
+helo_name = "{HOSTNAME}"
+
+[probe.imap]
+host = "{host}"
+port = {imap_port}
+tls = "{imap_tls}"
+username = "{mailbox}"
+password = "{imap_pw}"
+ca_file = "{imap_ca}"
+idle = {idle}
+poll_interval = "{poll}"
+timeout = "10s"
+"#,
+            name = self.name,
+            host = self.host,
+            interval = self.interval,
+            cleanup = self.cleanup,
+            delivery = self.delivery_deadline,
+            smtp_ca = self.smtp_ca.as_ref().unwrap_or(&ca).display(),
+            imap_ca = self.imap_ca.as_ref().unwrap_or(&ca).display(),
+            imap_pw = self
+                .imap_password
+                .clone()
+                .unwrap_or_else(|| password(&self.mailbox)),
+            idle = self.idle,
+            poll = self.poll_interval,
+        )
+    }
+}
+
+pub fn config_text(s: &Servers, probes: &[ProbeSpec]) -> String {
+    let mut text = format!(
+        "[prober]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\nhostname = \"{HOSTNAME}\"\n"
+    );
+    for p in probes {
+        text.push_str(&p.toml(s));
+    }
+    text
+}
+
+/// A running prober of `probes` with its own state dir.
+pub struct Prober {
+    pub daemon: Daemon,
+    _state: tempfile::TempDir,
+}
+
+impl Prober {
+    pub async fn start(s: &Servers, probes: &[ProbeSpec], schedule: bool) -> Prober {
+        let text = config_text(s, probes);
+        let cfg = config::parse_str(&text, "realmail.toml")
+            .unwrap_or_else(|e| panic!("realmail config does not parse: {e}\n{text}"));
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let state = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(
+            &cfg,
+            Options {
+                state_dir: state.path().to_path_buf(),
+                listen: ([127, 0, 0, 1], 0).into(),
+                schedule,
+            },
+        )
+        .await
+        .expect("daemon starts");
+        Prober {
+            daemon,
+            _state: state,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.daemon.addr
+    }
+
+    /// Recent finished and in-flight canaries of `probe`.
+    pub fn canaries(&self, probe: &str) -> Vec<Canary> {
+        let now = now_ms();
+        self.daemon
+            .engine
+            .status(now)
+            .into_iter()
+            .filter(|p| p.name == probe)
+            .flat_map(|p| p.recent.into_iter().chain(p.in_flight))
+            .collect()
+    }
+
+    pub async fn stop(self) {
+        self.daemon.stop().await;
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// When the delivery stage of `c` finished (the prober saw the message), Unix ms.
+pub fn delivered_ms(c: &Canary) -> Option<u64> {
+    c.record(Stage::Delivery)?.done_ms
+}
+
+pub async fn scrape(addr: SocketAddr) -> Samples {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let text = reqwest::Client::new()
+        .get(format!("http://{addr}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    parse_exposition(&text)
+}
+
+/// A series of `probe` (0 when absent).
+pub fn v(s: &Samples, probe: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut all = vec![("probe", probe)];
+    all.extend_from_slice(labels);
+    s.value(name, &all).unwrap_or(0.0)
+}
+
+pub fn completed(s: &Samples, probe: &str) -> f64 {
+    v(s, probe, "mailcanary_canaries_completed_total", &[])
+}
+
+pub fn failures(s: &Samples, probe: &str, stage: &str, reason: &str) -> f64 {
+    v(
+        s,
+        probe,
+        "mailcanary_stage_failures_total",
+        &[("stage", stage), ("reason", reason)],
+    )
+}
+
+/// Every failure of `probe`, as `(stage, reason, count)` with count > 0.
+pub fn all_failures(s: &Samples, probe: &str) -> Vec<(String, String, f64)> {
+    s.family("mailcanary_stage_failures_total")
+        .into_iter()
+        .filter(|x| x.label("probe") == Some(probe) && x.value > 0.0)
+        .map(|x| {
+            (
+                x.label("stage").unwrap_or("").to_string(),
+                x.label("reason").unwrap_or("").to_string(),
+                x.value,
+            )
+        })
+        .collect()
+}
+
+/// Polls the metrics every 100 ms until `cond` holds, or panics after `within`.
+pub async fn until(
+    addr: SocketAddr,
+    within: Duration,
+    what: &str,
+    cond: impl Fn(&Samples) -> bool,
+) -> Samples {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let s = scrape(addr).await;
+        if cond(&s) {
+            return s;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let mut failing = String::new();
+            for sample in s.family("mailcanary_stage_failures_total") {
+                if sample.value > 0.0 {
+                    failing.push_str(&format!("  {sample:?}\n"));
+                }
+            }
+            panic!("timed out after {within:?} waiting for {what}; failures:\n{failing}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs blocking harness work (process control) off the runtime's threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Median of `values` (sorted in place); `None` when empty.
+pub fn median(values: &mut [i64]) -> Option<i64> {
+    values.sort_unstable();
+    (!values.is_empty()).then(|| values[values.len() / 2])
+}
