@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mail_parser::{HeaderValue, MessageParser};
 
-use super::message::TOKEN_HEADER;
+use super::message::{PROBE_HEADER, SUBJECT_TAG, TOKEN_HEADER};
 use super::token::{Key, Token, find_tokens};
 
 /// What a raw message is, before any key is involved.
@@ -45,6 +45,9 @@ pub struct Candidate {
     pub subject: Option<String>,
     /// The `Date` header: the sender's clock, not the arrival time.
     pub date: Option<SystemTime>,
+    /// The probe names the message claims to belong to: `X-Mailcanary-Probe`, and the word
+    /// after `[mailcanary]` in the Subject (which survives a helpdesk's `Re:`).
+    pub claimed_probes: Vec<String>,
 }
 
 impl Candidate {
@@ -64,9 +67,12 @@ impl Candidate {
 pub enum Classified {
     /// A token that verifies for `probe` (the first token and probe that do, in order).
     Canary { probe: String, token: Token },
-    /// Token-shaped strings, none authentic for any probe: another prober with another key, an
-    /// old key, or someone imitating canaries. Counted, never touched.
+    /// Claims to be a canary of one of our probes (or claims no probe at all) but no token
+    /// verifies: an old key, or someone imitating canaries. Counted, never touched.
     Forged { token: Token },
+    /// A canary of a probe this prober does not run (another prober sharing the mailbox, a
+    /// sibling shard): not ours to judge. Counted as unknown, never touched.
+    Foreign { token: Token },
 }
 
 /// Parses `raw` and looks for tokens in the places a canary or its reply carries them.
@@ -119,8 +125,29 @@ pub fn inspect(raw: &[u8]) -> Inspected {
             .filter(|id| !id.is_empty())
             .collect::<Vec<_>>()
     };
+    let mut claimed_probes: Vec<String> = Vec::new();
+    let mut claim = |name: &str| {
+        let name = name.trim();
+        if !name.is_empty() && !claimed_probes.iter().any(|c| c == name) {
+            claimed_probes.push(name.to_owned());
+        }
+    };
+    for value in message.header_values(PROBE_HEADER) {
+        for text in header_texts(value) {
+            claim(text);
+        }
+    }
+    if let Some(rest) = subject
+        .as_deref()
+        .and_then(|s| s.split_once(SUBJECT_TAG))
+        .map(|(_, rest)| rest)
+        && let Some(name) = rest.split_whitespace().next()
+    {
+        claim(name);
+    }
     Inspected::Candidate(Candidate {
         tokens,
+        claimed_probes,
         message_id: message.message_id().map(|id| strip_brackets(id).to_owned()),
         in_reply_to: ids("In-Reply-To"),
         references: ids("References"),
@@ -141,8 +168,19 @@ pub fn classify(candidate: &Candidate, key: &Key, probes: &[&str]) -> Classified
             };
         }
     }
-    Classified::Forged {
-        token: candidate.tokens[0].clone(),
+    let token = candidate.tokens[0].clone();
+    // Forged only if it claims to be ours (or claims nothing we can read): a canary that names
+    // a probe we do not run is another prober's, and counting it as forged would page someone
+    // for a neighbour's legitimate mail.
+    let claims_ours = candidate.claimed_probes.is_empty()
+        || candidate
+            .claimed_probes
+            .iter()
+            .any(|c| probes.contains(&c.as_str()));
+    if claims_ours {
+        Classified::Forged { token }
+    } else {
+        Classified::Foreign { token }
     }
 }
 
@@ -184,6 +222,66 @@ fn unix_seconds(seconds: i64) -> SystemTime {
 mod tests {
     use super::*;
     use crate::canary::message::{self, CanaryMail};
+
+    fn candidate_of(raw: &str) -> Candidate {
+        match inspect(raw.as_bytes()) {
+            Inspected::Candidate(c) => c,
+            other => panic!("not a candidate: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn another_probers_canary_is_foreign_not_forged() {
+        let theirs = Key::from_secret("their secret");
+        let ours = Key::from_secret("our secret");
+        let t = Token::issue(
+            &theirs,
+            "their-probe",
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        );
+        // A helpdesk reply to their canary: the subject still names their probe.
+        let raw =
+            format!("From: a@b.test\r\nSubject: Re: [mailcanary] their-probe {t}\r\n\r\n{t}\r\n");
+        let c = candidate_of(&raw);
+        assert_eq!(c.claimed_probes, vec!["their-probe"]);
+        assert!(matches!(
+            classify(&c, &ours, &["ours"]),
+            Classified::Foreign { .. }
+        ));
+        // The same bytes claiming one of our probes are a forgery.
+        let raw = raw.replace("their-probe", "ours");
+        assert!(matches!(
+            classify(&candidate_of(&raw), &ours, &["ours"]),
+            Classified::Forged { .. }
+        ));
+        // No readable claim at all (token only in the body): cannot be attributed, so forged.
+        let raw = format!("From: a@b.test\r\nSubject: hello\r\n\r\n{t}\r\n");
+        let c = candidate_of(&raw);
+        assert!(c.claimed_probes.is_empty());
+        assert!(matches!(
+            classify(&c, &ours, &["ours"]),
+            Classified::Forged { .. }
+        ));
+    }
+
+    #[test]
+    fn the_probe_header_is_a_claim_too() {
+        let key = Key::from_secret("k");
+        let t = Token::issue(
+            &Key::from_secret("other"),
+            "x",
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        );
+        let raw = format!(
+            "From: a@b.test\r\nX-Mailcanary-Probe: sibling\r\nSubject: no tag\r\n\r\n{t}\r\n"
+        );
+        let c = candidate_of(&raw);
+        assert_eq!(c.claimed_probes, vec!["sibling"]);
+        assert!(matches!(
+            classify(&c, &key, &["ours"]),
+            Classified::Foreign { .. }
+        ));
+    }
 
     const PROBES: &[&str] = &["mail-loop", "sandbox"];
 
@@ -339,7 +437,7 @@ mod tests {
     }
 
     #[test]
-    fn forged_or_foreign_tokens_are_forged() {
+    fn forged_tokens_and_foreign_canaries() {
         let key = Key::generate();
         // Issued under another key: a forgery as far as this prober can tell.
         let other = canary(&Key::generate(), "sandbox");
@@ -350,14 +448,18 @@ mod tests {
                 token: other.token.clone()
             }
         );
-        // Our key, but a probe this prober does not run.
+        // Our key, but a probe this prober does not run (retired, or a sibling shard's):
+        // foreign, not forged.
         let foreign = canary(&key, "retired-probe");
         let c = candidate(&foreign.build().formatted());
         assert!(matches!(
             classify(&c, &key, PROBES),
-            Classified::Forged { .. }
+            Classified::Foreign { .. }
         ));
-        assert!(matches!(classify(&c, &key, &[]), Classified::Forged { .. }));
+        assert!(matches!(
+            classify(&c, &key, &[]),
+            Classified::Foreign { .. }
+        ));
         // A forged token first and a real one later: the real one wins.
         let real = canary(&key, "sandbox");
         let raw = helpdesk_reply(

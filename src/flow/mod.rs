@@ -400,7 +400,17 @@ async fn dispatch(
                 match classify(&candidate, key, &names) {
                     Classified::Forged { .. } => {
                         warn!(mailbox = %mailbox_key, uid = a.uid, "forged canary ignored");
-                        engine.ignored(&blame, Ignored::Forged);
+                        // Counted against the probe it imitates, when it names one of ours.
+                        let victim = candidate
+                            .claimed_probes
+                            .iter()
+                            .find(|c| names.contains(&c.as_str()))
+                            .map_or(blame.as_str(), String::as_str);
+                        engine.ignored(victim, Ignored::Forged);
+                    }
+                    Classified::Foreign { .. } => {
+                        tracing::debug!(mailbox = %mailbox_key, uid = a.uid, claimed = ?candidate.claimed_probes, "another prober's canary ignored");
+                        engine.ignored(&blame, Ignored::Unknown);
                     }
                     Classified::Canary { probe, token } => {
                         let done = engine.delivered(&probe, token.id(), seen_at, a.uid, |mid| {

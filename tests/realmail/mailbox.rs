@@ -186,9 +186,17 @@ async fn foreign_mail_is_untouched_and_cleanup_removes_exactly_our_canaries() {
     }
     let s = crate::common::scrape(addr).await;
     let ignored = |r: &str| v(&s, P, "mailcanary_messages_ignored_total", &[("reason", r)]);
-    assert!(
-        ignored("forged") >= 1.0,
-        "the forgery of our probe is counted"
+    // Only the imitation of our own probe is a forgery; the other prober's and the sibling's
+    // canaries are someone else's (regression: all three were counted as forged).
+    assert_eq!(
+        ignored("forged"),
+        1.0,
+        "the forgery of our probe is counted, once"
+    );
+    assert_eq!(
+        ignored("unknown"),
+        2.0,
+        "the other prober's and the sibling's canaries"
     );
     eprintln!(
         "ignored: forged={} unknown={} duplicate={} malformed={}",
