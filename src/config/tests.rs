@@ -9,7 +9,7 @@ use super::resolve::{self, FileText};
 use super::*;
 
 const HELPDESK_EXAMPLE: &str = include_str!("../../probes/helpdesk.example.toml");
-const MAIL_LOOP_EXAMPLE: &str = include_str!("../../probes/mail-loop.example.toml");
+const MAIL_LOOP_EXAMPLE: &str = include_str!("../../probes/mail-loop.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -173,7 +173,7 @@ fn mail_loop_example_parses() {
     let text = with_secret_files(MAIL_LOOP_EXAMPLE, dir.path());
     let c = parse_env(
         &text,
-        "mail-loop.example.toml",
+        "mail-loop.toml",
         Some(dir.path()),
         &[("SMTP_PASSWORD", "smtp-env")],
     )
@@ -181,7 +181,12 @@ fn mail_loop_example_parses() {
     let p = &c.probes[0];
     assert_eq!(p.kind, ProbeKind::MailLoop);
     assert!(p.helpdesk.is_none());
-    assert_eq!(p.smtp.port, 465, "default port for tls");
+    assert_eq!(p.smtp.port, 587, "submission");
+    assert_eq!(p.smtp.tls, Tls::StartTls);
+    assert!(p.smtp.password.is_some(), "read from its file");
+    assert_eq!(p.imap.port, 993);
+    assert_eq!(p.imap.tls, Tls::Tls);
+    assert!(p.imap.idle);
     assert_eq!(
         p.stages(),
         vec![StageName::Submit, StageName::Delivery, StageName::EndToEnd]
@@ -200,7 +205,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
     for (name, text) in [
         ("sandbox.toml", SANDBOX_TOML),
         ("helpdesk.example.toml", HELPDESK_EXAMPLE),
-        ("mail-loop.example.toml", MAIL_LOOP_EXAMPLE),
+        ("mail-loop.toml", MAIL_LOOP_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
