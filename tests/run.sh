@@ -2,16 +2,19 @@
 # The whole test suite, from a fresh Debian machine: installs what the tests need (Debian
 # packages) when missing, then runs the quality gates and every test. `.ci/run` calls this.
 #
-#   tests/run.sh            # everything
-#   tests/run.sh --no-lint  # skip fmt/clippy (quick local loop)
+#   tests/run.sh              # everything
+#   tests/run.sh --no-lint    # skip fmt/clippy (quick local loop)
+#   tests/run.sh --no-static  # skip building and running the static musl binary
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 lint=1
+static=1
 for a in "$@"; do
   case "$a" in
     --no-lint) lint=0 ;;
-    *) echo "usage: tests/run.sh [--no-lint]" >&2; exit 2 ;;
+    --no-static) static=0 ;;
+    *) echo "usage: tests/run.sh [--no-lint] [--no-static]" >&2; exit 2 ;;
   esac
 done
 
@@ -24,6 +27,11 @@ command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 [ -x /usr/lib/dovecot/imap ] || need_pkgs+=(dovecot-imapd)
 [ -x /usr/lib/dovecot/lmtp ] || need_pkgs+=(dovecot-lmtpd)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+# Headless Chromium for the dashboard test, amtool for the Alertmanager config, musl-gcc for
+# the static binary the container ships (ring's C parts).
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+command -v amtool >/dev/null 2>&1 || need_pkgs+=(prometheus-alertmanager)
+command -v musl-gcc >/dev/null 2>&1 || need_pkgs+=(musl-tools)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "==> installing ${need_pkgs[*]} (Debian packages)"
   sudo_cmd=""
@@ -54,4 +62,15 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo test --doc --quiet
 else
   cargo test --no-fail-fast
+fi
+
+if [ "$static" -eq 1 ]; then
+  # No Docker engine runs here, so the container's one program is proven directly: the same
+  # static musl build deploy/Dockerfile makes, then run on the embedded sandbox until it has
+  # completed a canary, then stopped with SIGTERM.
+  echo "==> static musl binary (what deploy/Dockerfile ships)"
+  target=x86_64-unknown-linux-musl
+  rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
+  cargo build --release --locked --quiet --target "$target"
+  tests/static_smoke.py "target/$target/release/mailcanary"
 fi
