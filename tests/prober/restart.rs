@@ -151,18 +151,27 @@ async fn kill_9_and_restart_loses_and_double_counts_nothing() {
         );
     }
     // None counted twice: the new process's completed counter equals the canaries it finished.
-    let s = scrape(format!("127.0.0.1:{port}").parse().unwrap()).await;
-    let finished_here = recent
-        .iter()
-        .filter(|(_, c)| {
-            c["finished_ms"].as_u64().is_some_and(|f| f >= killed_at)
-                && matches!(c["outcome"].as_str(), Some("on_time") | Some("late"))
-        })
-        .count() as f64;
-    assert_eq!(
-        v(&s, "mailcanary_canaries_completed_total", &[]),
-        finished_here
-    );
+    // It keeps sending meanwhile, so compare only a scrape taken between two identical status
+    // reads (nothing finished in between).
+    let finished_here = |st: &Value| -> usize {
+        ids(st, "recent")
+            .iter()
+            .filter(|(_, c)| {
+                c["finished_ms"].as_u64().is_some_and(|f| f >= killed_at)
+                    && matches!(c["outcome"].as_str(), Some("on_time") | Some("late"))
+            })
+            .count()
+    };
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let s = loop {
+        let a = finished_here(&status(port).await.unwrap());
+        let s = scrape(addr).await;
+        let b = finished_here(&status(port).await.unwrap());
+        if a == b {
+            assert_eq!(v(&s, "mailcanary_canaries_completed_total", &[]), a as f64);
+            break s;
+        }
+    };
     for stage in ["submit", "import", "reply", "delivery", "end_to_end"] {
         assert_eq!(
             v(&s, "mailcanary_canaries_lost_total", &[("stage", stage)]),
