@@ -335,7 +335,7 @@ async fn scheduler(engine: Arc<Engine>, probe: Arc<Probe>, shutdown: Cancellatio
     }
 }
 
-/// Sends one canary per probe now (the `once` command); returns their ids.
+/// Sends one canary per probe now (the `once` command), as tasks in `tasks`.
 pub fn send_once(engine: &Arc<Engine>, probes: &[Arc<Probe>], tasks: &mut JoinSet<()>) {
     for p in probes {
         tasks.spawn(run::start_canary(engine.clone(), p.clone()));
@@ -396,6 +396,7 @@ async fn dispatch(
                     }
                     Inspected::Candidate(c) => c,
                 };
+                // One key per prober process: every probe carries the same one.
                 let key = &probes[0].key;
                 match classify(&candidate, key, &names) {
                     Classified::Forged { .. } => {
