@@ -140,6 +140,9 @@ struct SandboxArgs {
     /// How many messages the ground-truth event log keeps (oldest dropped first).
     #[arg(long, default_value_t = 10_000)]
     event_capacity: usize,
+    /// Hold IDLE pushes back this long after a change, like Dovecot (`500ms`). Default: none.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_delay: Option<Duration>,
 }
 
 fn parse_fault(s: &str) -> Result<(Stage, Fault), String> {
@@ -228,6 +231,7 @@ async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         outbound_delay: args.outbound_delay,
         max_message_size: args.max_message_size,
         event_capacity: args.event_capacity,
+        idle_push_delay: args.idle_delay.unwrap_or_default(),
         faults: args.faults,
         ..SandboxConfig::default()
     };

@@ -88,6 +88,18 @@ pub async fn serve(
     faults: FaultBoard,
     shutdown: CancellationToken,
 ) {
+    serve_with(listener, mailboxes, faults, shutdown, Duration::ZERO).await
+}
+
+/// [`serve`], with IDLE pushes held back by `idle_push_delay` after a change, as Dovecot does
+/// (500 ms, its `NOTIFY_DELAY_MSECS`), so that the sandbox can stand in for it faithfully.
+pub async fn serve_with(
+    listener: TcpListener,
+    mailboxes: Arc<Mailboxes>,
+    faults: FaultBoard,
+    shutdown: CancellationToken,
+    idle_push_delay: Duration,
+) {
     // A tracker rather than a JoinSet: it does not accumulate the results of finished
     // connections, so a sandbox that runs for days stays flat.
     let tracker = TaskTracker::new();
@@ -104,6 +116,7 @@ pub async fn serve(
                     Arc::clone(&mailboxes),
                     faults.clone(),
                     shutdown.clone(),
+                    idle_push_delay,
                 ));
             }
             Err(e) => {
@@ -167,6 +180,7 @@ async fn connection(
     mailboxes: Arc<Mailboxes>,
     faults: FaultBoard,
     shutdown: CancellationToken,
+    idle_push_delay: Duration,
 ) {
     if faults.get(Stage::Mailbox) == Fault::Drop {
         debug!("imap: mailbox=drop, closing new connection");
@@ -213,6 +227,12 @@ async fn connection(
                 return;
             }
             () = mailbox_changed(idle.as_mut().map(|(_, rx)| rx)) => {
+                if !idle_push_delay.is_zero() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = sleep(idle_push_delay) => {}
+                    }
+                }
                 // An IDLE push is held by a stall like any response.
                 if let Gate::Close = gate(&faults, &shutdown).await {
                     return;

@@ -50,6 +50,8 @@ pub struct SandboxConfig {
     pub event_capacity: usize,
     /// Name used in the SMTP greeting and in generated Message-IDs.
     pub hostname: String,
+    /// How long IDLE pushes wait after a change (Dovecot: a fixed 500 ms). Default 0.
+    pub idle_push_delay: Duration,
     /// Faults set at start.
     pub faults: Vec<(Stage, Fault)>,
 }
@@ -68,6 +70,7 @@ impl Default for SandboxConfig {
             max_message_size: 10 * 1024 * 1024,
             event_capacity: 10_000,
             hostname: "helpdesk.test".into(),
+            idle_push_delay: Duration::ZERO,
             faults: Vec::new(),
         }
     }
@@ -170,11 +173,12 @@ impl Sandbox {
             shutdown.clone(),
         ));
         tasks.spawn(smtp::serve(smtp, hub.clone(), shutdown.clone()));
-        tasks.spawn(imap::serve(
+        tasks.spawn(imap::serve_with(
             imap,
             mailboxes,
             faults.clone(),
             shutdown.clone(),
+            config.idle_push_delay,
         ));
         tasks.spawn(api::serve(http, hub.clone(), shutdown.clone()));
 

@@ -41,16 +41,21 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
+        Self::start_with_idle_delay(Duration::ZERO).await
+    }
+
+    async fn start_with_idle_delay(idle_push_delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let boxes = Mailboxes::new(PASSWORD);
         let faults = FaultBoard::new();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(imap::serve(
+        let task = tokio::spawn(imap::serve_with(
             listener,
             Arc::clone(&boxes),
             faults.clone(),
             shutdown.clone(),
+            idle_push_delay,
         ));
         Self {
             addr,
@@ -236,6 +241,34 @@ async fn idle_client_gets_exists_within_100ms_of_delivery() {
     );
     let mut s = idle.done().await.expect("DONE");
     s.noop().await.expect("session usable after IDLE");
+}
+
+/// With Dovecot's fixed notify delay configured, the push waits for it (and still comes).
+#[tokio::test]
+async fn idle_push_delay_holds_exists_back_like_dovecot() {
+    let server = Server::start_with_idle_delay(Duration::from_millis(300)).await;
+    let mut s = server.session().await;
+    s.select("INBOX").await.expect("select");
+    let mut idle = s.idle();
+    idle.init().await.expect("IDLE accepted");
+    let (wait, _stop) = idle.wait_with_timeout(PATIENCE);
+    let deliver = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let at = Instant::now();
+        server.deliver("Re: delayed", "id-d");
+        at
+    };
+    let (response, delivered_at) = tokio::join!(wait, deliver);
+    let latency = delivered_at.elapsed();
+    assert!(
+        matches!(response.expect("idle wait"), IdleResponse::NewData(_)),
+        "EXISTS still arrives"
+    );
+    assert!(
+        latency >= Duration::from_millis(300),
+        "pushed after {latency:?}"
+    );
+    idle.done().await.expect("DONE");
 }
 
 #[tokio::test]
