@@ -85,6 +85,15 @@ async fn a_forged_canary_is_counted_and_never_taken_as_delivery() {
     sb.shutdown().await;
 }
 
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_logs_metrics_status_or_page() {
     const API: &str = "api-tok-7f3a9c";
@@ -110,17 +119,21 @@ async fn no_secret_in_logs_metrics_status_or_page() {
         .unwrap()
         .port();
     let log = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailcanary"))
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("MAILCANARY_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // Killed on drop: a failing assertion must not leave a prober running (regression: one
+    // ran on for an hour after an early failure).
+    let child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_mailcanary"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&cfg)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("MAILCANARY_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     until(addr, Duration::from_secs(20), "a canary", |s| {
@@ -147,8 +160,7 @@ async fn no_secret_in_logs_metrics_status_or_page() {
     for path in ["/metrics", "/api/v1/status", "/"] {
         seen.push_str(&get_text(&format!("http://{addr}{path}")).await);
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     seen.push_str(&std::fs::read_to_string(&log).unwrap());
     assert!(
         seen.contains("stage failed"),
