@@ -5,16 +5,19 @@
 #   tests/run.sh              # everything
 #   tests/run.sh --no-lint    # skip fmt/clippy (quick local loop)
 #   tests/run.sh --no-static  # skip building and running the static musl binary
+#   tests/run.sh --no-bench   # skip the quick benchmark run (cargo bench --bench mailcanary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 lint=1
 static=1
+bench=1
 for a in "$@"; do
   case "$a" in
     --no-lint) lint=0 ;;
     --no-static) static=0 ;;
-    *) echo "usage: tests/run.sh [--no-lint] [--no-static]" >&2; exit 2 ;;
+    --no-bench) bench=0 ;;
+    *) echo "usage: tests/run.sh [--no-lint] [--no-static] [--no-bench]" >&2; exit 2 ;;
   esac
 done
 
@@ -62,6 +65,13 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo test --doc --quiet
 else
   cargo test --no-fail-fast
+fi
+
+if [ "$bench" -eq 1 ]; then
+  # The benchmark harness in quick mode (about 2 min), so it cannot rot: it exits non-zero when
+  # a figure cannot be measured. Its figures are not the README's (those come from --full).
+  echo "==> benchmark, quick mode (cargo bench --bench mailcanary -- --quick)"
+  cargo bench --locked --quiet --bench mailcanary -- --quick --out target/bench/quick
 fi
 
 if [ "$static" -eq 1 ]; then

@@ -1,0 +1,494 @@
+//! Cost: the real binary as separate processes (`mailcanary sandbox`, `mailcanary run`), CPU
+//! and peak RSS read from /proc, the sustained rate, `/metrics` response time.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::util::*;
+
+/// A child process this benchmark started; killed (by its own PID) on drop.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, args: &[String], log: &Path) -> Proc {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(log).unwrap_or_else(|e| crate::impossible!("log: {e}")),
+            ))
+            .spawn()
+            .unwrap_or_else(|e| crate::impossible!("spawning {}: {e}", bin.display()));
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stdout line that starts with `prefix`.
+    fn line(&self, prefix: &str, log: &Path) -> String {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) if l.starts_with(prefix) => return l,
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let tail = std::fs::read_to_string(log).unwrap_or_default();
+        crate::impossible!("no `{prefix}` line on stdout; its log:\n{tail}")
+    }
+
+    /// CPU seconds (user + system) so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .unwrap_or_else(|e| crate::impossible!("/proc/{}/stat: {e}", self.pid()));
+        let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / clk_tck()
+    }
+
+    /// Peak resident set (VmHWM), MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or_else(|| crate::impossible!("no VmHWM for {}", self.pid()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clk_tck() -> f64 {
+    static T: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+pub struct Bench {
+    pub bin: std::path::PathBuf,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+/// A sandbox process and a prober process with `probes`.
+pub struct Run {
+    pub sandbox: Proc,
+    pub prober: Proc,
+    pub addr: SocketAddr,
+    pub api: String,
+}
+
+impl Bench {
+    pub fn new() -> Bench {
+        let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_mailcanary"));
+        if !bin.exists() {
+            crate::impossible!("the binary {} was not built", bin.display());
+        }
+        Bench {
+            bin,
+            dir: tempfile::tempdir().unwrap(),
+            http: http(),
+        }
+    }
+
+    pub fn start(&self, tag: &str, probes: &[ProbeSpec], delay: Duration) -> Run {
+        let dir = self.dir.path().join(tag);
+        std::fs::create_dir_all(dir.join("config")).unwrap();
+        let d = humantime::format_duration(delay).to_string();
+        let sb_log = dir.join("sandbox.log");
+        let sandbox = Proc::spawn(
+            &self.bin,
+            &[
+                "sandbox",
+                "--smtp-listen",
+                "127.0.0.1:0",
+                "--imap-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--import-delay",
+                &d,
+                "--outbound-delay",
+                &d,
+                "--event-capacity",
+                "100000",
+            ]
+            .map(String::from),
+            &sb_log,
+        );
+        let addr_of = |l: String| -> String { l.split_whitespace().nth(1).unwrap().to_string() };
+        let smtp: SocketAddr = addr_of(sandbox.line("smtp ", &sb_log)).parse().unwrap();
+        let imap: SocketAddr = addr_of(sandbox.line("imap ", &sb_log)).parse().unwrap();
+        let api = addr_of(sandbox.line("api ", &sb_log));
+        let sb = SbAddrs { smtp, imap, api };
+        std::fs::write(dir.join("config/bench.toml"), config_text(&sb, probes)).unwrap();
+        let log = dir.join("prober.log");
+        let prober = Proc::spawn(
+            &self.bin,
+            &[
+                "run".to_string(),
+                "--config".into(),
+                dir.join("config").display().to_string(),
+                "--state-dir".into(),
+                dir.join("state").display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+            ],
+            &log,
+        );
+        let l = prober.line("mailcanary listening on http://", &log);
+        let addr: SocketAddr = l["mailcanary listening on http://".len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| crate::impossible!("listen address in {l:?}: {e}"));
+        Run {
+            sandbox,
+            prober,
+            addr,
+            api: sb.api,
+        }
+    }
+}
+
+/// Probes `p000`…, each with its own sender and so its own mailbox (one IMAP watcher each).
+fn fleet(n: usize, interval: Duration, own_mailbox: bool) -> Vec<ProbeSpec> {
+    (0..n)
+        .map(|i| {
+            let name = format!("p{i:04}");
+            let mut p = ProbeSpec::new(&name, interval);
+            p.deadline = Duration::from_secs(5);
+            p.jitter = (interval / 2).min(Duration::from_secs(5));
+            if own_mailbox {
+                p.mailbox = format!("canary-{name}@prober.test");
+            }
+            p
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+pub struct CostRow {
+    pub probes: usize,
+    pub interval_ms: u64,
+    pub canaries: f64,
+    pub seconds: f64,
+    pub rate_per_s: f64,
+    pub prober_cpu_s_per_1000: f64,
+    pub prober_peak_rss_mib: f64,
+    pub sandbox_cpu_s_per_1000: f64,
+    pub failures: f64,
+    pub metrics_ms: Summary,
+}
+
+/// Totals over every probe of an exposition.
+fn totals(s: &mailcanary::metrics::testing::Samples) -> (f64, f64, f64) {
+    (total(s, COMPLETED), total(s, FAILURES), total(s, LATE))
+}
+
+async fn timed_scrape(b: &Bench, addr: SocketAddr) -> (f64, mailcanary::metrics::testing::Samples) {
+    let t = Instant::now();
+    let s = scrape(&b.http, addr).await;
+    (t.elapsed().as_secs_f64() * 1000.0, s)
+}
+
+/// CPU and peak RSS per 1,000 canaries with `probes` probes sending 20 canaries/s in all
+/// (10/s for one probe: the shortest interval is 100 ms).
+pub async fn cost(b: &Bench, probes: usize, canaries: usize) -> CostRow {
+    let interval = match probes {
+        1 => Duration::from_millis(100),
+        n => Duration::from_millis(50 * n as u64),
+    };
+    let run = b.start(
+        &format!("cost-{probes}"),
+        &fleet(probes, interval, true),
+        Duration::from_millis(100),
+    );
+    // Warm: every probe's watcher connected and canaries completing.
+    until(
+        &b.http,
+        run.addr,
+        Duration::from_secs(60),
+        "warm-up canaries",
+        |s| total(s, COMPLETED) >= (probes as f64).min(20.0),
+    )
+    .await;
+    let (_, s0) = timed_scrape(b, run.addr).await;
+    let (c0, f0, _) = totals(&s0);
+    let (p0, q0, t0) = (
+        run.prober.cpu_seconds(),
+        run.sandbox.cpu_seconds(),
+        Instant::now(),
+    );
+    let mut scrape_ms = Vec::new();
+    let limit = Duration::from_secs(30) + interval.mul_f64(canaries as f64 / probes as f64) * 3;
+    let s1 = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (ms, s) = timed_scrape(b, run.addr).await;
+        scrape_ms.push(ms);
+        if total(&s, COMPLETED) - c0 >= canaries as f64 {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            crate::impossible!(
+                "cost with {probes} probes: {} of {canaries} canaries in {limit:?}",
+                total(&s, COMPLETED) - c0
+            );
+        }
+    };
+    let (p1, q1, secs) = (
+        run.prober.cpu_seconds(),
+        run.sandbox.cpu_seconds(),
+        t0.elapsed().as_secs_f64(),
+    );
+    let (c1, f1, _) = totals(&s1);
+    let done = c1 - c0;
+    let row = CostRow {
+        probes,
+        interval_ms: interval.as_millis() as u64,
+        canaries: done,
+        seconds: secs,
+        rate_per_s: done / secs,
+        prober_cpu_s_per_1000: (p1 - p0) / done * 1000.0,
+        prober_peak_rss_mib: run.prober.peak_rss_mib(),
+        sandbox_cpu_s_per_1000: (q1 - q0) / done * 1000.0,
+        failures: f1 - f0,
+        metrics_ms: summary(&scrape_ms),
+    };
+    eprintln!(
+        "  cost {probes} probes: {done} canaries in {secs:.1} s, prober {:.2} CPU s / 1000, peak RSS {:.1} MiB",
+        row.prober_cpu_s_per_1000, row.prober_peak_rss_mib
+    );
+    row
+}
+
+#[derive(Serialize)]
+pub struct RateStep {
+    pub probes: usize,
+    pub interval_ms: u64,
+    pub offered_per_s: f64,
+    pub completed_per_s: f64,
+    pub prober_cpu_percent: f64,
+    pub sandbox_cpu_percent: f64,
+    pub failures: f64,
+    pub late: f64,
+    pub import_lag_ms: Summary,
+    pub delivery_lag_ms: Summary,
+    pub holds: bool,
+    pub why: String,
+}
+
+/// Raises the canary rate until accuracy no longer holds (or the steps run out).
+/// Holds = no failure and no late stage, ≥ 90 % of the offered rate completed, import lag
+/// p99 ≤ API poll (200 ms) + 100 ms, delivery lag p99 (IDLE) ≤ 100 ms.
+pub async fn sustained_rate(b: &Bench, steps: &[(usize, u64)], window: Duration) -> Vec<RateStep> {
+    let mut out = Vec::new();
+    for &(probes, interval_ms) in steps {
+        let interval = Duration::from_millis(interval_ms);
+        let mut specs = fleet(probes, interval, true);
+        for p in &mut specs {
+            p.deadline = Duration::from_secs(2);
+            p.max_in_flight = 50;
+        }
+        let run = b.start(
+            &format!("rate-{probes}-{interval_ms}"),
+            &specs,
+            Duration::from_millis(100),
+        );
+        until(
+            &b.http,
+            run.addr,
+            Duration::from_secs(60),
+            "warm-up canaries",
+            |s| total(s, COMPLETED) >= probes as f64,
+        )
+        .await;
+        let s0 = scrape(&b.http, run.addr).await;
+        let (c0, f0, l0) = totals(&s0);
+        let (p0, q0, t0) = (
+            run.prober.cpu_seconds(),
+            run.sandbox.cpu_seconds(),
+            Instant::now(),
+        );
+        tokio::time::sleep(window).await;
+        let s1 = scrape(&b.http, run.addr).await;
+        let (p1, q1, secs) = (
+            run.prober.cpu_seconds(),
+            run.sandbox.cpu_seconds(),
+            t0.elapsed().as_secs_f64(),
+        );
+        let (c1, f1, l1) = totals(&s1);
+        let st = status(&b.http, run.addr).await;
+        let truth = ground_truth(&b.http, &run.api).await;
+        let t0_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            - (secs * 1000.0) as u64;
+        let recent: Vec<_> = st
+            .probes
+            .into_iter()
+            .flat_map(|p| p.recent)
+            .filter(|c| c.created_ms >= t0_ms)
+            .collect();
+        let (imp, del) = lags(&recent, &truth);
+        if imp.is_empty() || del.is_empty() {
+            crate::impossible!(
+                "rate step {probes}×{interval_ms} ms: no canary matched ground truth"
+            );
+        }
+        let offered = probes as f64 * 1000.0 / interval_ms as f64;
+        let done = (c1 - c0) / secs;
+        let (si, sd) = (summary(&imp), summary(&del));
+        let mut why = Vec::new();
+        if f1 - f0 > 0.0 {
+            why.push(format!("{} stage failures", f1 - f0));
+        }
+        if l1 - l0 > 0.0 {
+            why.push(format!("{} late stages", l1 - l0));
+        }
+        if done < 0.9 * offered {
+            why.push(format!("completed {done:.1}/s of {offered:.1}/s"));
+        }
+        if si.p99 > 300.0 {
+            why.push(format!("import p99 {:.0} ms", si.p99));
+        }
+        if sd.p99 > 100.0 {
+            why.push(format!("delivery p99 {:.0} ms", sd.p99));
+        }
+        let step = RateStep {
+            probes,
+            interval_ms,
+            offered_per_s: offered,
+            completed_per_s: done,
+            prober_cpu_percent: (p1 - p0) / secs * 100.0,
+            sandbox_cpu_percent: (q1 - q0) / secs * 100.0,
+            failures: f1 - f0,
+            late: l1 - l0,
+            import_lag_ms: si,
+            delivery_lag_ms: sd,
+            holds: why.is_empty(),
+            why: why.join(", "),
+        };
+        eprintln!(
+            "  rate {offered:.0}/s offered: {done:.1}/s done, prober CPU {:.0} %, sandbox CPU {:.0} %, import p99 {:.0} ms, delivery p99 {:.0} ms, {}",
+            step.prober_cpu_percent,
+            step.sandbox_cpu_percent,
+            si.p99,
+            sd.p99,
+            if step.holds {
+                "holds".to_string()
+            } else {
+                format!("does not hold: {}", step.why)
+            }
+        );
+        let holds = step.holds;
+        out.push(step);
+        drop(run);
+        if !holds {
+            break;
+        }
+    }
+    out
+}
+
+#[derive(Serialize)]
+pub struct MetricsRow {
+    pub probes: usize,
+    pub series: usize,
+    pub bytes: usize,
+    pub in_flight: f64,
+    pub response_ms: Summary,
+}
+
+/// `/metrics` response time with `probes` configured (one shared mailbox, interval 1 h: each
+/// probe sends one canary at start, then nothing).
+pub async fn metrics_time(b: &Bench, probes: usize, scrapes: usize) -> MetricsRow {
+    let mut specs = fleet(probes, Duration::from_secs(3600), false);
+    for p in &mut specs {
+        p.jitter = Duration::from_secs(5);
+    }
+    let run = b.start(
+        &format!("metrics-{probes}"),
+        &specs,
+        Duration::from_millis(100),
+    );
+    // Let the start-up canaries finish (or give up waiting after 90 s: time it anyway).
+    let t0 = Instant::now();
+    loop {
+        let s = scrape(&b.http, run.addr).await;
+        if total(&s, COMPLETED) >= probes as f64 || t0.elapsed() > Duration::from_secs(90) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut ms = Vec::new();
+    let (mut series, mut bytes, mut in_flight) = (0, 0, 0.0);
+    for _ in 0..scrapes {
+        let t = Instant::now();
+        let text = get_text(&b.http, &format!("http://{}/metrics", run.addr)).await;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        bytes = text.len();
+        let s = mailcanary::metrics::testing::parse_exposition(&text);
+        series = s.samples.len();
+        in_flight = s
+            .samples
+            .iter()
+            .filter(|x| {
+                x.name == "mailcanary_stage_in_flight" && x.label("stage") == Some("end_to_end")
+            })
+            .map(|x| x.value)
+            .sum();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = MetricsRow {
+        probes,
+        series,
+        bytes,
+        in_flight,
+        response_ms: summary(&ms),
+    };
+    eprintln!(
+        "  /metrics with {probes} probes: median {:.1} ms, max {:.1} ms ({} series, {} bytes)",
+        r.response_ms.median, r.response_ms.max, series, bytes
+    );
+    r
+}
