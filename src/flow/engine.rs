@@ -265,32 +265,20 @@ impl Engine {
 
     fn refresh_gauges(&self, st: &State, now: u64) {
         for (probe, ps) in &st.probes {
-            let mut failing =
-                ps.mailbox_error.is_some() || ps.newest_result.is_some_and(|(_, o)| o.is_failure());
+            let mine: Vec<&Canary> = st
+                .in_flight
+                .values()
+                .filter(|c| &c.probe == probe)
+                .collect();
             for stage in &ps.stages {
-                let mut count = 0usize;
-                let mut oldest = 0u64;
-                for c in st.in_flight.values().filter(|c| &c.probe == probe) {
-                    let age = if *stage == Stage::EndToEnd {
-                        (!c.is_finished()).then(|| now.saturating_sub(c.created_ms))
-                    } else {
-                        c.in_flight_for(now)
-                            .filter(|(s, _)| s == stage)
-                            .map(|(_, a)| a)
-                    };
-                    if let Some(a) = age {
-                        count += 1;
-                        oldest = oldest.max(a);
-                    }
-                }
+                let ages = mine.iter().filter_map(|c| age_in(c, *stage, now));
+                let (count, oldest) = ages.fold((0usize, 0u64), |(n, o), a| (n + 1, o.max(a)));
                 self.metrics
                     .set_in_flight(probe, *stage, count, oldest as f64 / 1000.0);
             }
-            failing |= st
-                .in_flight
-                .values()
-                .any(|c| &c.probe == probe && c.is_failing());
-            self.metrics.set_probe_success(probe, !failing);
+            // The same verdict the status page shows: the gauge and the page cannot disagree.
+            self.metrics
+                .set_probe_success(probe, verdict(ps, &mine).0 == "ok");
         }
     }
 
@@ -378,22 +366,15 @@ impl Engine {
                     .cloned()
                     .collect();
                 in_flight.sort_by_key(|c| std::cmp::Reverse(c.created_ms));
-                let (state, why) = verdict(ps, &in_flight);
+                let refs: Vec<&Canary> = in_flight.iter().collect();
+                let (state, why) = verdict(ps, &refs);
                 let stages = ps
                     .stages
                     .iter()
                     .map(|s| {
                         let ages: Vec<u64> = in_flight
                             .iter()
-                            .filter_map(|c| {
-                                if *s == Stage::EndToEnd {
-                                    Some(now.saturating_sub(c.created_ms))
-                                } else {
-                                    c.in_flight_for(now)
-                                        .filter(|(st, _)| st == s)
-                                        .map(|(_, a)| a)
-                                }
-                            })
+                            .filter_map(|c| age_in(c, *s, now))
                             .collect();
                         let mut durations: Vec<u64> = ps
                             .recent
@@ -469,7 +450,19 @@ impl Engine {
     }
 }
 
-fn verdict(ps: &ProbeState, in_flight: &[Canary]) -> (&'static str, String) {
+/// How long `c` has been in `stage` at `now`, if it is in it (`end_to_end`: since it was sent).
+fn age_in(c: &Canary, stage: Stage, now: u64) -> Option<u64> {
+    if stage == Stage::EndToEnd {
+        (!c.is_finished()).then(|| now.saturating_sub(c.created_ms))
+    } else {
+        c.in_flight_for(now)
+            .filter(|(s, _)| *s == stage)
+            .map(|(_, a)| a)
+    }
+}
+
+/// A probe's state (`ok`, `degraded`, `failing`) and why. `probe_success` is 1 only for `ok`.
+fn verdict(ps: &ProbeState, in_flight: &[&Canary]) -> (&'static str, String) {
     if let Some(f) = &ps.mailbox_error {
         return ("failing", format!("mailbox: {} ({})", f.reason, f.detail));
     }
