@@ -35,6 +35,13 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v amtool >/dev/null 2>&1 || need_pkgs+=(prometheus-alertmanager)
 command -v musl-gcc >/dev/null 2>&1 || need_pkgs+=(musl-tools)
+# The benchmark's peer: check_email_delivery (Nagios mail-loop check) and the Perl modules it
+# loads for IMAPS; its recommends are a long list of other plugins' needs, so they are named.
+if [ "$bench" -eq 1 ]; then
+  [ -x /usr/lib/nagios/plugins/check_email_delivery ] || need_pkgs+=(monitoring-plugins-contrib)
+  [ -f /usr/share/perl5/Mail/IMAPClient.pm ] || need_pkgs+=(libmail-imapclient-perl)
+  [ -f /usr/share/perl5/IO/Socket/SSL.pm ] || need_pkgs+=(libio-socket-ssl-perl)
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "==> installing ${need_pkgs[*]} (Debian packages)"
   sudo_cmd=""

@@ -21,7 +21,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(bin: &Path, args: &[String], log: &Path) -> Proc {
+    pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Proc {
         let mut child = Command::new(bin)
             .args(args)
             .stdin(Stdio::null())
@@ -46,7 +46,7 @@ impl Proc {
     }
 
     /// The next stdout line that starts with `prefix`.
-    fn line(&self, prefix: &str, log: &Path) -> String {
+    pub fn line(&self, prefix: &str, log: &Path) -> String {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(30) {
             match self.lines.recv_timeout(Duration::from_millis(200)) {
@@ -89,7 +89,7 @@ impl Drop for Proc {
     }
 }
 
-fn clk_tck() -> f64 {
+pub fn clk_tck() -> f64 {
     static T: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *T.get_or_init(|| {
         Command::new("getconf")
