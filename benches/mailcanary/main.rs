@@ -140,8 +140,8 @@ async fn run(mode: Mode, sections: Vec<&'static str>) -> Results {
         machine.cpu_model,
         sections.join(",")
     );
-    let (trials, acc_canaries, cost_canaries) = if full { (10, 60, 1000) } else { (2, 8, 100) };
-    let (peer_round_trips, peer_held_trials) = if full { (20, 5) } else { (3, 1) };
+    let (trials, acc_canaries, cost_canaries) = if full { (10, 60, 600) } else { (2, 8, 100) };
+    let (peer_round_trips, peer_held_trials) = if full { (15, 3) } else { (3, 1) };
     let clean_min = if full {
         Duration::from_secs(600)
     } else {
@@ -149,7 +149,8 @@ async fn run(mode: Mode, sections: Vec<&'static str>) -> Results {
     };
     let bench = procs::Bench::new();
     // The clean run goes on beside the drills, the accuracy runs, the cost runs (each on its own
-    // sandbox) and the peer comparison, and lasts at least `clean_min`.
+    // sandbox), the peer comparison and the `/metrics` timing, and lasts at least `clean_min`.
+    // Only the sustained rate, which saturates the machine on purpose, runs alone after it.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let clean = on("detect").then(|| {
         tokio::spawn(inproc::false_alarms(clean_min, async move {
@@ -188,6 +189,17 @@ async fn run(mode: Mode, sections: Vec<&'static str>) -> Results {
     } else {
         None
     };
+    let metrics_response = if on("metrics") {
+        eprintln!("/metrics response time");
+        let scrapes = if full { 100 } else { 20 };
+        let mut rows = Vec::new();
+        for probes in [100, 1000] {
+            rows.push(procs::metrics_time(&bench, probes, scrapes).await);
+        }
+        Some(rows)
+    } else {
+        None
+    };
     let _ = done_tx.send(());
     let false_alarms = match clean {
         Some(clean) => {
@@ -208,23 +220,12 @@ async fn run(mode: Mode, sections: Vec<&'static str>) -> Results {
         let (steps, window): (&[(usize, u64)], _) = if full {
             (
                 &[(10, 1000), (10, 200), (20, 200), (40, 200), (80, 200)],
-                Duration::from_secs(20),
+                Duration::from_secs(12),
             )
         } else {
             (&[(10, 1000), (10, 200)], Duration::from_secs(5))
         };
         Some(procs::sustained_rate(&bench, steps, window).await)
-    } else {
-        None
-    };
-    let metrics_response = if on("metrics") {
-        eprintln!("/metrics response time");
-        let scrapes = if full { 100 } else { 20 };
-        let mut rows = Vec::new();
-        for probes in [100, 1000] {
-            rows.push(procs::metrics_time(&bench, probes, scrapes).await);
-        }
-        Some(rows)
     } else {
         None
     };

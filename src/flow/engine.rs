@@ -67,6 +67,19 @@ pub struct Engine {
     events: broadcast::Sender<Event>,
 }
 
+impl State {
+    /// The in-flight canaries grouped by probe, in one pass: the gauges (every tick and every
+    /// scrape) and the status page need them per probe, and filtering the whole map once per
+    /// probe made a large fleet quadratic.
+    fn in_flight_by_probe(&self) -> HashMap<&str, Vec<&Canary>> {
+        let mut by_probe: HashMap<&str, Vec<&Canary>> = HashMap::with_capacity(self.probes.len());
+        for c in self.in_flight.values() {
+            by_probe.entry(c.probe.as_str()).or_default().push(c);
+        }
+        by_probe
+    }
+}
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -264,12 +277,9 @@ impl Engine {
     }
 
     fn refresh_gauges(&self, st: &State, now: u64) {
+        let by_probe = st.in_flight_by_probe();
         for (probe, ps) in &st.probes {
-            let mine: Vec<&Canary> = st
-                .in_flight
-                .values()
-                .filter(|c| &c.probe == probe)
-                .collect();
+            let mine: &[&Canary] = by_probe.get(probe.as_str()).map_or(&[], Vec::as_slice);
             for stage in &ps.stages {
                 let ages = mine.iter().filter_map(|c| age_in(c, *stage, now));
                 let (count, oldest) = ages.fold((0usize, 0u64), |(n, o), a| (n + 1, o.max(a)));
@@ -278,7 +288,7 @@ impl Engine {
             }
             // The same verdict the status page shows: the gauge and the page cannot disagree.
             self.metrics
-                .set_probe_success(probe, verdict(ps, &mine).0 == "ok");
+                .set_probe_success(probe, verdict(ps, mine).0 == "ok");
         }
     }
 
@@ -355,15 +365,16 @@ impl Engine {
     /// Everything the status page shows, as of `now`.
     pub fn status(&self, now: u64) -> Vec<ProbeStatus> {
         let st = lock(&self.state);
+        let by_probe = st.in_flight_by_probe();
         let mut out: Vec<ProbeStatus> = st
             .probes
             .iter()
             .map(|(name, ps)| {
-                let mut in_flight: Vec<Canary> = st
-                    .in_flight
-                    .values()
-                    .filter(|c| &c.probe == name)
-                    .cloned()
+                let mut in_flight: Vec<Canary> = by_probe
+                    .get(name.as_str())
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(|c| (*c).clone())
                     .collect();
                 in_flight.sort_by_key(|c| std::cmp::Reverse(c.created_ms));
                 let refs: Vec<&Canary> = in_flight.iter().collect();
