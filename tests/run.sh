@@ -21,6 +21,9 @@ for a in "$@"; do
   esac
 done
 
+# Each step says how far into the run it starts (bash's SECONDS), so a slow step shows.
+step() { echo "==> [${SECONDS}s] $*"; }
+
 need_pkgs=()
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
@@ -43,7 +46,7 @@ if [ "$bench" -eq 1 ]; then
   [ -f /usr/share/perl5/IO/Socket/SSL.pm ] || need_pkgs+=(libio-socket-ssl-perl)
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
-  echo "==> installing ${need_pkgs[*]} (Debian packages)"
+  step "installing ${need_pkgs[*]} (Debian packages)"
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   # Postfix asks its setup questions through debconf: answer them up front.
@@ -59,13 +62,13 @@ if pgrep -x prometheus >/dev/null 2>&1 && [ -n "${CI:-}" ]; then
 fi
 
 if [ "$lint" -eq 1 ]; then
-  echo "==> cargo fmt --check"
+  step "cargo fmt --check"
   cargo fmt --all -- --check
-  echo "==> cargo clippy --all-targets -- -D warnings"
+  step "cargo clippy --all-targets -- -D warnings"
   cargo clippy --all-targets --quiet -- -D warnings
 fi
 
-echo "==> tests"
+step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast
   # nextest does not run doctests.
@@ -77,7 +80,7 @@ fi
 if [ "$bench" -eq 1 ]; then
   # The benchmark harness in quick mode (about 2 min), so it cannot rot: it exits non-zero when
   # a figure cannot be measured. Its figures are not the README's (those come from --full).
-  echo "==> benchmark, quick mode (cargo bench --bench mailcanary -- --quick)"
+  step "benchmark, quick mode (cargo bench --bench mailcanary -- --quick)"
   cargo bench --locked --quiet --bench mailcanary -- --quick --out target/bench/quick
 fi
 
@@ -85,9 +88,11 @@ if [ "$static" -eq 1 ]; then
   # No Docker engine runs here, so the container's one program is proven directly: the same
   # static musl build deploy/Dockerfile makes, then run on the embedded sandbox until it has
   # completed a canary, then stopped with SIGTERM.
-  echo "==> static musl binary (what deploy/Dockerfile ships)"
+  step "static musl binary (what deploy/Dockerfile ships)"
   target=x86_64-unknown-linux-musl
   rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
   cargo build --release --locked --quiet --target "$target"
   tests/static_smoke.py "target/$target/release/mailcanary"
 fi
+
+step "all green"
