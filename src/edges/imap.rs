@@ -50,10 +50,19 @@ use tracing::{debug, warn};
 
 use crate::canary::life::Reason;
 
-/// How long one IDLE runs before we end it and issue a new one. RFC 2177 section 3: a server
+/// The longest one IDLE runs before we end it and issue a new one. RFC 2177 section 3: a server
 /// may log off a client after 30 minutes of inactivity, so clients "SHOULD terminate the IDLE
 /// and re-issue it at least every 29 minutes". 25 leaves room for a slow round trip.
 pub const IDLE_REFRESH: Duration = Duration::from_secs(25 * 60);
+/// The shortest IDLE refresh honoured (see [`ImapTarget::idle_refresh`]).
+pub const IDLE_REFRESH_FLOOR: Duration = Duration::from_secs(1);
+
+/// TCP keepalive on the IMAP connection: the first probe after this much silence, then one
+/// every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`] unanswered ones end the connection. The
+/// probes also keep NAT and firewall mappings of a quiet IDLE connection alive.
+pub const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub const KEEPALIVE_RETRIES: u32 = 4;
 
 /// How many messages one `UID FETCH` asks for. Bounds the memory and the time of one command
 /// when a watcher catches up on a large backlog.
@@ -87,6 +96,13 @@ pub struct ImapTarget {
     pub idle: bool,
     /// How often to look for new mail without IDLE.
     pub poll_interval: Duration,
+    /// How long one IDLE may run before the watcher ends it, which proves the connection alive
+    /// (DONE must be answered within `timeout`) and searches for new mail. A connection that
+    /// died silently (a NAT mapping dropped, a server gone without a FIN) is otherwise noticed
+    /// only at the next refresh, and the mail it missed would count against the probe. The
+    /// prober sets half the shortest delivery deadline of the mailbox's probes, at most
+    /// [`IDLE_REFRESH`], at least [`IDLE_REFRESH_FLOOR`].
+    pub idle_refresh: Duration,
 }
 
 impl fmt::Debug for ImapTarget {
@@ -105,6 +121,7 @@ impl fmt::Debug for ImapTarget {
             .field("timeout", &self.timeout)
             .field("idle", &self.idle)
             .field("poll_interval", &self.poll_interval)
+            .field("idle_refresh", &self.idle_refresh)
             .finish()
     }
 }
@@ -498,6 +515,13 @@ impl Watcher {
         };
         // IDLE pushes and our short commands are single small writes: no Nagle delay.
         let _ = tcp.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_TIME)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES);
+        if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+            debug!(host = %host, error = %e, "imap watcher: no TCP keepalive on this socket");
+        }
 
         let client = match self.target.tls {
             TlsMode::None => {
@@ -619,7 +643,8 @@ impl Watcher {
         }
     }
 
-    /// IDLE until the server reports a change, a command arrives or [`IDLE_REFRESH`] passes.
+    /// IDLE until the server reports a change, a command arrives or the target's
+    /// `idle_refresh` passes.
     async fn idle_wait(&mut self, session: Session<Conn>) -> Result<Session<Conn>, Stop> {
         let limit = self.target.timeout;
         let unsolicited = session.unsolicited_responses.clone();
@@ -627,15 +652,19 @@ impl Watcher {
         within(limit, "IDLE", handle.init()).await?;
         // The server may have announced mail during our last FETCH or right before its "+":
         // async-imap files those under unsolicited responses. A search since the last drain may
-        // have missed them, so look before sleeping, or we would sleep on news for 25 minutes.
+        // have missed them, so look before sleeping, or we would sleep on news until the refresh.
         // A full channel may have dropped some: assume news.
         let mut news = unsolicited.is_full();
         while let Ok(r) = unsolicited.try_recv() {
             news |= announces_mail(&r);
         }
         if !news {
-            let until = Instant::now() + IDLE_REFRESH;
-            let (wait, _interrupt) = handle.wait_with_timeout(IDLE_REFRESH);
+            let refresh = self
+                .target
+                .idle_refresh
+                .clamp(IDLE_REFRESH_FLOOR, IDLE_REFRESH);
+            let until = Instant::now() + refresh;
+            let (wait, _interrupt) = handle.wait_with_timeout(refresh);
             tokio::select! {
                 r = wait => match r {
                     Ok(IdleResponse::NewData(_) | IdleResponse::Timeout) => {}
@@ -963,6 +992,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             idle: true,
             poll_interval: Duration::from_secs(5),
+            idle_refresh: IDLE_REFRESH,
         };
         assert!(!format!("{t:?}").contains("hunter2"));
     }

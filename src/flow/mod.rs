@@ -183,6 +183,15 @@ fn cleanup_mode(c: crate::config::Cleanup) -> Option<CleanupMode> {
     }
 }
 
+/// How often a mailbox's watcher ends and re-issues IDLE: half the shortest delivery deadline
+/// of the probes reading it, within IMAP's bounds.
+fn idle_refresh(delivery_deadlines_ms: impl Iterator<Item = u64>) -> Duration {
+    delivery_deadlines_ms
+        .min()
+        .map_or(imap::IDLE_REFRESH, |ms| Duration::from_millis(ms / 2))
+        .clamp(imap::IDLE_REFRESH_FLOOR, imap::IDLE_REFRESH)
+}
+
 fn imap_target(cfg: &ProbeConfig) -> anyhow::Result<ImapTarget> {
     let i = &cfg.imap;
     Ok(ImapTarget {
@@ -196,6 +205,7 @@ fn imap_target(cfg: &ProbeConfig) -> anyhow::Result<ImapTarget> {
         timeout: i.timeout,
         idle: i.idle,
         poll_interval: i.poll_interval,
+        idle_refresh: imap::IDLE_REFRESH,
     })
 }
 
@@ -245,7 +255,10 @@ impl Prober {
                 .iter()
                 .find(|c| c.name == probes[0].name)
                 .expect("probe built from this config");
-            let target = imap_target(cfg)?;
+            let mut target = imap_target(cfg)?;
+            // A connection that died silently is found at the next IDLE refresh: make that come
+            // well before any canary of this mailbox could go overdue because of it.
+            target.idle_refresh = idle_refresh(probes.iter().map(|p| p.limits.delivery_ms));
             let (ev_tx, ev_rx) = mpsc::channel(256);
             let (cmd_tx, cmd_rx) = mpsc::channel(256);
             for p in &probes {
@@ -450,5 +463,24 @@ async fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary, uid_validity:
                 warn!(%probe, %canary, error = %e, "ticket cleanup failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_refresh_is_half_the_shortest_delivery_deadline_within_imap_bounds() {
+        let s = Duration::from_secs;
+        // The shortest deadline of the mailbox's probes wins.
+        assert_eq!(idle_refresh([60_000, 20_000, 300_000].into_iter()), s(10));
+        // Never past RFC 2177's re-issue rule, never a busy loop.
+        assert_eq!(
+            idle_refresh([24 * 3_600_000].into_iter()),
+            imap::IDLE_REFRESH
+        );
+        assert_eq!(idle_refresh([500].into_iter()), imap::IDLE_REFRESH_FLOOR);
+        assert_eq!(idle_refresh(std::iter::empty()), imap::IDLE_REFRESH);
     }
 }

@@ -7,7 +7,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -19,7 +22,16 @@ use mailcanary::{
         mailbox::{FlagChange, Flags, Mailboxes},
     },
 };
-use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle, time::timeout};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::mpsc,
+    task::JoinHandle,
+    time::timeout,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{API_TOKEN, closed_port, eventually, mail_to, sandbox, token};
@@ -114,6 +126,7 @@ fn target(addr: SocketAddr) -> ImapTarget {
         timeout: Duration::from_secs(5),
         idle: true,
         poll_interval: Duration::from_millis(100),
+        idle_refresh: mailcanary::edges::imap::IDLE_REFRESH,
     }
 }
 
@@ -665,5 +678,142 @@ async fn silent_server_is_timeout() {
         WatchEvent::Failed { reason, detail } => assert_eq!(reason, Reason::Timeout, "{detail}"),
         other => panic!("expected Failed, got {other:?}"),
     }
+    w.stop().await;
+}
+
+/// A TCP relay in front of a server that can "cut" the connections it carries the way a NAT
+/// that dropped its mapping does: no FIN, no RST, bytes in either direction just vanish.
+/// Connections accepted after a cut are relayed again.
+struct Relay {
+    addr: SocketAddr,
+    generation: Arc<AtomicU64>,
+    /// The last bytes the server sent through the relay.
+    last_from_server: Arc<std::sync::Mutex<Vec<u8>>>,
+    shutdown: CancellationToken,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            generation: Arc::new(AtomicU64::new(0)),
+            last_from_server: Arc::new(std::sync::Mutex::new(Vec::new())),
+            shutdown: CancellationToken::new(),
+        };
+        let (generation, last, stop) = (
+            relay.generation.clone(),
+            relay.last_from_server.clone(),
+            relay.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let client = tokio::select! {
+                    r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => return },
+                    () = stop.cancelled() => return,
+                };
+                let Ok(server) = TcpStream::connect(to).await else {
+                    continue;
+                };
+                let born = generation.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let pump = |from, to, seen: Option<Arc<std::sync::Mutex<Vec<u8>>>>| {
+                    pump(from, to, seen, born, generation.clone(), stop.clone())
+                };
+                tokio::spawn(pump(cr, sw, None));
+                tokio::spawn(pump(sr, cw, Some(last.clone())));
+            }
+        });
+        relay
+    }
+
+    fn cut(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Waits until the server's last words were IDLE's continuation (`+ idling`).
+    async fn until_idling(&self) {
+        eventually(PATIENCE, "the watcher in IDLE", || async {
+            self.last_from_server
+                .lock()
+                .unwrap()
+                .starts_with(b"+")
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+/// Copies `from` to `to` until either end closes; once the relay's generation moves past
+/// `born`, reads on and drops everything (dead air).
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    seen: Option<Arc<std::sync::Mutex<Vec<u8>>>>,
+    born: u64,
+    generation: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            () = stop.cancelled() => return,
+        };
+        if let Some(seen) = &seen {
+            *seen.lock().unwrap() = buf[..n].to_vec();
+        }
+        if generation.load(Ordering::SeqCst) == born && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_dies_silently_is_found_at_the_idle_refresh_and_caught_up() {
+    let server = Server::start().await;
+    let relay = Relay::start(server.addr).await;
+    let mut t = target(relay.addr);
+    t.idle_refresh = Duration::from_millis(500);
+    t.timeout = Duration::from_secs(1);
+    let mut w = Watch::start(t, None);
+    assert!(w.connected().await, "IDLE through the relay");
+    let (first, _) = server.deliver("before-the-cut");
+    assert_eq!(w.arrivals(1).await[0].uid, first);
+
+    // The connection dies without a word while the watcher sits in IDLE; the push for this mail
+    // goes nowhere.
+    relay.until_idling().await;
+    relay.cut();
+    let (missed, _) = server.deliver("while-dead");
+    // The refresh's DONE goes unanswered: a timeout, then a new connection, then catch-up by
+    // UID. Without a refresh shorter than IDLE_REFRESH this would wait 25 minutes.
+    let reason = w
+        .until("the dead connection noticed", |ev| match ev {
+            WatchEvent::Failed { reason, .. } => Some(*reason),
+            WatchEvent::Arrived(a) => panic!("arrival {} through a dead connection", a.uid),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, Reason::Timeout);
+    w.until("Connected again", |ev| {
+        matches!(ev, WatchEvent::Connected { .. }).then_some(())
+    })
+    .await;
+    let got: Vec<u32> = w.arrivals(1).await.iter().map(|a| a.uid).collect();
+    assert_eq!(got, vec![missed], "the mail missed while dead, once");
+    let rest = w.during(Duration::from_millis(1200)).await;
+    assert!(arrived_uids(&rest).is_empty(), "{rest:?}");
+    assert!(
+        !rest.iter().any(|e| matches!(e, WatchEvent::Failed { .. })),
+        "a live connection survives its refreshes: {rest:?}"
+    );
     w.stop().await;
 }
