@@ -198,6 +198,86 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.
+/// What SIGHUP does with the config on disk.
+enum Reload {
+    /// Valid: restart in place with it.
+    Apply,
+    /// Invalid, or a change that cannot be applied: keep running the old one.
+    Refused(String),
+    /// There is nothing to reload.
+    Nothing(String),
+}
+
+/// Reads the config again and decides whether it can replace `current`.
+fn reload_verdict(path: Option<&Path>, shard: Option<(u32, u32)>, current: &Config) -> Reload {
+    let Some(path) = path else {
+        return Reload::Nothing(
+            "no --config: the embedded sandbox probe has nothing to reload".into(),
+        );
+    };
+    let mut new = match load_config(Some(path)) {
+        Ok(c) => c,
+        Err(e) => return Reload::Refused(e),
+    };
+    if let Some((k, n)) = shard {
+        new = new.shard(k, n);
+    }
+    let secret = |c: &Config| c.prober.secret.as_ref().map(|s| s.expose().to_string());
+    if secret(&new) != secret(current) {
+        // The new process would judge the canaries in flight by a key they were not signed
+        // with, and count each one as forged.
+        return Reload::Refused(
+            "[prober] secret changed: the canaries in flight carry tokens signed with the old \
+             one; restart mailcanary to apply a new secret"
+                .into(),
+        );
+    }
+    Reload::Apply
+}
+
+/// Replaces this process with a fresh run of the same binary and arguments: same PID, same
+/// environment. Returns only on failure.
+fn reexec() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "mailcanary".into());
+    // /proc/self/exe still names the running binary if a package upgrade replaced the file.
+    std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .exec()
+}
+
+enum Sig {
+    Stop,
+    Reload,
+}
+
+/// SIGTERM and Ctrl-C stop the daemon, SIGHUP reloads its config. Registered once at start:
+/// SIGHUP's default action would otherwise end the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> Sig {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => Sig::Stop,
+            _ = self.term.recv() => Sig::Stop,
+            _ = self.hup.recv() => Sig::Reload,
+        }
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -333,7 +413,30 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     tracing::info!(listen = %daemon.addr, probes = daemon.prober.probes.len(), state_dir = %state_dir.display(), "mailcanary running");
 
-    shutdown_signal().await;
+    let mut signals = Signals::new()?;
+    loop {
+        match signals.next().await {
+            Sig::Stop => break,
+            Sig::Reload => match reload_verdict(args.config.as_deref(), args.shard, &config) {
+                Reload::Apply => {
+                    // The restart path is the one kill -9 is drilled against: every change is in
+                    // the ledger, and the new process resumes the canaries in flight.
+                    tracing::info!(
+                        "SIGHUP: the new config is valid; restarting in place to apply it (same PID, in-flight canaries resume from the ledger, counters start again)"
+                    );
+                    daemon.stop().await;
+                    let err = reexec();
+                    tracing::error!(error = %err, "cannot re-execute mailcanary to apply the new config; exiting so the supervisor restarts it");
+                    return Ok(ExitCode::from(1));
+                }
+                Reload::Refused(why) => {
+                    daemon.engine.metrics().set_config_reload(false);
+                    tracing::error!(error = %why, "SIGHUP: config reload refused; still running the previous config");
+                }
+                Reload::Nothing(why) => tracing::warn!("SIGHUP: {why}"),
+            },
+        }
+    }
     tracing::info!("shutting down: no new canaries; in-flight ones stay in the ledger");
     daemon.stop().await;
     if let Some(sb) = sandbox {

@@ -1,12 +1,13 @@
 //! Integration tests of the prober against the sandbox: drills (stall, every fault blamed on
 //! its stage), restart, forged mail, secrets, and the CLI. The sandbox runs in the test process
 //! on port 0; the prober runs in-process (`Daemon`) or as the real binary where a process
-//! boundary is the point (kill -9, logs).
+//! boundary is the point (kill -9, logs, SIGHUP reload).
 
 mod cli;
 mod common;
 mod dashboard;
 mod drills;
+mod reload;
 mod restart;
 mod security;
 mod webhook;
