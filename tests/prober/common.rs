@@ -172,17 +172,74 @@ pub fn v(s: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
     s.value(name, &all).unwrap_or(0.0)
 }
 
-/// Polls the metrics every 100 ms until `cond` holds, or panics after `within`.
+/// Polls the metrics every 100 ms until `cond` holds, or panics after `within` (or at once if
+/// the prober does not answer).
 pub async fn until(
     addr: std::net::SocketAddr,
     within: Duration,
     what: &str,
     cond: impl Fn(&Samples) -> bool,
 ) -> Samples {
+    poll_metrics(addr, within, what, false, cond).await
+}
+
+/// A child process (the real binary), killed when dropped: a failing assertion must not leave
+/// a prober running (one once ran on for an hour after an early failure).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago, for a process that must keep its port across
+/// restarts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /api/v1/status` of the prober on `port`, or `None` while it does not answer.
+pub async fn status(port: u16) -> Option<serde_json::Value> {
+    let r = http()
+        .get(format!("http://127.0.0.1:{port}/api/v1/status"))
+        .send()
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
+/// Like [`until`], for a prober that may be between processes (starting, restarting): a
+/// refused connection is waited out, not a failure.
+pub async fn until_up(
+    addr: std::net::SocketAddr,
+    within: Duration,
+    what: &str,
+    cond: impl Fn(&Samples) -> bool,
+) -> Samples {
+    poll_metrics(addr, within, what, true, cond).await
+}
+
+async fn poll_metrics(
+    addr: std::net::SocketAddr,
+    within: Duration,
+    what: &str,
+    may_be_down: bool,
+    cond: impl Fn(&Samples) -> bool,
+) -> Samples {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let s = scrape(addr).await;
-        if cond(&s) {
+        let got = match http().get(format!("http://{addr}/metrics")).send().await {
+            Ok(r) => Some(parse_exposition(&r.text().await.unwrap())),
+            Err(_) if may_be_down => None,
+            Err(e) => panic!("GET http://{addr}/metrics while waiting for {what}: {e}"),
+        };
+        if let Some(s) = got.filter(|s| cond(s)) {
             return s;
         }
         assert!(

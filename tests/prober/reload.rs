@@ -4,24 +4,15 @@
 //! canaries that were in flight resumed from the ledger, none lost.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use mailcanary::metrics::testing::{Samples, parse_exposition};
+use mailcanary::metrics::testing::Samples;
 
 use crate::common::*;
 
 const RELOAD: &str = "mailcanary_config_last_reload_successful";
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn hup(child: &KillOnDrop) {
     let ok = Command::new("kill")
@@ -34,40 +25,6 @@ fn hup(child: &KillOnDrop) {
 
 fn global(s: &Samples, name: &str) -> f64 {
     s.value(name, &[]).unwrap_or(f64::NAN)
-}
-
-/// Like `until`, but the prober may be between processes (the port re-bound after a few
-/// hundred milliseconds): a refused connection is retried, not a failure.
-async fn until_up(
-    addr: std::net::SocketAddr,
-    within: Duration,
-    what: &str,
-    cond: impl Fn(&Samples) -> bool,
-) -> Samples {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let got = match http().get(format!("http://{addr}/metrics")).send().await {
-            Ok(r) => r.text().await.ok().map(|t| parse_exposition(&t)),
-            Err(_) => None,
-        };
-        if let Some(s) = got.filter(|s| cond(s)) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn status(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
-    let r = http()
-        .get(format!("http://{addr}/api/v1/status"))
-        .send()
-        .await
-        .ok()?;
-    r.json().await.ok()
 }
 
 /// Canary ids of the drill probe in the status's `list` (`in_flight` or `recent`).
@@ -91,11 +48,7 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
     std::fs::create_dir_all(&conf).unwrap();
     let text = config_text(&sb, &knobs);
     std::fs::write(conf.join("drill.toml"), &text).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let log = dir.path().join("stderr.log");
     let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_mailcanary"))
@@ -165,7 +118,7 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
     // drill canaries in flight at that moment must finish in the new process.
     let t = tokio::time::Instant::now();
     let in_flight = loop {
-        let ids = drill_ids(&status(addr).await.expect("status"), "in_flight");
+        let ids = drill_ids(&status(port).await.expect("status"), "in_flight");
         if !ids.is_empty() {
             break ids;
         }
@@ -213,7 +166,7 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
     }
     let t = tokio::time::Instant::now();
     loop {
-        let done = status(addr)
+        let done = status(port)
             .await
             .map(|s| drill_ids(&s, "recent"))
             .unwrap_or_default();

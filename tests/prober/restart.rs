@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashSet,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -13,25 +13,8 @@ use serde_json::Value;
 
 use crate::common::*;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(config: &std::path::Path, state: &std::path::Path, port: u16) -> Proc {
-    Proc(
+fn spawn(config: &std::path::Path, state: &std::path::Path, port: u16) -> KillOnDrop {
+    KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_mailcanary"))
             .args(["run", "--config"])
             .arg(config)
@@ -43,15 +26,6 @@ fn spawn(config: &std::path::Path, state: &std::path::Path, port: u16) -> Proc {
             .spawn()
             .expect("spawn mailcanary run"),
     )
-}
-
-async fn status(port: u16) -> Option<Value> {
-    let r = http()
-        .get(format!("http://127.0.0.1:{port}/api/v1/status"))
-        .send()
-        .await
-        .ok()?;
-    r.json().await.ok()
 }
 
 fn ids(v: &Value, list: &str) -> Vec<(String, Value)> {

@@ -85,15 +85,6 @@ async fn a_forged_canary_is_counted_and_never_taken_as_delivery() {
     sb.shutdown().await;
 }
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_logs_metrics_status_or_page() {
     const API: &str = "api-tok-7f3a9c";
@@ -113,14 +104,8 @@ async fn no_secret_in_logs_metrics_status_or_page() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("p.toml");
     std::fs::write(&cfg, config_text(&sb, &knobs)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let log = dir.path().join("stderr.log");
-    // Killed on drop: a failing assertion must not leave a prober running (regression: one
-    // ran on for an hour after an early failure).
     let child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_mailcanary"))
             .args(["--log-format", "json", "run", "--config"])
