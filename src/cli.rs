@@ -352,6 +352,9 @@ fn check(args: CheckArgs) -> ExitCode {
     match load_config(args.config.as_deref()) {
         Ok(c) => {
             say!("ok: {} probe(s)", c.probes.len());
+            for w in c.warnings() {
+                eprintln!("warning: {w}");
+            }
             for p in &c.probes {
                 let stages: Vec<&str> = p.stages().iter().map(|s| s.as_str()).collect();
                 say!(
@@ -380,6 +383,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     if let Some((k, n)) = args.shard {
         config = config.shard(k, n);
+    }
+    for w in config.warnings() {
+        tracing::warn!("config: {w}");
     }
     // No config: the sandbox this probe talks to runs in-process, at DESIGN's default addresses.
     let sandbox = match args.config {

@@ -264,6 +264,52 @@ impl Config {
         self.probes.iter().find(|p| p.name == name)
     }
 
+    /// Settings that load but would make the prober blame a stage for its own blindness. Each
+    /// names the probe, the keys and what to change. `check` prints them; `run` logs them once.
+    pub fn warnings(&self) -> Vec<String> {
+        let hd = |d: Duration| humantime::format_duration(d).to_string();
+        let mut out = Vec::new();
+        for p in &self.probes {
+            let (i, d) = (&p.imap, &p.deadlines);
+            // The watcher ends IDLE every half deadline; a dead connection then costs one
+            // `timeout` more before the reconnect and catch-up.
+            if i.timeout * 2 > d.delivery {
+                out.push(format!(
+                    "probe {:?}: imap.timeout ({}) is more than half of deadlines.delivery ({}): \
+                     a mailbox connection that dies silently is noticed only after canaries went \
+                     overdue; keep imap.timeout under {}",
+                    p.name,
+                    hd(i.timeout),
+                    hd(d.delivery),
+                    hd(d.delivery / 2)
+                ));
+            }
+            if !i.idle && i.poll_interval >= d.delivery {
+                out.push(format!(
+                    "probe {:?}: imap.poll_interval ({}) is not shorter than deadlines.delivery \
+                     ({}) and idle is off: canaries go overdue before a poll can see them",
+                    p.name,
+                    hd(i.poll_interval),
+                    hd(d.delivery)
+                ));
+            }
+            if let Some(h) = &p.helpdesk
+                && h.webhook_secret.is_none()
+                && h.poll_interval >= d.import
+            {
+                out.push(format!(
+                    "probe {:?}: helpdesk.poll_interval ({}) is not shorter than \
+                     deadlines.import ({}) and no webhook is set: canaries go overdue before a \
+                     poll can see their ticket",
+                    p.name,
+                    hd(h.poll_interval),
+                    hd(d.import)
+                ));
+            }
+        }
+        out
+    }
+
     /// The probes of shard `k` of `n` (`--shard K/N`): those whose [`shard_index`] is `k`.
     /// Every probe is in exactly one shard, and stays there while `n` does not change.
     ///

@@ -217,6 +217,11 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ["supportbee-prod", "mail-loop", "sandbox"],
         "sorted by file name"
     );
+    assert_eq!(
+        c.warnings(),
+        Vec::<String>::new(),
+        "the shipped files warn about nothing"
+    );
 }
 
 // --- error reporting ---
@@ -606,4 +611,33 @@ fn positions_count_characters_not_bytes() {
 fn error_display_omits_missing_parts() {
     let e = ConfigError::file("conf.d", "no *.toml files in this directory");
     assert_eq!(e.to_string(), "conf.d: no *.toml files in this directory");
+}
+
+#[test]
+fn warnings_name_the_probe_and_keys_that_would_blame_a_stage_for_our_own_blindness() {
+    let quiet = parse(&mail_loop("quiet", "")).unwrap();
+    assert_eq!(
+        quiet.warnings(),
+        Vec::<String>::new(),
+        "the defaults are fine"
+    );
+
+    let text = mail_loop("loud", "[probe.deadlines]\ndelivery = \"40s\"\n").replace(
+        "password = \"pw\"",
+        "password = \"pw\"\ntimeout = \"30s\"\nidle = false\npoll_interval = \"1m\"",
+    );
+    let w = parse(&text).unwrap().warnings();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].contains("\"loud\"")
+            && w[0].contains("imap.timeout (30s)")
+            && w[0].contains("under 20s"),
+        "{}",
+        w[0]
+    );
+    assert!(
+        w[1].contains("imap.poll_interval (1m)") && w[1].contains("idle is off"),
+        "{}",
+        w[1]
+    );
 }

@@ -81,6 +81,31 @@ fn check_reports_every_error_with_file_line_and_key() {
     assert!(String::from_utf8_lossy(&ok.stdout).contains("sandbox"));
 }
 
+#[test]
+fn check_accepts_but_warns_about_settings_that_blame_a_stage_for_the_prober() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("slow.toml");
+    std::fs::write(
+        &path,
+        "[[probe]]\nname = \"slow\"\nkind = \"mail_loop\"\n\n[probe.deadlines]\n\
+         delivery = \"20s\"\n\n[probe.smtp]\nhost = \"127.0.0.1\"\n\
+         from = \"a@example.test\"\nto = \"b@example.test\"\n\n[probe.imap]\n\
+         host = \"127.0.0.1\"\nusername = \"b@example.test\"\npassword = \"pw\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "a warning is not an error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: probe \"slow\": imap.timeout (30s)"),
+        "the default IMAP timeout against a 20 s delivery deadline: {err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_completes_every_stage_and_exits_0() {
     let sb = sandbox().await;
