@@ -40,22 +40,26 @@ impl Drop for Proc {
     }
 }
 
-#[test]
-fn check_reports_every_error_with_file_line_and_key() {
+/// `mailcanary check` on a file named `name` holding `text`.
+fn check_file(name: &str, text: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        // Two probes, one error each: every error is reported, not just the first.
-        "[[probe]]\nname = \"x\"\nkind = \"mail_loop\"\ninterval = \"soon\"\n\n\
-         [[probe]]\nname = \"y\"\nkind = \"mail_loop\"\ncolour = \"blue\"\n",
-    )
-    .unwrap();
-    let out = bin()
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    bin()
         .args(["check", "--config"])
         .arg(&path)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_and_key() {
+    // Two probes, one error each: every error is reported, not just the first.
+    let out = check_file(
+        "bad.toml",
+        "[[probe]]\nname = \"x\"\nkind = \"mail_loop\"\ninterval = \"soon\"\n\n\
+         [[probe]]\nname = \"y\"\nkind = \"mail_loop\"\ncolour = \"blue\"\n",
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -83,21 +87,13 @@ fn check_reports_every_error_with_file_line_and_key() {
 
 #[test]
 fn check_accepts_but_warns_about_settings_that_blame_a_stage_for_the_prober() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("slow.toml");
-    std::fs::write(
-        &path,
+    let out = check_file(
+        "slow.toml",
         "[[probe]]\nname = \"slow\"\nkind = \"mail_loop\"\n\n[probe.deadlines]\n\
          delivery = \"20s\"\n\n[probe.smtp]\nhost = \"127.0.0.1\"\n\
          from = \"a@example.test\"\nto = \"b@example.test\"\n\n[probe.imap]\n\
          host = \"127.0.0.1\"\nusername = \"b@example.test\"\npassword = \"pw\"\n",
-    )
-    .unwrap();
-    let out = bin()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    );
     assert_eq!(out.status.code(), Some(0), "a warning is not an error");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
