@@ -197,7 +197,6 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.
 /// What SIGHUP does with the config on disk.
 enum Reload {
     /// Valid: restart in place with it.
@@ -278,6 +277,7 @@ impl Signals {
     }
 }
 
+/// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

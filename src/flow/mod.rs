@@ -256,8 +256,9 @@ impl Prober {
                 .find(|c| c.name == probes[0].name)
                 .expect("probe built from this config");
             let mut target = imap_target(cfg)?;
-            // A connection that died silently is found at the next IDLE refresh: make that come
-            // well before any canary of this mailbox could go overdue because of it.
+            // A connection that died silently is found at the next IDLE refresh (plus the IMAP
+            // timeout, which `check` wants under half a deadline): before any canary of this
+            // mailbox could go overdue because of it.
             target.idle_refresh = idle_refresh(probes.iter().map(|p| p.limits.delivery_ms));
             let (ev_tx, ev_rx) = mpsc::channel(256);
             let (cmd_tx, cmd_rx) = mpsc::channel(256);
