@@ -451,18 +451,7 @@ fn join_key(probe: &str, id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::canary::life::{Limits, Stage};
-
-    fn limits() -> Limits {
-        Limits {
-            submit_ms: 1_000,
-            import_ms: 5_000,
-            reply_ms: 1_000,
-            delivery_ms: 5_000,
-            end_to_end_ms: 20_000,
-            lost_after_ms: 60_000,
-        }
-    }
+    use crate::canary::life::{Stage, tests::limits};
 
     fn canary(probe: &str, id: &str, now: u64) -> Canary {
         Canary::new(

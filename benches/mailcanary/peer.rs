@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::{
     harness::{self, Servers, Setup},
-    procs::{Proc, clk_tck},
+    procs::{Proc, STAT_CSTIME, STAT_CUTIME, stat_seconds},
     realmail::{ImapMode, SmtpMode},
     util::*,
 };
@@ -40,7 +40,6 @@ const PEER_IMAP_INTERVAL_S: u64 = 1;
 pub struct PeerReport {
     pub postfix: String,
     pub dovecot: String,
-    pub peer_version: String,
     pub threshold_s: u64,
     pub rows: Vec<PeerRow>,
 }
@@ -81,7 +80,6 @@ pub async fn side_by_side(round_trips: usize, held_trials: usize) -> PeerReport 
     PeerReport {
         postfix: version("/usr/sbin/postconf", &["-h", "mail_version"]),
         dovecot: version("/usr/sbin/dovecot", &["--version"]),
-        peer_version: version(PEER, &["--version"]),
         threshold_s: THRESHOLD_S,
         rows: vec![peer, idle, poll],
     }
@@ -129,14 +127,9 @@ fn ms_since_epoch(t: SystemTime) -> f64 {
         * 1000.0
 }
 
-/// CPU seconds of this process's waited-for children (and theirs): cutime + cstime.
+/// CPU seconds of this process's waited-for children (and theirs).
 fn children_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat")
-        .unwrap_or_else(|e| crate::impossible!("/proc/self/stat: {e}"));
-    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(13) + ticks(14)) / clk_tck()
+    stat_seconds("self", [STAT_CUTIME, STAT_CSTIME])
 }
 
 fn stored_for(servers: &Servers, user: &str) -> Vec<harness::Saved> {

@@ -61,12 +61,7 @@ impl Proc {
 
     /// CPU seconds (user + system) so far.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
-            .unwrap_or_else(|e| crate::impossible!("/proc/{}/stat: {e}", self.pid()));
-        let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / clk_tck()
+        stat_seconds(&self.pid().to_string(), [STAT_UTIME, STAT_STIME])
     }
 
     /// Peak resident set (VmHWM), MiB.
@@ -89,7 +84,24 @@ impl Drop for Proc {
     }
 }
 
-pub fn clk_tck() -> f64 {
+/// Fields of `/proc/PID/stat`, counted after the `(comm)` field's closing parenthesis.
+pub const STAT_UTIME: usize = 11;
+pub const STAT_STIME: usize = 12;
+/// CPU of waited-for children (and theirs).
+pub const STAT_CUTIME: usize = 13;
+pub const STAT_CSTIME: usize = 14;
+
+/// The sum of two clock-tick fields of `/proc/{pid}/stat` (`pid` may be `self`), in seconds.
+pub fn stat_seconds(pid: &str, fields: [usize; 2]) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| crate::impossible!("/proc/{pid}/stat: {e}"));
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    fields.iter().map(|&i| ticks(i)).sum::<f64>() / clk_tck()
+}
+
+fn clk_tck() -> f64 {
     static T: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *T.get_or_init(|| {
         Command::new("getconf")
@@ -187,6 +199,21 @@ impl Bench {
             api: sb.api,
         }
     }
+
+    /// [`Bench::start`] with 100 ms sandbox delays, then waits until `warm` canaries have
+    /// completed: the watchers connected and canaries flowing.
+    pub async fn start_warm(&self, tag: &str, probes: &[ProbeSpec], warm: f64) -> Run {
+        let run = self.start(tag, probes, Duration::from_millis(100));
+        until(
+            &self.http,
+            run.addr,
+            Duration::from_secs(60),
+            "warm-up canaries",
+            |s| total(s, COMPLETED) >= warm,
+        )
+        .await;
+        run
+    }
 }
 
 /// Probes `p000`…, each with its own sender and so its own mailbox (one IMAP watcher each).
@@ -237,20 +264,13 @@ pub async fn cost(b: &Bench, probes: usize, canaries: usize) -> CostRow {
         1 => Duration::from_millis(100),
         n => Duration::from_millis(50 * n as u64),
     };
-    let run = b.start(
-        &format!("cost-{probes}"),
-        &fleet(probes, interval, true),
-        Duration::from_millis(100),
-    );
-    // Warm: every probe's watcher connected and canaries completing.
-    until(
-        &b.http,
-        run.addr,
-        Duration::from_secs(60),
-        "warm-up canaries",
-        |s| total(s, COMPLETED) >= (probes as f64).min(20.0),
-    )
-    .await;
+    let run = b
+        .start_warm(
+            &format!("cost-{probes}"),
+            &fleet(probes, interval, true),
+            (probes as f64).min(20.0),
+        )
+        .await;
     let (_, s0) = timed_scrape(b, run.addr).await;
     let (c0, f0, _) = totals(&s0);
     let (p0, q0, t0) = (
@@ -328,19 +348,13 @@ pub async fn sustained_rate(b: &Bench, steps: &[(usize, u64)], window: Duration)
             p.deadline = Duration::from_secs(2);
             p.max_in_flight = 50;
         }
-        let run = b.start(
-            &format!("rate-{probes}-{interval_ms}"),
-            &specs,
-            Duration::from_millis(100),
-        );
-        until(
-            &b.http,
-            run.addr,
-            Duration::from_secs(60),
-            "warm-up canaries",
-            |s| total(s, COMPLETED) >= probes as f64,
-        )
-        .await;
+        let run = b
+            .start_warm(
+                &format!("rate-{probes}-{interval_ms}"),
+                &specs,
+                probes as f64,
+            )
+            .await;
         let s0 = scrape(&b.http, run.addr).await;
         let (c0, f0, l0) = totals(&s0);
         let (p0, q0, t0) = (

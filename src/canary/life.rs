@@ -544,10 +544,11 @@ impl Canary {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn limits() -> Limits {
+    /// Deadlines for tests here and in the ledger's.
+    pub(crate) fn limits() -> Limits {
         Limits {
             submit_ms: 1_000,
             import_ms: 5_000,

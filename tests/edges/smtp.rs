@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use mailcanary::{
     canary::life::Reason,
-    edges::smtp::{SmtpPhase, SmtpTarget, Submitter, TlsMode},
+    edges::smtp::{SmtpError, SmtpPhase, SmtpTarget, Submitter, TlsMode},
     sandbox::{Fault, Stage},
 };
 use tokio::{
@@ -30,6 +30,19 @@ fn canary() -> lettre::Message {
     mail_to("support@helpdesk.test", &token())
 }
 
+/// Submits a canary to `t`, which must fail.
+async fn refused(t: SmtpTarget) -> SmtpError {
+    refused_with(t, &canary()).await
+}
+
+async fn refused_with(t: SmtpTarget, message: &lettre::Message) -> SmtpError {
+    Submitter::new(t)
+        .unwrap()
+        .submit(message)
+        .await
+        .expect_err("the submit should fail")
+}
+
 #[tokio::test]
 async fn submit_is_accepted_with_the_servers_reply() {
     let sb = sandbox().await;
@@ -45,11 +58,7 @@ async fn submit_is_accepted_with_the_servers_reply() {
 async fn inbound_error_fault_is_tempfail() {
     let sb = sandbox().await;
     sb.faults().set(Stage::Inbound, Fault::Error);
-    let err = Submitter::new(target(sb.smtp_addr))
-        .unwrap()
-        .submit(&canary())
-        .await
-        .unwrap_err();
+    let err = refused(target(sb.smtp_addr)).await;
     assert_eq!(err.reason(), Reason::Tempfail, "{err}");
     assert_eq!(err.phase(), SmtpPhase::Transaction);
     assert!(err.detail().contains("451"), "{err}");
@@ -59,11 +68,11 @@ async fn inbound_error_fault_is_tempfail() {
 #[tokio::test]
 async fn unknown_recipient_is_rejected() {
     let sb = sandbox().await;
-    let err = Submitter::new(target(sb.smtp_addr))
-        .unwrap()
-        .submit(&mail_to("nobody@helpdesk.test", &token()))
-        .await
-        .unwrap_err();
+    let err = refused_with(
+        target(sb.smtp_addr),
+        &mail_to("nobody@helpdesk.test", &token()),
+    )
+    .await;
     assert_eq!(err.reason(), Reason::Rejected, "{err}");
     assert!(err.detail().contains("550"), "{err}");
     sb.shutdown().await;
@@ -72,11 +81,7 @@ async fn unknown_recipient_is_rejected() {
 #[tokio::test]
 async fn closed_port_is_connect() {
     let port = closed_port().await;
-    let err = Submitter::new(target(([127, 0, 0, 1], port).into()))
-        .unwrap()
-        .submit(&canary())
-        .await
-        .unwrap_err();
+    let err = refused(target(([127, 0, 0, 1], port).into())).await;
     assert_eq!(err.reason(), Reason::Connect, "{err}");
     assert_eq!(err.phase(), SmtpPhase::Connect);
 }
@@ -89,11 +94,7 @@ async fn implicit_tls_against_plaintext_is_tls() {
     let sb = sandbox().await;
     let mut t = target(sb.smtp_addr);
     t.tls = TlsMode::Tls;
-    let err = Submitter::new(t)
-        .unwrap()
-        .submit(&canary())
-        .await
-        .unwrap_err();
+    let err = refused(t).await;
     assert_eq!(err.reason(), Reason::Tls, "{err}");
     assert_eq!(err.phase(), SmtpPhase::TlsHandshake);
     sb.shutdown().await;
@@ -106,11 +107,7 @@ async fn required_starttls_not_offered_is_tls() {
     let sb = sandbox().await;
     let mut t = target(sb.smtp_addr);
     t.tls = TlsMode::StartTls;
-    let err = Submitter::new(t)
-        .unwrap()
-        .submit(&canary())
-        .await
-        .unwrap_err();
+    let err = refused(t).await;
     assert_eq!(err.reason(), Reason::Tls, "{err}");
     assert_eq!(err.phase(), SmtpPhase::StartTls);
     assert!(err.detail().contains("STARTTLS"), "{err}");
@@ -125,11 +122,7 @@ async fn a_silent_server_times_out_within_the_timeout() {
     let mut t = target(listener.local_addr().unwrap());
     t.timeout = Duration::from_millis(400);
     let started = tokio::time::Instant::now();
-    let err = Submitter::new(t)
-        .unwrap()
-        .submit(&canary())
-        .await
-        .unwrap_err();
+    let err = refused(t).await;
     let took = started.elapsed();
     assert_eq!(err.reason(), Reason::Timeout, "{err}");
     assert_eq!(err.phase(), SmtpPhase::Greeting);
@@ -175,11 +168,7 @@ async fn auth_535_is_auth_and_the_password_is_scrubbed() {
     });
     let mut t = target(addr);
     t.credentials = Some(("canary@prober.test".into(), PASSWORD.into()));
-    let err = Submitter::new(t)
-        .unwrap()
-        .submit(&canary())
-        .await
-        .unwrap_err();
+    let err = refused(t).await;
     assert_eq!(err.reason(), Reason::Auth, "{err}");
     assert_eq!(err.phase(), SmtpPhase::Auth);
     assert!(err.detail().contains("535"), "{err}");
@@ -194,11 +183,7 @@ async fn credentials_without_server_auth_is_auth() {
     let mut t = target(sb.smtp_addr);
     t.credentials = Some(("canary".into(), "pw-never-shown".into()));
     assert!(!format!("{t:?}").contains("pw-never-shown"));
-    let err = Submitter::new(t)
-        .unwrap()
-        .submit(&canary())
-        .await
-        .unwrap_err();
+    let err = refused(t).await;
     assert_eq!(err.reason(), Reason::Auth, "{err}");
     sb.shutdown().await;
 }

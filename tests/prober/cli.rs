@@ -12,6 +12,21 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mailcanary"))
 }
 
+/// Spawns `cmd` and reads the first line it prints, then stops reading its stdout.
+fn spawn_first_line(cmd: &mut Command) -> (KillOnDrop, String) {
+    let mut child = KillOnDrop(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    (child, first)
+}
+
 /// `once` exited 0 and printed an `ok` line for every stage; returns its stdout.
 fn assert_once_passed(out: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -29,15 +44,6 @@ fn assert_once_passed(out: &std::process::Output) -> String {
         );
     }
     stdout
-}
-
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `mailcanary check` on a file named `name` holding `text`.
@@ -143,19 +149,7 @@ async fn once_exits_1_when_a_stage_fails() {
 #[test]
 fn default_ports_run_without_config_probes_the_embedded_sandbox() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Proc(
-        bin()
-            .arg("run")
-            .current_dir(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut first = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let (mut child, first) = spawn_first_line(bin().arg("run").current_dir(dir.path()));
     assert!(first.contains("127.0.0.1:9725"), "{first}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t0 = Instant::now();
@@ -209,10 +203,7 @@ fn default_ports_run_without_config_probes_the_embedded_sandbox() {
 
     // SIGTERM: stop sending, persist, exit within 5 s.
     let t0 = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
+    child.signal("TERM");
     loop {
         if let Some(status) = child.0.try_wait().unwrap() {
             assert!(status.success(), "exit status {status}");
@@ -231,20 +222,9 @@ fn default_ports_run_without_config_probes_the_embedded_sandbox() {
 /// probes/sandbox.toml` in another; every stage printed, exit 0.
 #[test]
 fn default_ports_once_with_the_shipped_sandbox_probe_against_the_sandbox_command() {
-    let mut sandbox = Proc(
-        bin()
-            .arg("sandbox")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     // The sandbox prints its addresses once it listens. Stop reading after the first line on
     // purpose: a closed stdout must not kill it (regression: println! panicked on EPIPE).
-    let mut first = String::new();
-    BufReader::new(sandbox.0.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let (mut sandbox, first) = spawn_first_line(bin().arg("sandbox"));
     assert!(first.starts_with("smtp 127.0.0.1:2525"), "{first}");
     std::thread::sleep(Duration::from_millis(100));
     assert!(sandbox.0.try_wait().unwrap().is_none(), "the sandbox died");

@@ -187,6 +187,18 @@ pub async fn until(
 /// a prober running (one once ran on for an hour after an early failure).
 pub struct KillOnDrop(pub std::process::Child);
 
+impl KillOnDrop {
+    /// Sends `SIG<name>` (`kill -NAME PID`).
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.0.id().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill -{name}: {e}"))
+            .success();
+        assert!(ok, "kill -{name} {} failed", self.0.id());
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();

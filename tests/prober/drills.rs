@@ -190,14 +190,7 @@ async fn measured_latency_agrees_with_ground_truth() {
         v(s, COMPLETED, &[]) >= 12.0
     })
     .await;
-    let status: Value = http()
-        .get(format!("http://{}/api/v1/status", d.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = status(d.addr.port()).await.expect("status");
     let (_, events) = {
         let r = http()
             .get(format!("{}/sandbox/events", sb.api_url()))

@@ -14,15 +14,6 @@ use crate::common::*;
 
 const RELOAD: &str = "mailcanary_config_last_reload_successful";
 
-fn hup(child: &KillOnDrop) {
-    let ok = Command::new("kill")
-        .args(["-HUP", &child.0.id().to_string()])
-        .status()
-        .expect("kill -HUP")
-        .success();
-    assert!(ok, "kill -HUP failed");
-}
-
 fn global(s: &Samples, name: &str) -> f64 {
     s.value(name, &[]).unwrap_or(f64::NAN)
 }
@@ -75,7 +66,7 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
         "[[probe]]\nname = \"broken\"\nkind = \"helpdesk\"\nintervall = \"1s\"\n",
     )
     .unwrap();
-    hup(&child);
+    child.signal("HUP");
     let s = until(addr, Duration::from_secs(10), "the reload refused", |s| {
         global(s, RELOAD) == 0.0
     })
@@ -101,7 +92,7 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
         text.replace(&knobs.secret, "another-secret"),
     )
     .unwrap();
-    hup(&child);
+    child.signal("HUP");
     until(
         addr,
         Duration::from_secs(10),
@@ -131,7 +122,7 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
     let probe_part = &text[text.find("[[probe]]").unwrap()..];
     let second = probe_part.replace(&format!("name = \"{PROBE}\""), "name = \"second\"");
     std::fs::write(conf.join("drill.toml"), format!("{text}\n{second}")).unwrap();
-    hup(&child);
+    child.signal("HUP");
     let s = until_up(
         addr,
         Duration::from_secs(30),
