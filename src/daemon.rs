@@ -104,5 +104,8 @@ impl Daemon {
             let _ = (&mut self.server).await;
         })
         .await;
+        // What the ledger writer still holds is written before the process goes.
+        let engine = self.engine.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.flush(Duration::from_secs(2))).await;
     }
 }

@@ -38,9 +38,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use crate::canary::life::Canary;
 
@@ -96,6 +96,46 @@ pub enum LedgerError {
         operation: &'static str,
         probe: String,
     },
+    #[error("ledger {}: {operation}: closed after an earlier error; waiting to reopen", path.display())]
+    Closed {
+        path: PathBuf,
+        operation: &'static str,
+    },
+    #[error(
+        "ledger {}: the file was deleted or replaced under the running prober",
+        path.display()
+    )]
+    Gone { path: PathBuf },
+}
+
+impl LedgerError {
+    /// The `op` label of `mailcanary_ledger_errors_total` this error counts under: one of
+    /// [`OPS`].
+    pub fn op(&self) -> &'static str {
+        match self {
+            LedgerError::InUse { .. } | LedgerError::NewerFormat { .. } => "open",
+            LedgerError::Gone { .. } => "check",
+            LedgerError::Io { operation, .. }
+            | LedgerError::Db { operation, .. }
+            | LedgerError::Encode { operation, .. }
+            | LedgerError::InvalidProbe { operation, .. }
+            | LedgerError::Closed { operation, .. } => op_of(operation),
+        }
+    }
+}
+
+/// The operations `mailcanary_ledger_errors_total{op}` counts: opening (and reopening) the
+/// file, writing canaries and cursors, reading them, and the periodic check that the file on
+/// disk is still the one open.
+pub const OPS: [&str; 4] = ["open", "write", "read", "check"];
+
+fn op_of(operation: &str) -> &'static str {
+    match operation {
+        "create the state dir" | "open" | "initialise" | "reopen" => "open",
+        "put" | "finish" | "write" | "set cursor" => "write",
+        "check" => "check",
+        _ => "read",
+    }
 }
 
 /// What the ledger knows about one canary id.
@@ -109,9 +149,30 @@ pub enum Lookup {
     Unknown,
 }
 
+/// One write of a batch: a canary still in flight, or one that finished.
+#[derive(Clone, Debug)]
+pub enum Write {
+    Put(Canary),
+    Finish(Canary),
+    Cursor {
+        mailbox_key: String,
+        uidvalidity: u32,
+        last_uid: u32,
+    },
+}
+
 /// The embedded store. One per process and state dir; `Send + Sync`, share it with an `Arc`.
+///
+/// After an I/O error redb refuses every later transaction ("Previous I/O error occurred") until
+/// the database is closed and opened again, so the handle can be closed ([`Ledger::close`]) and
+/// reopened ([`Ledger::reopen`]) in place; in between every call answers
+/// [`LedgerError::Closed`].
 pub struct Ledger {
-    db: Database,
+    db: RwLock<Option<Database>>,
+    /// Device and inode of the file when it was opened: [`Ledger::check`] compares them with
+    /// what the path names now, so a deleted or replaced file is found.
+    identity: Mutex<Option<(u64, u64)>>,
+    state_dir: PathBuf,
     path: PathBuf,
     /// Keys already warned about as undecodable, so a bad record is logged once, not per read.
     undecodable: Mutex<HashSet<String>>,
@@ -129,13 +190,31 @@ impl Ledger {
     /// A second process (or a second `open` in this one) on the same file gets
     /// [`LedgerError::InUse`]: two probers resuming the same canaries would count them twice.
     pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
-        let path = state_dir.join(FILE_NAME);
-        std::fs::create_dir_all(state_dir).map_err(|source| LedgerError::Io {
+        let ledger = Ledger {
+            db: RwLock::new(None),
+            identity: Mutex::new(None),
+            state_dir: state_dir.to_path_buf(),
+            path: state_dir.join(FILE_NAME),
+            undecodable: Mutex::new(HashSet::new()),
+        };
+        ledger.reopen()?;
+        Ok(ledger)
+    }
+
+    /// Closes the file (if open) and opens it again, creating the state dir and the file if
+    /// they vanished. What was written before a deletion is not in the new file: the caller
+    /// writes again what it holds in memory.
+    pub fn reopen(&self) -> Result<(), LedgerError> {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // redb allows one open handle per file and process: the old one must be gone first.
+        drop(slot.take());
+        let path = &self.path;
+        std::fs::create_dir_all(&self.state_dir).map_err(|source| LedgerError::Io {
             path: path.clone(),
             operation: "create the state dir",
             source,
         })?;
-        let db = Database::create(&path).map_err(|err| match err {
+        let db = Database::create(path).map_err(|err| match err {
             redb::DatabaseError::DatabaseAlreadyOpen => LedgerError::InUse { path: path.clone() },
             other => LedgerError::Db {
                 path: path.clone(),
@@ -143,13 +222,49 @@ impl Ledger {
                 source: Box::new(other.into()),
             },
         })?;
-        let ledger = Ledger {
-            db,
-            path,
-            undecodable: Mutex::new(HashSet::new()),
-        };
-        ledger.init()?;
-        Ok(ledger)
+        self.init(&db)?;
+        *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = identity(path);
+        *slot = Some(db);
+        Ok(())
+    }
+
+    /// Closes the file after an error; every call fails with [`LedgerError::Closed`] until
+    /// [`Ledger::reopen`] succeeds.
+    pub fn close(&self) {
+        drop(self.db.write().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// Whether the file is open.
+    pub fn is_open(&self) -> bool {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Fails if the file the ledger has open is no longer the one its path names (deleted,
+    /// its state dir removed, or replaced): writes would go to an unlinked file and be gone at
+    /// the next start.
+    pub fn check(&self) -> Result<(), LedgerError> {
+        let open = *self.identity.lock().unwrap_or_else(|p| p.into_inner());
+        if open.is_some() && identity(&self.path) != open {
+            return Err(LedgerError::Gone {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn with_db<R>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&Database) -> Result<R, LedgerError>,
+    ) -> Result<R, LedgerError> {
+        let slot = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(db) => f(db),
+            None => Err(LedgerError::Closed {
+                path: self.path.clone(),
+                operation,
+            }),
+        }
     }
 
     /// The ledger file.
@@ -158,9 +273,9 @@ impl Ledger {
     }
 
     /// Creates the tables (so reads never meet a missing table) and checks the format.
-    fn init(&self) -> Result<(), LedgerError> {
+    fn init(&self, db: &Database) -> Result<(), LedgerError> {
         const OP: &str = "initialise";
-        let txn = self.db.begin_write().map_err(self.db_err(OP))?;
+        let txn = db.begin_write().map_err(self.db_err(OP))?;
         {
             let mut meta = txn.open_table(META).map_err(self.db_err(OP))?;
             let found = meta
@@ -189,28 +304,58 @@ impl Ledger {
 
     /// Inserts or replaces an in-flight canary. Durable when it returns.
     pub fn put(&self, canary: &Canary) -> Result<(), LedgerError> {
-        const OP: &str = "put";
-        let key = self.key(OP, &canary.probe, &canary.id)?;
-        let value = self.encode(OP, &key, canary)?;
-        let txn = self.db.begin_write().map_err(self.db_err(OP))?;
-        {
-            let mut table = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
-            table
-                .insert(key.as_str(), value.as_slice())
-                .map_err(self.db_err(OP))?;
-        }
-        txn.commit().map_err(self.db_err(OP))
+        self.write(&[Write::Put(canary.clone())])
     }
 
     /// Moves a canary from in flight to the recent ones of its probe, in one transaction, and
     /// evicts the oldest recent ones beyond [`RECENT_CAP`]. Finishing the same canary twice
     /// keeps one record (the later one).
     pub fn finish(&self, canary: &Canary) -> Result<(), LedgerError> {
+        self.write(&[Write::Finish(canary.clone())])
+    }
+
+    /// Applies `writes` in order in one transaction: one fsync for the lot (group commit).
+    /// Durable when it returns; on an error none of them is.
+    pub fn write(&self, writes: &[Write]) -> Result<(), LedgerError> {
+        const OP: &str = "write";
+        self.with_db(OP, |db| {
+            let txn = db.begin_write().map_err(self.db_err(OP))?;
+            for w in writes {
+                match w {
+                    Write::Put(c) => self.put_in(&txn, c)?,
+                    Write::Finish(c) => self.finish_in(&txn, c)?,
+                    Write::Cursor {
+                        mailbox_key,
+                        uidvalidity,
+                        last_uid,
+                    } => {
+                        let mut table = txn.open_table(CURSORS).map_err(self.db_err(OP))?;
+                        table
+                            .insert(mailbox_key.as_str(), (*uidvalidity, *last_uid))
+                            .map_err(self.db_err(OP))?;
+                    }
+                }
+            }
+            txn.commit().map_err(self.db_err(OP))
+        })
+    }
+
+    fn put_in(&self, txn: &WriteTransaction, canary: &Canary) -> Result<(), LedgerError> {
+        const OP: &str = "put";
+        let key = self.key(OP, &canary.probe, &canary.id)?;
+        let value = self.encode(OP, &key, canary)?;
+        let mut table = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
+        table
+            .insert(key.as_str(), value.as_slice())
+            .map_err(self.db_err(OP))?;
+        Ok(())
+    }
+
+    fn finish_in(&self, txn: &WriteTransaction, canary: &Canary) -> Result<(), LedgerError> {
         const OP: &str = "finish";
         let probe = canary.probe.as_str();
         let key = self.key(OP, probe, &canary.id)?;
         let value = self.encode(OP, &key, canary)?;
-        let txn = self.db.begin_write().map_err(self.db_err(OP))?;
         {
             let mut in_flight = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
             let mut finished = txn.open_table(FINISHED).map_err(self.db_err(OP))?;
@@ -254,7 +399,7 @@ impl Ledger {
                     .map_err(self.db_err(OP))?;
             }
         }
-        txn.commit().map_err(self.db_err(OP))
+        Ok(())
     }
 
     /// Every in-flight canary of every probe, oldest first (by `created_ms`): what to resume.
@@ -272,7 +417,7 @@ impl Ledger {
         op: &'static str,
         probe: Option<&str>,
     ) -> Result<Vec<Canary>, LedgerError> {
-        let txn = self.db.begin_read().map_err(self.db_err(op))?;
+        let txn = self.begin_read(op)?;
         let table = txn.open_table(IN_FLIGHT).map_err(self.db_err(op))?;
         let range = match probe {
             Some(probe) => {
@@ -301,7 +446,7 @@ impl Ledger {
     pub fn lookup(&self, probe: &str, id: &str) -> Result<Lookup, LedgerError> {
         const OP: &str = "lookup";
         let key = self.key(OP, probe, id)?;
-        let txn = self.db.begin_read().map_err(self.db_err(OP))?;
+        let txn = self.begin_read(OP)?;
         let in_flight = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
         if let Some(v) = in_flight.get(key.as_str()).map_err(self.db_err(OP))?
             && let Some(canary) = self.decode(&key, v.value())
@@ -321,7 +466,7 @@ impl Ledger {
     pub fn recent(&self, probe: &str, limit: usize) -> Result<Vec<Canary>, LedgerError> {
         const OP: &str = "read recent";
         self.check_probe(OP, probe)?;
-        let txn = self.db.begin_read().map_err(self.db_err(OP))?;
+        let txn = self.begin_read(OP)?;
         let order = txn.open_table(FINISHED_ORDER).map_err(self.db_err(OP))?;
         let finished = txn.open_table(FINISHED).map_err(self.db_err(OP))?;
         let mut out = Vec::new();
@@ -347,7 +492,7 @@ impl Ledger {
     /// restart. `mailbox_key` is the caller's stable name for the mailbox (e.g. probe + folder).
     pub fn cursor(&self, mailbox_key: &str) -> Result<Option<(u32, u32)>, LedgerError> {
         const OP: &str = "read cursor";
-        let txn = self.db.begin_read().map_err(self.db_err(OP))?;
+        let txn = self.begin_read(OP)?;
         let table = txn.open_table(CURSORS).map_err(self.db_err(OP))?;
         Ok(table
             .get(mailbox_key)
@@ -362,15 +507,15 @@ impl Ledger {
         uidvalidity: u32,
         last_uid: u32,
     ) -> Result<(), LedgerError> {
-        const OP: &str = "set cursor";
-        let txn = self.db.begin_write().map_err(self.db_err(OP))?;
-        {
-            let mut table = txn.open_table(CURSORS).map_err(self.db_err(OP))?;
-            table
-                .insert(mailbox_key, (uidvalidity, last_uid))
-                .map_err(self.db_err(OP))?;
-        }
-        txn.commit().map_err(self.db_err(OP))
+        self.write(&[Write::Cursor {
+            mailbox_key: mailbox_key.to_string(),
+            uidvalidity,
+            last_uid,
+        }])
+    }
+
+    fn begin_read(&self, op: &'static str) -> Result<redb::ReadTransaction, LedgerError> {
+        self.with_db(op, |db| db.begin_read().map_err(self.db_err(op)))
     }
 
     /// How many distinct records were found undecodable (and skipped) since this ledger was
@@ -442,6 +587,12 @@ impl Ledger {
             source: Box::new(err.into()),
         }
     }
+}
+
+/// Device and inode of `path`, if it exists.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn join_key(probe: &str, id: &str) -> String {
@@ -670,7 +821,9 @@ mod tests {
         let ledger = Ledger::open(dir.path()).unwrap();
         let good = canary("p", "good", 1);
         ledger.put(&good).unwrap();
-        let txn = ledger.db.begin_write().unwrap();
+        let txn = ledger
+                .with_db("test", |db| Ok(db.begin_write().unwrap()))
+                .unwrap();
         {
             let mut t = txn.open_table(IN_FLIGHT).unwrap();
             t.insert("p\0bad", &b"{\"probe\": \"p\", \"id\": 4"[..])
@@ -699,7 +852,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let ledger = Ledger::open(dir.path()).unwrap();
-            let txn = ledger.db.begin_write().unwrap();
+            let txn = ledger
+                .with_db("test", |db| Ok(db.begin_write().unwrap()))
+                .unwrap();
             txn.open_table(META)
                 .unwrap()
                 .insert("format", FORMAT + 1)

@@ -16,6 +16,7 @@
 //!   Nothing in the prober imports it except the wiring of the default `run` in the CLI.
 
 pub mod canary;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod edges;

@@ -27,6 +27,8 @@
 //! | `mailcanary_messages_ignored_total` | probe, reason | [`Metrics::ignored`] |
 //! | `mailcanary_build_info` | version, revision | [`Metrics::new`] |
 //! | `mailcanary_config_last_reload_successful` | | [`Metrics::set_config_reload`] |
+//! | `mailcanary_ledger_errors_total` | op | [`Metrics::ledger_error`] |
+//! | `mailcanary_canaries_skipped_total` | probe, reason | [`Metrics::skipped`] |
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -76,6 +78,29 @@ impl Ignored {
     }
 }
 
+/// Why a canary that was due was not sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Skipped {
+    /// `max_in_flight` canaries of the probe were already out (a stall fills it).
+    MaxInFlight,
+    /// The ledger could not record it, and a canary is never sent unrecorded.
+    Ledger,
+    /// The prober was shutting down.
+    Shutdown,
+}
+
+impl Skipped {
+    pub const ALL: [Skipped; 3] = [Skipped::MaxInFlight, Skipped::Ledger, Skipped::Shutdown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skipped::MaxInFlight => "max_in_flight",
+            Skipped::Ledger => "ledger",
+            Skipped::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Every metric of the prober. `Send + Sync`: share it with an `Arc`.
 pub struct Metrics {
     registry: Registry,
@@ -90,6 +115,8 @@ pub struct Metrics {
     last_success: GaugeVec,
     probe_success: IntGaugeVec,
     ignored: IntCounterVec,
+    skipped: IntCounterVec,
+    ledger_errors: IntCounterVec,
     config_reload: IntGauge,
     /// Stages already registered per probe: registering again (a config reload) only adds the
     /// new ones and never resets a gauge.
@@ -142,6 +169,19 @@ impl Metrics {
             "Messages that looked like canaries but were not counted, by reason.",
             &["probe", "reason"],
         );
+        let skipped = counter(
+            "mailcanary_canaries_skipped_total",
+            "Canaries that were due but not sent, by reason (max_in_flight, ledger, shutdown).",
+            &["probe", "reason"],
+        );
+        let ledger_errors = counter(
+            "mailcanary_ledger_errors_total",
+            "Failed operations on the ledger in the state dir, by operation (open, write, read, check).",
+            &["op"],
+        );
+        for op in crate::ledger::OPS {
+            ledger_errors.with_label_values(&[op]);
+        }
         let duration = register(
             &registry,
             HistogramVec::new(
@@ -217,6 +257,8 @@ impl Metrics {
             last_success,
             probe_success,
             ignored,
+            skipped,
+            ledger_errors,
             config_reload,
             registered: Mutex::new(HashMap::new()),
         }
@@ -244,6 +286,9 @@ impl Metrics {
                 self.probe_success.with_label_values(&[probe]).set(1);
                 for reason in Ignored::ALL {
                     self.ignored.with_label_values(&[probe, reason.as_str()]);
+                }
+                for reason in Skipped::ALL {
+                    self.skipped.with_label_values(&[probe, reason.as_str()]);
                 }
                 registered.entry(probe.to_string()).or_default()
             }
@@ -340,6 +385,18 @@ impl Metrics {
         self.ignored
             .with_label_values(&[probe, reason.as_str()])
             .inc();
+    }
+
+    /// A canary of `probe` that was due was not sent.
+    pub fn skipped(&self, probe: &str, reason: Skipped) {
+        self.skipped
+            .with_label_values(&[probe, reason.as_str()])
+            .inc();
+    }
+
+    /// An operation on the ledger failed; `op` is one of [`crate::ledger::OPS`].
+    pub fn ledger_error(&self, op: &str) {
+        self.ledger_errors.with_label_values(&[op]).inc();
     }
 
     /// How many canaries wait in `stage`, and the age in the stage of the oldest (0 if none).
@@ -666,7 +723,9 @@ mod tests {
             ("mailcanary_canaries_completed_total", "counter"),
             ("mailcanary_canaries_lost_total", "counter"),
             ("mailcanary_canaries_sent_total", "counter"),
+            ("mailcanary_canaries_skipped_total", "counter"),
             ("mailcanary_config_last_reload_successful", "gauge"),
+            ("mailcanary_ledger_errors_total", "counter"),
             ("mailcanary_messages_ignored_total", "counter"),
             ("mailcanary_probe_success", "gauge"),
             ("mailcanary_stage_duration_seconds", "histogram"),
@@ -681,11 +740,19 @@ mod tests {
             .map(|(n, t)| (n.to_string(), t.to_string()))
             .collect();
         assert_eq!(types, want);
-        // Every sample of every family but the two global ones belongs to a registered probe.
+        // The ledger's errors exist per operation from the start.
+        for op in crate::ledger::OPS {
+            assert_eq!(
+                s.value("mailcanary_ledger_errors_total", &[("op", op)]),
+                Some(0.0)
+            );
+        }
+        // Every sample of every family but the global ones belongs to a registered probe.
         for sample in &s.samples {
             let family = s.family_of(&sample.name);
             if family != "mailcanary_build_info"
                 && family != "mailcanary_config_last_reload_successful"
+                && family != "mailcanary_ledger_errors_total"
             {
                 assert!(sample.label("probe").is_some(), "{sample:?}");
             }
@@ -719,6 +786,7 @@ mod tests {
             .iter()
             .map(|r| r.as_str())
             .chain(Ignored::ALL.iter().map(|r| r.as_str()))
+            .chain(Skipped::ALL.iter().map(|r| r.as_str()))
             .collect();
         let buckets: Vec<String> = DURATION_BUCKETS
             .iter()
@@ -734,6 +802,7 @@ mod tests {
                     "version" => v == "0.1.0",
                     "revision" => v == "abc1234",
                     "le" => buckets.contains(v),
+                    "op" => crate::ledger::OPS.contains(&v.as_str()),
                     _ => false,
                 };
                 assert!(ok, "label {k}={v:?} in {sample:?}");

@@ -73,10 +73,13 @@ pub enum Reason {
     Timeout,
     /// The stage's deadline passed (the canary stays watched; it may still arrive late).
     Deadline,
+    /// The prober could not record the canary in its ledger (state dir full, read-only or
+    /// gone), so it did not send it: the prober, not the mail flow, is what failed.
+    Ledger,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Connect,
         Reason::Tls,
         Reason::Auth,
@@ -86,6 +89,7 @@ impl Reason {
         Reason::Api,
         Reason::Timeout,
         Reason::Deadline,
+        Reason::Ledger,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +103,7 @@ impl Reason {
             Reason::Api => "api",
             Reason::Timeout => "timeout",
             Reason::Deadline => "deadline",
+            Reason::Ledger => "ledger",
         }
     }
 }

@@ -137,6 +137,8 @@ pub struct Arrival {
     pub internal_date: Option<SystemTime>,
     /// When the watcher saw the message: the moment the `UID SEARCH` that found it answered.
     pub seen_at: SystemTime,
+    /// The same moment on the monotonic clock, for durations a wall-clock step cannot bend.
+    pub seen: std::time::Instant,
 }
 
 /// What a watcher reports.
@@ -703,7 +705,7 @@ impl Watcher {
         // `n:*` always includes the highest UID, even when it is below n: filter.
         let query = format!("UID {}:*", last + 1);
         let found = within(limit, "UID SEARCH", s.uid_search(&query)).await?;
-        let seen_at = SystemTime::now();
+        let (seen_at, seen) = (SystemTime::now(), std::time::Instant::now());
         let mut uids: Vec<u32> = found.into_iter().filter(|u| *u > last).collect();
         if uids.is_empty() {
             return Ok(());
@@ -730,6 +732,7 @@ impl Watcher {
                         raw: f.body()?.to_vec(),
                         internal_date: f.internal_date().map(SystemTime::from),
                         seen_at,
+                        seen,
                     })
                 })
                 .collect();

@@ -7,30 +7,32 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex, MutexGuard, Weak, mpsc},
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
-use tokio::sync::broadcast;
-use tracing::{info, warn};
+use tokio::sync::{broadcast, oneshot};
+use tracing::{error, info, warn};
 
+pub use crate::clock::now_ms;
 use crate::{
     canary::life::{Canary, Failure, Outcome, Reason, Stage, Transition},
-    ledger::{Ledger, Lookup},
-    metrics::{Ignored, Metrics},
+    clock,
+    ledger::{Ledger, LedgerError, Lookup, Write},
+    metrics::{Ignored, Metrics, Skipped},
 };
 
 /// How many finished canaries per probe the engine keeps for the status page.
 pub const RECENT_PER_PROBE: usize = 50;
 
-/// Wall-clock Unix milliseconds: the life module's clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// How often the ledger writer checks, when idle, that the ledger file on disk is still the
+/// one it has open (a deleted file or state dir would silently swallow every write).
+const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// First and longest wait before reopening a ledger that failed. The longest is well under
+/// any interval plus deadline, so a freed disk is used again within that bound.
+const LEDGER_RETRY_FIRST: Duration = Duration::from_millis(250);
+const LEDGER_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Something that happened to a canary, for `once` and anyone else listening.
 #[derive(Clone, Debug)]
@@ -58,6 +60,41 @@ struct ProbeState {
 struct State {
     in_flight: HashMap<(String, String), Canary>,
     probes: HashMap<String, ProbeState>,
+    /// The ledger cannot be written: no canary can be recorded, so none is sent, and every
+    /// probe fails (reason `ledger`) and the prober is unready until a write succeeds again.
+    ledger_error: Option<Failure>,
+}
+
+/// Work for the ledger writer thread, in the order it happened.
+enum Job {
+    /// A new canary: acknowledged once durable (or not), before its DATA may be sent.
+    Begin {
+        canary: Canary,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// A changed canary and the transitions to count once it is written.
+    Commit {
+        canary: Canary,
+        transitions: Vec<Transition>,
+    },
+    Cursor {
+        mailbox_key: String,
+        uidvalidity: u32,
+        last_uid: u32,
+    },
+    /// Answered once everything queued before it was written (or failed to be).
+    Flush(mpsc::Sender<()>),
+}
+
+/// The ledger writer's own state, kept between batches.
+struct Writer {
+    /// What is not yet durable: the newest write per canary (and per mailbox cursor).
+    dirty: HashMap<String, Write>,
+    /// Set while the ledger is failing: when to try reopening it, and the wait after that.
+    broken: Option<(Instant, Duration)>,
+    last_check: Instant,
+    /// Failed attempts in the current episode, for the recovery log line.
+    attempts: u32,
 }
 
 pub struct Engine {
@@ -65,6 +102,9 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
+    /// To the ledger writer thread. Disk work never happens under `state`'s lock, so a scrape
+    /// or the status page never waits on an fsync.
+    writer: mpsc::Sender<Job>,
 }
 
 impl State {
@@ -87,12 +127,52 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Engine {
     pub fn new(ledger: Ledger, metrics: Arc<Metrics>) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(Self {
-            ledger,
-            metrics,
-            state: Mutex::new(State::default()),
-            events,
+        Arc::new_cyclic(|weak: &Weak<Engine>| {
+            let (writer, jobs) = mpsc::channel();
+            let weak = weak.clone();
+            std::thread::Builder::new()
+                .name("ledger-writer".into())
+                .spawn(move || write_loop(weak, jobs))
+                .expect("spawning the ledger writer thread");
+            Self {
+                ledger,
+                metrics,
+                state: Mutex::new(State::default()),
+                events,
+                writer,
+            }
         })
+    }
+
+    /// Why the ledger cannot be written now, if it cannot (for `/readyz`).
+    pub fn ledger_error(&self) -> Option<String> {
+        lock(&self.state)
+            .ledger_error
+            .as_ref()
+            .map(|f| f.detail.clone())
+    }
+
+    /// Waits (up to `within`) until everything queued so far has been written to the ledger
+    /// or has failed to be. For a clean stop.
+    pub fn flush(&self, within: Duration) {
+        let (tx, rx) = mpsc::channel();
+        if self.writer.send(Job::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(within);
+        }
+    }
+
+    /// Records the IMAP cursor of a mailbox (written with the next batch).
+    pub fn set_cursor(&self, mailbox_key: &str, uidvalidity: u32, last_uid: u32) {
+        let _ = self.writer.send(Job::Cursor {
+            mailbox_key: mailbox_key.to_string(),
+            uidvalidity,
+            last_uid,
+        });
+    }
+
+    /// A canary of `probe` that was due was not sent.
+    pub fn skipped(&self, probe: &str, why: Skipped) {
+        self.metrics.skipped(probe, why);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -162,14 +242,43 @@ impl Engine {
         resumed
     }
 
-    /// A new canary: persisted before its DATA is sent, then counted as sent.
-    pub fn begin(&self, canary: Canary) -> Result<(), crate::ledger::LedgerError> {
-        self.ledger.put(&canary)?;
-        self.metrics.sent(&canary.probe);
-        lock(&self.state)
-            .in_flight
-            .insert((canary.probe.clone(), canary.id.clone()), canary);
-        Ok(())
+    /// A new canary: persisted before its DATA is sent, then counted as sent. If the ledger
+    /// cannot record it, it is not sent: counted as skipped (`ledger`) and as a submit failure
+    /// with reason `ledger`, and the error is returned.
+    pub async fn begin(&self, canary: Canary) -> Result<(), String> {
+        let (done, written) = oneshot::channel();
+        let probe = canary.probe.clone();
+        let sent = self.writer.send(Job::Begin {
+            canary: canary.clone(),
+            done,
+        });
+        let result = match sent {
+            Ok(()) => written
+                .await
+                .unwrap_or_else(|_| Err("the ledger writer has stopped".into())),
+            Err(_) => Err("the ledger writer has stopped".into()),
+        };
+        match result {
+            Ok(()) => {
+                self.metrics.sent(&probe);
+                lock(&self.state)
+                    .in_flight
+                    .insert((canary.probe.clone(), canary.id.clone()), canary);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.skipped(&probe, Skipped::Ledger);
+                self.metrics.apply(
+                    &probe,
+                    &[Transition::StageFailed {
+                        stage: Stage::Submit,
+                        reason: Reason::Ledger,
+                    }],
+                    clock::wall_ms(),
+                );
+                Err(e)
+            }
+        }
     }
 
     /// Number of unfinished canaries of `probe`.
@@ -206,40 +315,14 @@ impl Engine {
         Some(snapshot)
     }
 
-    /// Persist, count, publish. Called with the state locked so that two changes to the same
-    /// canary reach the ledger in the order they happened.
+    /// Hands the change to the ledger writer (which persists, then counts and publishes it)
+    /// and updates the in-memory state. Called with the state locked so that two changes to
+    /// the same canary reach the writer in the order they happened.
     fn commit(&self, st: &mut State, canary: Canary, transitions: &[Transition]) {
-        let now = now_ms();
-        let persisted = if canary.is_finished() {
-            self.ledger.finish(&canary)
-        } else {
-            self.ledger.put(&canary)
-        };
-        if let Err(e) = persisted {
-            // Counting goes on: the metrics must not lie because the disk did. The next
-            // change to this canary retries the write.
-            warn!(probe = %canary.probe, canary = %canary.id, error = %e, "ledger write failed");
-        }
-        self.metrics.apply(&canary.probe, transitions, now);
-        for t in transitions {
-            let detail = match t {
-                Transition::StageFailed { stage, reason } => canary.record(*stage).and_then(|r| {
-                    r.failed
-                        .as_ref()
-                        .filter(|f| f.reason == *reason)
-                        .or_else(|| r.errors.iter().find(|f| f.reason == *reason))
-                        .map(|f| f.detail.clone())
-                }),
-                _ => None,
-            };
-            log_transition(&canary, t, detail.as_deref());
-            let _ = self.events.send(Event {
-                probe: canary.probe.clone(),
-                canary: canary.id.clone(),
-                transition: t.clone(),
-                detail,
-            });
-        }
+        let _ = self.writer.send(Job::Commit {
+            canary: canary.clone(),
+            transitions: transitions.to_vec(),
+        });
         if canary.is_finished() {
             st.in_flight
                 .remove(&(canary.probe.clone(), canary.id.clone()));
@@ -256,6 +339,174 @@ impl Engine {
             st.in_flight
                 .insert((canary.probe.clone(), canary.id.clone()), canary);
         }
+    }
+
+    /// Counts, logs and announces what happened to a canary, once it is in the ledger (or the
+    /// ledger failed: the metrics must not lie because the disk did).
+    fn publish(&self, canary: &Canary, transitions: &[Transition]) {
+        self.metrics
+            .apply(&canary.probe, transitions, clock::to_wall_ms(now_ms()));
+        for t in transitions {
+            let detail = match t {
+                Transition::StageFailed { stage, reason } => canary.record(*stage).and_then(|r| {
+                    r.failed
+                        .as_ref()
+                        .filter(|f| f.reason == *reason)
+                        .or_else(|| r.errors.iter().find(|f| f.reason == *reason))
+                        .map(|f| f.detail.clone())
+                }),
+                _ => None,
+            };
+            log_transition(canary, t, detail.as_deref());
+            let _ = self.events.send(Event {
+                probe: canary.probe.clone(),
+                canary: canary.id.clone(),
+                transition: t.clone(),
+                detail,
+            });
+        }
+    }
+
+    /// One batch of the ledger writer: everything queued, in one transaction; reopening a
+    /// failed ledger when its wait is over; then acknowledging and counting.
+    fn write_batch(&self, jobs: Vec<Job>, w: &mut Writer) {
+        for job in &jobs {
+            match job {
+                Job::Begin { canary, .. } => {
+                    w.dirty
+                        .insert(canary_key(canary), Write::Put(canary.clone()));
+                }
+                Job::Commit { canary, .. } => {
+                    let write = if canary.is_finished() {
+                        Write::Finish(canary.clone())
+                    } else {
+                        Write::Put(canary.clone())
+                    };
+                    w.dirty.insert(canary_key(canary), write);
+                }
+                Job::Cursor {
+                    mailbox_key,
+                    uidvalidity,
+                    last_uid,
+                } => {
+                    w.dirty.insert(
+                        format!("cursor\0{mailbox_key}"),
+                        Write::Cursor {
+                            mailbox_key: mailbox_key.clone(),
+                            uidvalidity: *uidvalidity,
+                            last_uid: *last_uid,
+                        },
+                    );
+                }
+                Job::Flush(_) => {}
+            }
+        }
+        let now = Instant::now();
+        if w.broken.is_none() && now.duration_since(w.last_check) >= LEDGER_CHECK_EVERY {
+            w.last_check = now;
+            if let Err(e) = self.ledger.check() {
+                self.ledger_failed(&e, w);
+            }
+        }
+        if let Some((retry_at, _)) = w.broken
+            && now >= retry_at
+        {
+            match self.ledger.reopen() {
+                // The file may be new (deleted, or its dir removed) and writes since the error
+                // are missing: write again every canary in flight, as memory has it (it is at
+                // least as new as anything queued for it).
+                Ok(()) => {
+                    let st = lock(&self.state);
+                    for c in st.in_flight.values() {
+                        w.dirty.insert(canary_key(c), Write::Put(c.clone()));
+                    }
+                }
+                Err(e) => self.ledger_failed(&e, w),
+            }
+        }
+        let written = if w.dirty.is_empty() && self.ledger.is_open() {
+            Ok(())
+        } else if !self.ledger.is_open() {
+            Err(w.broken_detail(&self.ledger))
+        } else {
+            let writes: Vec<Write> = w.dirty.values().cloned().collect();
+            match self.ledger.write(&writes) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.ledger_failed(&e, w);
+                    Err(e.to_string())
+                }
+            }
+        };
+        match &written {
+            Ok(()) => {
+                w.dirty.clear();
+                if w.broken.take().is_some() {
+                    info!(
+                        ledger = %self.ledger.path().display(),
+                        failed_attempts = w.attempts,
+                        "ledger writable again; in-flight canaries written, sending resumes"
+                    );
+                    w.attempts = 0;
+                    lock(&self.state).ledger_error = None;
+                }
+            }
+            Err(detail) => {
+                lock(&self.state).ledger_error = Some(Failure {
+                    reason: Reason::Ledger,
+                    detail: detail.clone(),
+                    at_ms: now_ms(),
+                });
+            }
+        }
+        for job in jobs {
+            match job {
+                Job::Begin { canary, done } => {
+                    if written.is_err() {
+                        // Never sent, so never to be written later either.
+                        w.dirty.remove(&canary_key(&canary));
+                    }
+                    let _ = done.send(written.clone());
+                }
+                Job::Commit {
+                    canary,
+                    transitions,
+                } => self.publish(&canary, &transitions),
+                Job::Cursor { .. } => {}
+                Job::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// The ledger failed: counted every time, logged once per episode, closed (redb refuses
+    /// every transaction after an I/O error until reopened), retried with backoff.
+    fn ledger_failed(&self, e: &LedgerError, w: &mut Writer) {
+        self.metrics.ledger_error(e.op());
+        w.attempts += 1;
+        let wait = match w.broken {
+            None => {
+                error!(
+                    error = %e,
+                    "ledger failed: no canary can be recorded, so none is sent and every probe \
+                     fails with reason ledger until it works again; in-flight canaries stay \
+                     watched in memory"
+                );
+                LEDGER_RETRY_FIRST
+            }
+            Some((_, wait)) => {
+                tracing::debug!(error = %e, attempts = w.attempts, "ledger still failing");
+                (wait * 2).min(LEDGER_RETRY_MAX)
+            }
+        };
+        self.ledger.close();
+        w.broken = Some((Instant::now() + wait, wait));
+        lock(&self.state).ledger_error = Some(Failure {
+            reason: Reason::Ledger,
+            detail: e.to_string(),
+            at_ms: now_ms(),
+        });
     }
 
     /// Time passes for every in-flight canary: deadlines and the lost horizon. Then refreshes
@@ -287,8 +538,10 @@ impl Engine {
                     .set_in_flight(probe, *stage, count, oldest as f64 / 1000.0);
             }
             // The same verdict the status page shows: the gauge and the page cannot disagree.
-            self.metrics
-                .set_probe_success(probe, verdict(ps, mine).0 == "ok");
+            self.metrics.set_probe_success(
+                probe,
+                verdict(ps, st.ledger_error.as_ref(), mine).0 == "ok",
+            );
         }
     }
 
@@ -378,7 +631,7 @@ impl Engine {
                     .collect();
                 in_flight.sort_by_key(|c| std::cmp::Reverse(c.created_ms));
                 let refs: Vec<&Canary> = in_flight.iter().collect();
-                let (state, why) = verdict(ps, &refs);
+                let (state, why) = verdict(ps, st.ledger_error.as_ref(), &refs);
                 let stages = ps
                     .stages
                     .iter()
@@ -461,6 +714,51 @@ impl Engine {
     }
 }
 
+fn canary_key(c: &Canary) -> String {
+    format!("{}\0{}", c.probe, c.id)
+}
+
+impl Writer {
+    fn broken_detail(&self, ledger: &Ledger) -> String {
+        format!(
+            "ledger {}: closed after an error; reopening with backoff",
+            ledger.path().display()
+        )
+    }
+}
+
+/// The ledger writer thread: batches whatever is queued (group commit), and while the ledger
+/// is failing wakes on its own to reopen it. Ends when the engine is gone.
+fn write_loop(engine: Weak<Engine>, jobs: mpsc::Receiver<Job>) {
+    let mut w = Writer {
+        dirty: HashMap::new(),
+        broken: None,
+        last_check: Instant::now(),
+        attempts: 0,
+    };
+    loop {
+        let wait = match w.broken {
+            Some((at, _)) => at.saturating_duration_since(Instant::now()),
+            None => LEDGER_CHECK_EVERY.saturating_sub(w.last_check.elapsed()),
+        };
+        let mut batch = match jobs.recv_timeout(wait) {
+            Ok(job) => vec![job],
+            Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        while batch.len() < 4096 {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        engine.write_batch(batch, &mut w);
+    }
+}
+
 /// How long `c` has been in `stage` at `now`, if it is in it (`end_to_end`: since it was sent).
 fn age_in(c: &Canary, stage: Stage, now: u64) -> Option<u64> {
     if stage == Stage::EndToEnd {
@@ -473,7 +771,17 @@ fn age_in(c: &Canary, stage: Stage, now: u64) -> Option<u64> {
 }
 
 /// A probe's state (`ok`, `degraded`, `failing`) and why. `probe_success` is 1 only for `ok`.
-fn verdict(ps: &ProbeState, in_flight: &[&Canary]) -> (&'static str, String) {
+fn verdict(
+    ps: &ProbeState,
+    ledger_error: Option<&Failure>,
+    in_flight: &[&Canary],
+) -> (&'static str, String) {
+    if let Some(f) = ledger_error {
+        return (
+            "failing",
+            format!("ledger: no canary can be recorded, so none is sent ({})", f.detail),
+        );
+    }
     if let Some(f) = &ps.mailbox_error {
         return ("failing", format!("mailbox: {} ({})", f.reason, f.detail));
     }

@@ -35,7 +35,7 @@ use crate::{
         imap::{self, ImapTarget, WatchCommand, WatchEvent},
         smtp::{SmtpTarget, Submitter},
     },
-    metrics::Ignored,
+    metrics::{Ignored, Skipped},
 };
 
 /// A probe ready to run: its config resolved into edges and limits.
@@ -331,6 +331,9 @@ async fn scheduler(engine: Arc<Engine>, probe: Arc<Probe>, shutdown: Cancellatio
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
+                if tokio::time::Instant::now() >= next {
+                    engine.skipped(&probe.name, Skipped::Shutdown);
+                }
                 runs.abort_all();
                 return;
             }
@@ -342,6 +345,8 @@ async fn scheduler(engine: Arc<Engine>, probe: Arc<Probe>, shutdown: Cancellatio
         next -= probe.jitter / 2;
         let in_flight = engine.in_flight_count(&probe.name);
         if in_flight >= probe.max_in_flight {
+            // Counted, so a graph of sent canaries tells "stalled and skipping" from "idle".
+            engine.skipped(&probe.name, Skipped::MaxInFlight);
             warn!(probe = %probe.name, in_flight, "at max_in_flight; skipping this canary");
             continue;
         }
@@ -388,19 +393,10 @@ async fn dispatch(
                 uid_validity,
                 last_uid,
             } => {
-                if let Err(e) = engine
-                    .ledger()
-                    .set_cursor(&mailbox_key, uid_validity, last_uid)
-                {
-                    warn!(mailbox = %mailbox_key, error = %e, "cannot persist the mailbox cursor");
-                }
+                engine.set_cursor(&mailbox_key, uid_validity, last_uid);
             }
             WatchEvent::Arrived(a) => {
-                let seen_at = a
-                    .seen_at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or_else(|_| now_ms());
+                let seen_at = crate::clock::at_ms(a.seen);
                 let candidate = match inspect(&a.raw) {
                     Inspected::Ordinary => continue,
                     Inspected::Malformed(why) => {

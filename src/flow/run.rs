@@ -48,8 +48,10 @@ pub async fn start_canary(engine: Arc<Engine>, probe: Arc<Probe>) {
     let id = canary.id.clone();
     // Written before DATA is sent: a crash from here on leaves a canary to resume, not a
     // canary nobody knows about.
-    if let Err(e) = engine.begin(canary) {
-        tracing::error!(probe = %probe.name, error = %e, "cannot record the canary; not sending it");
+    // The engine counts a canary it could not record (skipped, and a submit failure with
+    // reason `ledger`); the ledger writer logs the episode once.
+    if let Err(e) = engine.begin(canary).await {
+        debug!(probe = %probe.name, error = %e, "cannot record the canary; not sending it");
         return;
     }
     match probe.submitter.submit(&message).await {

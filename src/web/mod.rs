@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/metrics` | Prometheus text exposition |
 //! | GET | `/healthz` | the process is alive (always 200) |
-//! | GET | `/readyz` | 200 once config is loaded and the ledger open, else 503 |
+//! | GET | `/readyz` | 200 once config is loaded and while the ledger can be written, else 503 with why |
 //! | GET | `/api/v1/status` | probes, stages, in-flight and recent canaries, as JSON |
 //! | GET | `/` | the dashboard: the same data, for humans (`page.rs`) |
 //! | POST | `/webhooks/{probe}` | a ticket-created webhook; `Authorization: Bearer SECRET` or `?secret=SECRET` |
@@ -51,15 +51,15 @@ pub fn router(state: WebState) -> Router {
 }
 
 async fn metrics(State(s): State<WebState>) -> Response {
-    // Refresh the gauges at scrape time so `oldest_in_flight` is exact, not up to a tick old.
-    // Off the async workers: with a thousand probes, tick and render took about 160 ms of CPU
-    // (the benchmark's `/metrics` figure), holding a runtime thread IMAP watchers and timers need.
+    // A scrape only reads the registry: the ticker (every 250 ms) moves time for the canaries
+    // and sets the gauges, so `oldest_in_flight` is at most a tick old. A scrape used to run the
+    // tick itself, which commits overdue transitions under the engine's lock: with 1,000
+    // canaries going overdue at once it waited seconds on that work, past Prometheus's scrape
+    // timeout, and the prober looked down exactly when it was busiest.
+    // Off the async workers: rendering 1,000 probes takes about 0.2 s of CPU, which IMAP
+    // watchers and timers must not wait for.
     let engine = s.engine.clone();
-    let rendered = tokio::task::spawn_blocking(move || {
-        engine.tick(now_ms());
-        engine.metrics().render()
-    })
-    .await;
+    let rendered = tokio::task::spawn_blocking(move || engine.metrics().render()).await;
     match rendered {
         Ok(body) => (
             [(
@@ -81,10 +81,16 @@ async fn metrics(State(s): State<WebState>) -> Response {
 }
 
 async fn readyz(State(s): State<WebState>) -> Response {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    if !s.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
+    }
+    match s.engine.ledger_error() {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the ledger cannot be written, so no canary is sent: {why}\n"),
+        )
+            .into_response(),
     }
 }
 
