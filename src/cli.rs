@@ -10,8 +10,10 @@ use std::{
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+
+use crate::once;
 use mailcanary::{
-    canary::life::Transition,
     config::{self, Config},
     daemon::{Daemon, Options},
     sandbox::{self, DelayRange, Fault, Sandbox, SandboxConfig, Stage},
@@ -90,6 +92,21 @@ struct OnceArgs {
     /// Only this probe (default: every probe).
     #[arg(long)]
     probe: Option<String>,
+    /// Give up after this long, whatever is pending (default: the longest end-to-end
+    /// deadline plus 10 s). `once` normally ends sooner: at the first failed or overdue stage,
+    /// or when every stage is done.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// `text`: the stage timeline as it happens. `nagios`: one status line with perfdata,
+    /// exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (monitoring-plugins guidelines).
+    #[arg(long, value_enum, default_value_t = OnceFormat::Text)]
+    format: OnceFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnceFormat {
+    Text,
+    Nagios,
 }
 
 fn parse_shard(s: &str) -> Result<(u32, u32), String> {
@@ -452,24 +469,41 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
+    let nagios = args.format == OnceFormat::Nagios;
+    // A plugin that cannot run reports UNKNOWN on stdout, where the monitoring system reads.
+    let unknown = |why: &str| {
+        if nagios {
+            say!("MAILCANARY UNKNOWN - {}", why.lines().next().unwrap_or(why));
+            eprintln!("{why}");
+            ExitCode::from(3)
+        } else {
+            eprintln!("{why}");
+            ExitCode::from(2)
+        }
+    };
     let mut config = match load_config(args.config.as_deref()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(2));
-        }
+        Err(e) => return Ok(unknown(&e)),
     };
     if let Some(name) = &args.probe {
         config.probes.retain(|p| &p.name == name);
         if config.probes.is_empty() {
-            eprintln!("no probe named {name:?} in the config");
-            return Ok(ExitCode::from(2));
+            return Ok(unknown(&format!("no probe named {name:?} in the config")));
         }
     }
+    let timeout = args.timeout.unwrap_or_else(|| {
+        config
+            .probes
+            .iter()
+            .map(|p| p.deadlines.end_to_end)
+            .max()
+            .unwrap_or(Duration::from_secs(60))
+            + Duration::from_secs(10)
+    });
     // A throwaway state dir: `once` must not disturb a daemon's ledger, nor inherit it. Without
     // a configured secret the key is generated there, so only this run's canaries verify.
     let state_dir = std::env::temp_dir().join(format!("mailcanary-once-{}", std::process::id()));
-    let mut daemon = Daemon::start(
+    let started = Daemon::start(
         &config,
         Options {
             state_dir: state_dir.clone(),
@@ -477,63 +511,85 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
             schedule: false,
         },
     )
-    .await?;
+    .await;
+    let mut daemon = match started {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&state_dir);
+            return Ok(unknown(&format!("{e:#}")));
+        }
+    };
     let mut events = daemon.engine.subscribe();
-    let longest = config
+    let mut runs: Vec<once::Run> = daemon
+        .prober
         .probes
         .iter()
-        .map(|p| p.deadlines.end_to_end)
-        .max()
-        .unwrap_or(Duration::from_secs(60));
+        .map(|p| once::Run::new(&p.name, &p.plan, &p.limits))
+        .collect();
     daemon.send_once();
-    let mut pending = daemon.prober.probes.len();
-    let mut all_ok = true;
-    let deadline = tokio::time::sleep(longest + Duration::from_secs(5));
-    tokio::pin!(deadline);
-    while pending > 0 {
+    let give_up = tokio::time::sleep(timeout);
+    tokio::pin!(give_up);
+    let mut timed_out = false;
+    while runs.iter().any(|r| r.fate().is_none()) {
         let ev = tokio::select! {
-            _ = &mut deadline => {
-                say!("gave up waiting after {}", humantime::format_duration(longest + Duration::from_secs(5)));
-                all_ok = false;
-                break;
-            }
-            ev = events.recv() => match ev { Ok(e) => e, Err(_) => continue },
+            _ = &mut give_up => { timed_out = true; break; }
+            ev = events.recv() => match ev {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            },
         };
-        match &ev.transition {
-            Transition::StageDone {
-                stage,
-                duration_ms,
-                late,
-            } => say!(
-                "{:<12} {:<11} ok   {:>9.3}s{}",
-                ev.probe,
-                stage.as_str(),
-                *duration_ms as f64 / 1000.0,
-                if *late { "  (late)" } else { "" }
-            ),
-            Transition::StageFailed { stage, reason } => say!(
-                "{:<12} {:<11} FAIL {}{}",
-                ev.probe,
-                stage.as_str(),
-                reason,
-                ev.detail
-                    .as_deref()
-                    .map(|d| format!(": {d}"))
-                    .unwrap_or_default()
-            ),
-            Transition::Lost { stage } => say!("{:<12} {:<11} LOST", ev.probe, stage.as_str()),
-            Transition::Finished { outcome } => {
-                say!("{:<12} {:<11} {:?}", ev.probe, "finished", outcome);
-                all_ok &= !outcome.is_failure();
-                pending -= 1;
+        let Some(run) = runs.iter_mut().find(|r| r.probe == ev.probe) else {
+            continue;
+        };
+        if let Some(line) = run.apply(&ev) {
+            if !nagios {
+                say!("{line}");
             }
+        }
+    }
+    // Clean up what was sent: the finished canaries' clean-up is under way (message by UID,
+    // ticket by the API); a canary that failed still has its ticket, if one was found.
+    let engine = daemon.engine.clone();
+    let cleanup = async {
+        for (p, r) in daemon.prober.probes.iter().zip(&runs) {
+            if let Some(c) = r.canary.as_deref().and_then(|id| engine.find(&p.name, id))
+                && !c.is_finished()
+            {
+                mailcanary::flow::clean_up_ticket(p, &c).await;
+            }
+        }
+        while daemon
+            .prober
+            .probes
+            .iter()
+            .any(|p| p.cleanups_pending() > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), cleanup)
+        .await
+        .is_err()
+    {
+        tracing::warn!("once: clean-up did not finish within 10 s; something of this canary may be left behind");
+    }
+    let verdict = once::verdict(&runs, timed_out, timeout);
+    if nagios {
+        say!("{}", verdict.nagios_line(&runs));
+    } else {
+        if timed_out {
+            say!("gave up waiting after {}", humantime::format_duration(timeout));
+        }
+        for r in &runs {
+            say!("{:<12} {:<11} {}", r.probe, "finished", r.summary());
         }
     }
     daemon.stop().await;
     let _ = std::fs::remove_dir_all(&state_dir);
-    Ok(if all_ok {
-        ExitCode::SUCCESS
+    Ok(ExitCode::from(if nagios {
+        verdict.nagios_code()
     } else {
-        ExitCode::FAILURE
-    })
+        u8::from(verdict.status != once::Status::Ok && verdict.status != once::Status::Warning)
+    }))
 }

@@ -155,6 +155,9 @@ pub enum WatchEvent {
     /// The session failed (connect, tls, auth, protocol or timeout); one event per failed
     /// attempt. The watcher reconnects by itself.
     Failed { reason: Reason, detail: String },
+    /// The deletes asked for these UIDs were carried out (or refused by the server, and
+    /// dropped): nothing more will be done for them.
+    Deleted { uid_validity: u32, uids: Vec<u32> },
 }
 
 /// What a watcher can be told to do.
@@ -818,7 +821,11 @@ impl Watcher {
             Err(f) => return Err(f.into()),
         }
         self.deletes.clear();
-        Ok(())
+        self.emit(WatchEvent::Deleted {
+            uid_validity: validity,
+            uids,
+        })
+        .await
     }
 
     async fn delete(

@@ -298,6 +298,15 @@ impl Engine {
             .cloned()
     }
 
+    /// A copy of a canary in flight or among the recent finished ones.
+    pub fn find(&self, probe: &str, id: &str) -> Option<Canary> {
+        let st = lock(&self.state);
+        st.in_flight
+            .get(&(probe.to_string(), id.to_string()))
+            .or_else(|| st.probes.get(probe)?.recent.iter().find(|c| c.id == id))
+            .cloned()
+    }
+
     /// Applies `f` to an in-flight canary, then persists and counts what changed. Returns the
     /// canary after the change, or `None` if it is not in flight (finished, or never ours).
     pub fn update(

@@ -62,6 +62,29 @@ pub struct Probe {
     pub helpdesk: Option<Arc<Helpdesk>>,
     pub mailbox_key: String,
     mailbox_commands: std::sync::OnceLock<mpsc::Sender<WatchCommand>>,
+    /// Clean-ups begun and not yet done (a delete the watcher has not carried out, a ticket
+    /// call still running): `once` waits for them before it exits.
+    cleanups: std::sync::atomic::AtomicUsize,
+}
+
+impl Probe {
+    /// Clean-ups begun and not yet done.
+    pub fn cleanups_pending(&self) -> usize {
+        self.cleanups.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn cleanup_begun(&self) {
+        self.cleanups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn cleanup_done(&self) {
+        let _ = self.cleanups.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -169,6 +192,7 @@ impl Probe {
                 imap.username, imap.host, imap.port, imap.mailbox
             ),
             mailbox_commands: std::sync::OnceLock::new(),
+            cleanups: Default::default(),
         })
     }
 }
@@ -371,6 +395,8 @@ async fn dispatch(
 ) {
     let names: Vec<&str> = probes.iter().map(|p| p.name.as_str()).collect();
     let blame = names[0].to_string();
+    // Which probe asked for the delete of a UID, so its clean-up can be marked done.
+    let mut deleting: HashMap<(u32, u32), Arc<Probe>> = HashMap::new();
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -387,6 +413,13 @@ async fn dispatch(
                 warn!(mailbox = %mailbox_key, %reason, %detail, "mailbox watcher failed; reconnecting");
                 for n in &names {
                     engine.mailbox_status(n, Some((reason, detail.clone())));
+                }
+            }
+            WatchEvent::Deleted { uid_validity, uids } => {
+                for uid in uids {
+                    if let Some(p) = deleting.remove(&(uid_validity, uid)) {
+                        p.cleanup_done();
+                    }
                 }
             }
             WatchEvent::Cursor {
@@ -431,7 +464,9 @@ async fn dispatch(
                             && c.is_finished()
                             && let Some(p) = probes.iter().find(|p| p.name == probe)
                         {
-                            clean_up(p, &c, a.uid_validity, a.uid).await;
+                            if clean_up(p, &c, a.uid_validity, a.uid) {
+                                deleting.insert((a.uid_validity, a.uid), p.clone());
+                            }
                         }
                     }
                 }
@@ -441,25 +476,44 @@ async fn dispatch(
 }
 
 /// Removes what a finished canary left behind: the delivered message (by UID) and the ticket.
-async fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary, uid_validity: u32, uid: u32) {
+/// True if a delete of the message was asked of the watcher.
+fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary, uid_validity: u32, uid: u32) -> bool {
+    let mut deleting = false;
     if p.delete_delivered
         && let Some(tx) = p.mailbox_commands.get()
     {
-        let _ = tx.try_send(WatchCommand::Delete { uid_validity, uid });
+        p.cleanup_begun();
+        deleting = tx
+            .try_send(WatchCommand::Delete { uid_validity, uid })
+            .is_ok();
+        if !deleting {
+            p.cleanup_done();
+        }
     }
-    if let (Some(mode), Some(h), Some(ticket)) =
-        (p.cleanup, p.helpdesk.clone(), c.ticket_id.clone())
-    {
-        let (probe, canary) = (p.name.clone(), c.id.clone());
+    if c.ticket_id.is_some() && p.cleanup.is_some() && p.helpdesk.is_some() {
+        // Counted before the task starts, so `once` cannot see zero in between.
+        p.cleanup_begun();
+        let (p, c) = (p.clone(), c.clone());
         tokio::spawn(async move {
-            let t = crate::edges::helpdesk::TicketRef {
-                id: ticket,
-                created_at: None,
-            };
-            if let Err(e) = h.cleanup(&t, mode).await {
-                warn!(%probe, %canary, error = %e, "ticket cleanup failed");
-            }
+            clean_up_ticket(&p, &c).await;
+            p.cleanup_done();
         });
+    }
+    deleting
+}
+
+/// Archives, trashes or deletes the canary's ticket as the probe says (if it has one).
+pub async fn clean_up_ticket(p: &Arc<Probe>, c: &crate::canary::life::Canary) {
+    let (Some(mode), Some(h), Some(ticket)) = (p.cleanup, p.helpdesk.clone(), c.ticket_id.clone())
+    else {
+        return;
+    };
+    let t = crate::edges::helpdesk::TicketRef {
+        id: ticket,
+        created_at: None,
+    };
+    if let Err(e) = h.cleanup(&t, mode).await {
+        warn!(probe = %p.name, canary = %c.id, error = %e, "ticket cleanup failed");
     }
 }
 
