@@ -11,7 +11,6 @@ use std::{
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-
 use crate::once;
 use mailcanary::{
     config::{self, Config},
@@ -542,10 +541,11 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         let Some(run) = runs.iter_mut().find(|r| r.probe == ev.probe) else {
             continue;
         };
-        if let Some(line) = run.apply(&ev) {
-            if !nagios {
-                say!("{line}");
-            }
+        // Applied in both formats; printed as a timeline only in text.
+        if let Some(line) = run.apply(&ev)
+            && !nagios
+        {
+            say!("{line}");
         }
     }
     // Clean up what was sent: the finished canaries' clean-up is under way (message by UID,
@@ -572,14 +572,19 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         .await
         .is_err()
     {
-        tracing::warn!("once: clean-up did not finish within 10 s; something of this canary may be left behind");
+        tracing::warn!(
+            "once: clean-up did not finish within 10 s; something of this canary may be left behind"
+        );
     }
     let verdict = once::verdict(&runs, timed_out, timeout);
     if nagios {
         say!("{}", verdict.nagios_line(&runs));
     } else {
         if timed_out {
-            say!("gave up waiting after {}", humantime::format_duration(timeout));
+            say!(
+                "gave up waiting after {}",
+                humantime::format_duration(timeout)
+            );
         }
         for r in &runs {
             say!("{:<12} {:<11} {}", r.probe, "finished", r.summary());

@@ -57,7 +57,10 @@ mod tests {
     #[test]
     fn canary_time_starts_at_the_wall_clock_and_never_goes_back() {
         let (a, w) = (now_ms(), wall_ms());
-        assert!(a.abs_diff(w) < 1_000, "anchored to the wall clock: {a} vs {w}");
+        assert!(
+            a.abs_diff(w) < 1_000,
+            "anchored to the wall clock: {a} vs {w}"
+        );
         let mut last = now_ms();
         for _ in 0..1_000 {
             let t = now_ms();

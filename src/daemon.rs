@@ -93,7 +93,12 @@ impl Daemon {
 
     /// Sends one canary per probe now.
     pub fn send_once(&mut self) {
-        crate::flow::send_once(&self.engine, &self.prober.probes, &mut self.tasks);
+        crate::flow::send_once(
+            &self.engine,
+            &self.prober.probes,
+            &mut self.tasks,
+            &self.shutdown,
+        );
     }
 
     /// Stops sending and serving. Every change is already in the ledger; waiting is bounded.

@@ -822,8 +822,8 @@ mod tests {
         let good = canary("p", "good", 1);
         ledger.put(&good).unwrap();
         let txn = ledger
-                .with_db("test", |db| Ok(db.begin_write().unwrap()))
-                .unwrap();
+            .with_db("test", |db| Ok(db.begin_write().unwrap()))
+            .unwrap();
         {
             let mut t = txn.open_table(IN_FLIGHT).unwrap();
             t.insert("p\0bad", &b"{\"probe\": \"p\", \"id\": 4"[..])

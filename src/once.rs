@@ -195,12 +195,9 @@ impl Run {
         self.stages
             .iter()
             .map(|s| {
-                let value = self
-                    .done
-                    .get(s)
-                    .map_or("U".to_string(), |(ms, _)| {
-                        format!("{:.3}s", *ms as f64 / 1000.0)
-                    });
+                let value = self.done.get(s).map_or("U".to_string(), |(ms, _)| {
+                    format!("{:.3}s", *ms as f64 / 1000.0)
+                });
                 format!(
                     "'{}_{}'={value};;{:.3};0",
                     self.probe,
@@ -414,6 +411,9 @@ mod tests {
             None,
         ));
         let runs = [run(), bad];
-        assert_eq!(verdict(&runs, true, Duration::from_secs(3)).nagios_code(), 2);
+        assert_eq!(
+            verdict(&runs, true, Duration::from_secs(3)).nagios_code(),
+            2
+        );
     }
 }

@@ -38,6 +38,11 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v amtool >/dev/null 2>&1 || need_pkgs+=(prometheus-alertmanager)
 command -v musl-gcc >/dev/null 2>&1 || need_pkgs+=(musl-tools)
+# The never-blind drills (tests/prober/blind.rs): libfaketime steps the wall clock under the
+# real binary; mkfs.ext4/e2fsck make and repair the loop-mounted state dir that goes read-only.
+[ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_pkgs+=(libfaketime)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
 # The benchmark's peer: check_email_delivery (Nagios mail-loop check) and the Perl modules it
 # loads for IMAPS; its recommends are a long list of other plugins' needs, so they are named.
 if [ "$bench" -eq 1 ]; then

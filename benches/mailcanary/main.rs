@@ -193,8 +193,8 @@ async fn run(mode: Mode, sections: Vec<&'static str>) -> Results {
         eprintln!("/metrics response time");
         let scrapes = if full { 100 } else { 20 };
         let mut rows = Vec::new();
-        for probes in [100, 1000] {
-            rows.push(procs::metrics_time(&bench, probes, scrapes).await);
+        for (probes, stalled) in [(100, false), (1000, false), (1000, true)] {
+            rows.push(procs::metrics_time(&bench, probes, scrapes, stalled).await);
         }
         Some(rows)
     } else {
@@ -380,15 +380,17 @@ fn markdown(r: &Results) -> String {
         s.push('\n');
     }
     if let Some(metrics) = &r.metrics_response {
-        s.push_str("**`/metrics` response time** (probes configured, idle after one canary each)\n\n| probes | series | bytes | in flight | median | max |\n|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str("**`/metrics` response time** (idle: one canary each, finished; stalled: import stalled, every canary in flight and going overdue while scraped)\n\n| probes | state | series | bytes | in flight | overdue meanwhile | median | max |\n|---:|---|---:|---:|---:|---:|---:|---:|\n");
         for mr in metrics {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.1} ms | {:.1} ms |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms |",
                 mr.probes,
+                mr.state,
                 mr.series,
                 mr.bytes,
                 mr.in_flight,
+                mr.overdue_during,
                 mr.response_ms.median,
                 mr.response_ms.max
             );

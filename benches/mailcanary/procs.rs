@@ -246,6 +246,15 @@ pub struct CostRow {
     pub metrics_ms: Summary,
 }
 
+/// Sum over every probe of one stage's series of `name`.
+fn stage_total(s: &mailcanary::metrics::testing::Samples, name: &str, stage: &str) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.name == name && x.label("stage") == Some(stage))
+        .map(|x| x.value)
+        .sum()
+}
+
 /// Totals over every probe of an exposition.
 fn totals(s: &mailcanary::metrics::testing::Samples) -> (f64, f64, f64) {
     (total(s, COMPLETED), total(s, FAILURES), total(s, LATE))
@@ -447,6 +456,11 @@ pub async fn sustained_rate(b: &Bench, steps: &[(usize, u64)], window: Duration)
 #[derive(Serialize)]
 pub struct MetricsRow {
     pub probes: usize,
+    /// `idle` (one canary each, finished) or `stalled` (import stalled: every probe's canary
+    /// in flight, going overdue while the scrapes run).
+    pub state: &'static str,
+    /// Deadline failures counted while the scrapes ran (the engine's overdue work).
+    pub overdue_during: f64,
     pub series: usize,
     pub bytes: usize,
     pub in_flight: f64,
@@ -454,26 +468,56 @@ pub struct MetricsRow {
 }
 
 /// `/metrics` response time with `probes` configured (one shared mailbox, interval 1 h: each
-/// probe sends one canary at start, then nothing).
-pub async fn metrics_time(b: &Bench, probes: usize, scrapes: usize) -> MetricsRow {
+/// probe sends one canary at start, then nothing). `stalled`: the sandbox's import is stalled
+/// first, so every canary stays in flight, polled for, and goes overdue during the scrapes.
+pub async fn metrics_time(b: &Bench, probes: usize, scrapes: usize, stalled: bool) -> MetricsRow {
     let mut specs = fleet(probes, Duration::from_secs(3600), false);
     for p in &mut specs {
         p.jitter = Duration::from_secs(5);
+        if stalled {
+            // Overdue 8 to 13 s after start: in the middle of the scrapes below.
+            p.deadline = Duration::from_secs(8);
+            p.helpdesk_poll = Duration::from_secs(1);
+        }
     }
+    let tag = if stalled { "stalled" } else { "idle" };
     let run = b.start(
-        &format!("metrics-{probes}"),
+        &format!("metrics-{probes}-{tag}"),
         &specs,
         Duration::from_millis(100),
     );
-    // Let the start-up canaries finish (or give up waiting after 90 s: time it anyway).
     let t0 = Instant::now();
-    loop {
-        let s = scrape(&b.http, run.addr).await;
-        if total(&s, COMPLETED) >= probes as f64 || t0.elapsed() > Duration::from_secs(90) {
-            break;
+    if stalled {
+        let put = b
+            .http
+            .put(format!("{}/sandbox/faults", run.api))
+            .json(&serde_json::json!({"import": "stall"}))
+            .send()
+            .await;
+        if !put.is_ok_and(|r| r.status().is_success()) {
+            crate::impossible!("cannot stall the sandbox's import");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Every probe's canary sent and waiting for its ticket.
+        loop {
+            let s = scrape(&b.http, run.addr).await;
+            if stage_total(&s, "mailcanary_stage_in_flight", "import") >= probes as f64
+                || t0.elapsed() > Duration::from_secs(60)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    } else {
+        // Let the start-up canaries finish (or give up waiting after 90 s: time it anyway).
+        loop {
+            let s = scrape(&b.http, run.addr).await;
+            if total(&s, COMPLETED) >= probes as f64 || t0.elapsed() > Duration::from_secs(90) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
+    let overdue_before = stage_total(&scrape(&b.http, run.addr).await, FAILURES, "import");
     let mut ms = Vec::new();
     let (mut series, mut bytes, mut in_flight) = (0, 0, 0.0);
     for _ in 0..scrapes {
@@ -493,16 +537,20 @@ pub async fn metrics_time(b: &Bench, probes: usize, scrapes: usize) -> MetricsRo
             .sum();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let overdue_during =
+        stage_total(&scrape(&b.http, run.addr).await, FAILURES, "import") - overdue_before;
     let r = MetricsRow {
         probes,
+        state: tag,
+        overdue_during,
         series,
         bytes,
         in_flight,
         response_ms: summary(&ms),
     };
     eprintln!(
-        "  /metrics with {probes} probes: median {:.1} ms, max {:.1} ms ({} series, {} bytes)",
-        r.response_ms.median, r.response_ms.max, series, bytes
+        "  /metrics with {probes} probes ({tag}): median {:.1} ms, max {:.1} ms ({} series, {} bytes, {} in flight, {} went overdue meanwhile)",
+        r.response_ms.median, r.response_ms.max, series, bytes, in_flight, overdue_during
     );
     r
 }

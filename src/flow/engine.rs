@@ -547,10 +547,8 @@ impl Engine {
                     .set_in_flight(probe, *stage, count, oldest as f64 / 1000.0);
             }
             // The same verdict the status page shows: the gauge and the page cannot disagree.
-            self.metrics.set_probe_success(
-                probe,
-                verdict(ps, st.ledger_error.as_ref(), mine).0 == "ok",
-            );
+            self.metrics
+                .set_probe_success(probe, verdict(ps, st.ledger_error.as_ref(), mine).0 == "ok");
         }
     }
 
@@ -788,7 +786,10 @@ fn verdict(
     if let Some(f) = ledger_error {
         return (
             "failing",
-            format!("ledger: no canary can be recorded, so none is sent ({})", f.detail),
+            format!(
+                "ledger: no canary can be recorded, so none is sent ({})",
+                f.detail
+            ),
         );
     }
     if let Some(f) = &ps.mailbox_error {

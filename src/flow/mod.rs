@@ -378,10 +378,25 @@ async fn scheduler(engine: Arc<Engine>, probe: Arc<Probe>, shutdown: Cancellatio
     }
 }
 
-/// Sends one canary per probe now (the `once` command), as tasks in `tasks`.
-pub fn send_once(engine: &Arc<Engine>, probes: &[Arc<Probe>], tasks: &mut JoinSet<()>) {
+/// Sends one canary per probe now (the `once` command), as tasks in `tasks` that end at
+/// `shutdown` (a run still polling for its ticket must not hold up the exit).
+pub fn send_once(
+    engine: &Arc<Engine>,
+    probes: &[Arc<Probe>],
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) {
     for p in probes {
-        tasks.spawn(run::start_canary(engine.clone(), p.clone()));
+        let (run, sd) = (
+            run::start_canary(engine.clone(), p.clone()),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = sd.cancelled() => {}
+                _ = run => {}
+            }
+        });
     }
 }
 
@@ -463,10 +478,9 @@ async fn dispatch(
                         if let Some(c) = done
                             && c.is_finished()
                             && let Some(p) = probes.iter().find(|p| p.name == probe)
+                            && clean_up(p, &c, a.uid_validity, a.uid)
                         {
-                            if clean_up(p, &c, a.uid_validity, a.uid) {
-                                deleting.insert((a.uid_validity, a.uid), p.clone());
-                            }
+                            deleting.insert((a.uid_validity, a.uid), p.clone());
                         }
                     }
                 }

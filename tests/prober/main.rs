@@ -3,6 +3,7 @@
 //! on port 0; the prober runs in-process (`Daemon`) or as the real binary where a process
 //! boundary is the point (kill -9, logs, SIGHUP reload).
 
+mod blind;
 mod cli;
 mod common;
 mod dashboard;
