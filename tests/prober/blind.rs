@@ -650,3 +650,81 @@ async fn wall_clock_steps_cause_no_false_alarm() {
     }
     sb.shutdown().await;
 }
+
+/// 1,000 probes, every canary in flight (import stalled) and going overdue at about the same
+/// moment, while `/metrics`, `/api/v1/status` and the dashboard are fetched: each answers within
+/// Prometheus's default scrape timeout (10 s) throughout, and every probe turns red. A scrape
+/// used to run the engine's tick itself, committing the overdue transitions to disk under the
+/// engine's lock: a median of 26.7 s on a busy machine. (How fast it answers is the
+/// benchmark's `/metrics` figure, not this test's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_probes_in_flight_while_scraped() {
+    const N: usize = 1000;
+    let sb = sandbox().await;
+    sb.faults().set(
+        mailcanary::sandbox::Stage::Import,
+        mailcanary::sandbox::Fault::Stall,
+    );
+    let k = Knobs {
+        interval: "1h",
+        import_deadline: "6s",
+        poll_interval: "2s",
+        ..Knobs::default()
+    };
+    let text = config_text(&sb, &k);
+    let (head, probe) = text.split_at(text.find("[[probe]]").unwrap());
+    let mut all = head.to_string();
+    for i in 0..N {
+        all.push_str(&probe.replace(
+            &format!("name = \"{PROBE}\""),
+            &format!("name = \"p{i:04}\""),
+        ));
+    }
+    let cfg = mailcanary::config::parse_str(&all, "fleet.toml").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(&cfg, dir.path()).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let (mut slowest, mut red, mut in_flight) = (Duration::ZERO, 0usize, 0.0f64);
+    let mut path_slowest = "";
+    while t0.elapsed() < Duration::from_secs(25) && red < N {
+        for path in ["/metrics", "/api/v1/status", "/"] {
+            let t = Instant::now();
+            let r = client
+                .get(format!("http://{}{path}", d.addr))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{path} after {:?}: {e}", t0.elapsed()));
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            let body = r.text().await.unwrap();
+            if t.elapsed() > slowest {
+                (slowest, path_slowest) = (t.elapsed(), path);
+            }
+            if path == "/metrics" {
+                let s = mailcanary::metrics::testing::parse_exposition(&body);
+                let of = |name: &str, stage: Option<&str>| {
+                    s.samples
+                        .iter()
+                        .filter(|x| {
+                            x.name == name && stage.is_none_or(|st| x.label("stage") == Some(st))
+                        })
+                        .map(|x| x.value)
+                        .collect::<Vec<_>>()
+                };
+                red = of(SUCCESS, None).iter().filter(|v| **v == 0.0).count();
+                in_flight = in_flight.max(of(IN_FLIGHT, Some("end_to_end")).iter().sum());
+            }
+        }
+    }
+    eprintln!(
+        "{N} probes: {in_flight} in flight at most, {red} red after {:?}; slowest answer {slowest:?} ({path_slowest})",
+        t0.elapsed()
+    );
+    assert_eq!(in_flight, N as f64, "every probe's canary was in flight");
+    assert_eq!(red, N, "every probe failing once its canary is overdue");
+    d.stop().await;
+    sb.shutdown().await;
+}
