@@ -61,6 +61,16 @@ impl Daemon {
         ));
         metrics.set_config_reload(true);
         let engine = Engine::new(ledger, metrics);
+        if config.prober.secret.is_none() {
+            // A generated key lives in the state dir: if the dir vanishes under the running
+            // prober, the ledger is made again and so must the key be.
+            let (key, dir) = (key.clone(), opts.state_dir.clone());
+            engine.on_ledger_reopen(move || match key.save_if_missing(&dir) {
+                Ok(true) => tracing::warn!(state_dir = %dir.display(), "the key file was gone; written again"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(state_dir = %dir.display(), error = %e, "cannot write the key file again; a restart would take the canaries in flight for forgeries"),
+            });
+        }
         let prober = Prober::new(config, engine.clone(), key)?;
         let ready = Arc::new(AtomicBool::new(false));
         let listener = tokio::net::TcpListener::bind(opts.listen)

@@ -90,25 +90,41 @@ impl Key {
             Err(err) => return Err(err),
         }
 
-        fs::create_dir_all(dir)?;
         let key = Key::generate();
+        match key.install(dir)? {
+            true => Ok(key),
+            // Someone else created it between our read and our link: theirs wins.
+            false => Key::from_hex_file(&path, &fs::read_to_string(&path)?),
+        }
+    }
+
+    /// Writes this key to `dir` if no key file is there (the state dir was removed under the
+    /// running prober): without it the next start would generate another key and take every
+    /// canary in flight for a forgery. True if it wrote the file; an existing one is never
+    /// replaced.
+    pub fn save_if_missing(&self, dir: &Path) -> io::Result<bool> {
+        if dir.join(SECRET_FILE).exists() {
+            return Ok(false);
+        }
+        self.install(dir)
+    }
+
+    /// Writes the key file without clobbering one that appeared meanwhile; false if one did.
+    fn install(&self, dir: &Path) -> io::Result<bool> {
+        fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(
             ".{SECRET_FILE}.{}.tmp",
             rand::rng().random::<u64>()
         ));
-        let written = write_private(&tmp, format!("{}\n", hex_encode(&key.0)).as_bytes())
-            .and_then(|()| install_no_clobber(&tmp, &path));
+        let written = write_private(&tmp, format!("{}\n", hex_encode(&self.0)).as_bytes())
+            .and_then(|()| install_no_clobber(&tmp, &dir.join(SECRET_FILE)));
         // The temporary name is gone after a rename and still there after a link or a failure.
         let _ = fs::remove_file(&tmp);
-        match written {
-            Ok(true) => {
-                sync_dir(dir);
-                Ok(key)
-            }
-            // Someone else created it between our read and our link: theirs wins.
-            Ok(false) => Key::from_hex_file(&path, &fs::read_to_string(&path)?),
-            Err(err) => Err(err),
+        if written? {
+            sync_dir(dir);
+            return Ok(true);
         }
+        Ok(false)
     }
 
     fn from_hex_file(path: &Path, text: &str) -> io::Result<Key> {

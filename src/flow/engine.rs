@@ -105,6 +105,9 @@ pub struct Engine {
     /// To the ledger writer thread. Disk work never happens under `state`'s lock, so a scrape
     /// or the status page never waits on an fsync.
     writer: mpsc::Sender<Job>,
+    /// Run after the ledger was reopened (the state dir may have been made again): puts back
+    /// what else the state dir must hold, such as a generated key.
+    on_reopen: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 impl State {
@@ -140,8 +143,14 @@ impl Engine {
                 state: Mutex::new(State::default()),
                 events,
                 writer,
+                on_reopen: Mutex::new(None),
             }
         })
+    }
+
+    /// What to run after the ledger was reopened (see the field).
+    pub fn on_ledger_reopen(&self, f: impl Fn() + Send + 'static) {
+        *self.on_reopen.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(f));
     }
 
     /// Why the ledger cannot be written now, if it cannot (for `/readyz`).
@@ -261,9 +270,10 @@ impl Engine {
         match result {
             Ok(()) => {
                 self.metrics.sent(&probe);
-                lock(&self.state)
-                    .in_flight
+                let mut st = lock(&self.state);
+                st.in_flight
                     .insert((canary.probe.clone(), canary.id.clone()), canary);
+                self.refresh_probe_gauges(&st, &probe, now_ms());
                 Ok(())
             }
             Err(e) => {
@@ -321,6 +331,7 @@ impl Engine {
         let transitions = f(canary);
         let snapshot = canary.clone();
         self.commit(&mut st, snapshot.clone(), &transitions);
+        self.refresh_probe_gauges(&st, probe, now_ms());
         Some(snapshot)
     }
 
@@ -425,9 +436,14 @@ impl Engine {
                 // are missing: write again every canary in flight, as memory has it (it is at
                 // least as new as anything queued for it).
                 Ok(()) => {
-                    let st = lock(&self.state);
-                    for c in st.in_flight.values() {
-                        w.dirty.insert(canary_key(c), Write::Put(c.clone()));
+                    {
+                        let st = lock(&self.state);
+                        for c in st.in_flight.values() {
+                            w.dirty.insert(canary_key(c), Write::Put(c.clone()));
+                        }
+                    }
+                    if let Some(f) = &*self.on_reopen.lock().unwrap_or_else(|p| p.into_inner()) {
+                        f();
                     }
                 }
                 Err(e) => self.ledger_failed(&e, w),
@@ -540,16 +556,30 @@ impl Engine {
         let by_probe = st.in_flight_by_probe();
         for (probe, ps) in &st.probes {
             let mine: &[&Canary] = by_probe.get(probe.as_str()).map_or(&[], Vec::as_slice);
-            for stage in &ps.stages {
-                let ages = mine.iter().filter_map(|c| age_in(c, *stage, now));
-                let (count, oldest) = ages.fold((0usize, 0u64), |(n, o), a| (n + 1, o.max(a)));
-                self.metrics
-                    .set_in_flight(probe, *stage, count, oldest as f64 / 1000.0);
-            }
-            // The same verdict the status page shows: the gauge and the page cannot disagree.
-            self.metrics
-                .set_probe_success(probe, verdict(ps, st.ledger_error.as_ref(), mine).0 == "ok");
+            self.set_gauges(st, probe, ps, mine, now);
         }
+    }
+
+    /// The gauges of one probe, right after one of its canaries changed: a scrape between two
+    /// ticks then never shows a canary both completed and still in flight.
+    fn refresh_probe_gauges(&self, st: &State, probe: &str, now: u64) {
+        let Some(ps) = st.probes.get(probe) else {
+            return;
+        };
+        let mine: Vec<&Canary> = st.in_flight.values().filter(|c| c.probe == probe).collect();
+        self.set_gauges(st, probe, ps, &mine, now);
+    }
+
+    fn set_gauges(&self, st: &State, probe: &str, ps: &ProbeState, mine: &[&Canary], now: u64) {
+        for stage in &ps.stages {
+            let ages = mine.iter().filter_map(|c| age_in(c, *stage, now));
+            let (count, oldest) = ages.fold((0usize, 0u64), |(n, o), a| (n + 1, o.max(a)));
+            self.metrics
+                .set_in_flight(probe, *stage, count, oldest as f64 / 1000.0);
+        }
+        // The same verdict the status page shows: the gauge and the page cannot disagree.
+        self.metrics
+            .set_probe_success(probe, verdict(ps, st.ledger_error.as_ref(), mine).0 == "ok");
     }
 
     /// A message that looked like a canary was ignored.

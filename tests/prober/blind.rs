@@ -245,8 +245,16 @@ async fn ledger_file_deleted_under_the_running_prober() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let file = state.join(mailcanary::ledger::FILE_NAME);
+    let key_file = state.join(mailcanary::canary::token::SECRET_FILE);
     let sb = sandbox().await;
-    let d = daemon(&config(&sb, &Knobs::default()), &state).await;
+    // No configured secret: the key is generated into the state dir, and must survive it.
+    let text = config_text(&sb, &Knobs::default()).replace("secret = \"drill-secret\"\n", "");
+    let d = daemon(
+        &mailcanary::config::parse_str(&text, "drill.toml").unwrap(),
+        &state,
+    )
+    .await;
+    let key = std::fs::read_to_string(&key_file).unwrap();
     until(d.addr, Duration::from_secs(20), "a first canary", |s| {
         v(s, COMPLETED, &[]) >= 1.0
     })
@@ -260,7 +268,10 @@ async fn ledger_file_deleted_under_the_running_prober() {
         d.addr,
         Duration::from_secs(10),
         "canaries held in import",
-        |s| v(s, IN_FLIGHT, &[("stage", "import")]) >= 1.0,
+        |s| {
+            v(s, IN_FLIGHT, &[("stage", "import")]) >= 1.0
+                && v(s, "mailcanary_canaries_sent_total", &[]) >= 2.0
+        },
     )
     .await;
 
@@ -287,6 +298,11 @@ async fn ledger_file_deleted_under_the_running_prober() {
         }
         let (code, body) = readyz(d.addr).await;
         assert_eq!(code, 200, "{what}: {body}");
+        assert_eq!(
+            std::fs::read_to_string(&key_file).ok().as_deref(),
+            Some(key.as_str()),
+            "{what}: the generated key is in the state dir again"
+        );
     }
     let held = d
         .engine
@@ -295,10 +311,25 @@ async fn ledger_file_deleted_under_the_running_prober() {
         .flat_map(|p| p.in_flight)
         .map(|c| c.id)
         .collect::<Vec<_>>();
-    assert!(!held.is_empty());
+    assert!(
+        !held.is_empty(),
+        "{:#}",
+        status(d.addr.port()).await.unwrap()
+    );
     d.stop().await;
     // What a restart would resume: every canary that was in flight is in the new file.
-    let ledger = mailcanary::ledger::Ledger::open(&state).unwrap();
+    // The stopped daemon's last tasks let go of the file within moments.
+    let t = Instant::now();
+    let ledger = loop {
+        match mailcanary::ledger::Ledger::open(&state) {
+            Ok(l) => break l,
+            Err(e) if t.elapsed() < Duration::from_secs(10) => {
+                eprintln!("reopening the ledger: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let resumed: Vec<String> = ledger
         .in_flight()
         .unwrap()
