@@ -614,7 +614,12 @@ impl Engine {
             None => {
                 let why = match self.ledger.lookup(probe, id) {
                     Ok(Lookup::Finished(_)) | Ok(Lookup::InFlight(_)) => Ignored::Duplicate,
-                    _ => Ignored::Unknown,
+                    Ok(Lookup::Unknown) => Ignored::Unknown,
+                    Err(e) => {
+                        self.metrics.ledger_error(e.op());
+                        warn!(%probe, canary = %id, error = %e, "cannot look the canary up in the ledger; counted as unknown");
+                        Ignored::Unknown
+                    }
                 };
                 self.ignored(probe, why);
                 None
