@@ -159,6 +159,10 @@ struct SandboxArgs {
     /// Hold IDLE pushes back this long after a change, like Dovecot (`500ms`). Default: none.
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_delay: Option<Duration>,
+    /// Acknowledge every new ticket by mail at once (token in the Subject, the canary quoted,
+    /// threaded to it), as RT and django-helpdesk do, ahead of any reply.
+    #[arg(long)]
+    auto_ack: bool,
 }
 
 fn parse_fault(s: &str) -> Result<(Stage, Fault), String> {
@@ -329,6 +333,7 @@ async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         event_capacity: args.event_capacity,
         idle_push_delay: args.idle_delay.unwrap_or_default(),
         faults: args.faults,
+        auto_ack: args.auto_ack,
         ..SandboxConfig::default()
     };
     let sb = Sandbox::start(config.clone())

@@ -58,14 +58,18 @@ pub enum Ignored {
     Duplicate,
     /// It could not be parsed as a message at all.
     Malformed,
+    /// A helpdesk's acknowledgement of the new ticket: the canary's token without the reply
+    /// mark. Recorded on the canary, never taken for the agent's reply.
+    Acknowledgement,
 }
 
 impl Ignored {
-    pub const ALL: [Ignored; 4] = [
+    pub const ALL: [Ignored; 5] = [
         Ignored::Forged,
         Ignored::Unknown,
         Ignored::Duplicate,
         Ignored::Malformed,
+        Ignored::Acknowledgement,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +78,7 @@ impl Ignored {
             Ignored::Unknown => "unknown",
             Ignored::Duplicate => "duplicate",
             Ignored::Malformed => "malformed",
+            Ignored::Acknowledgement => "acknowledgement",
         }
     }
 }

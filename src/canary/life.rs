@@ -209,6 +209,22 @@ pub struct Canary {
     pub threaded: Option<bool>,
     pub outcome: Option<Outcome>,
     pub finished_ms: Option<u64>,
+    /// The helpdesk's acknowledgement of the new ticket (an auto-reply carrying the token but
+    /// not the reply mark), if one arrived: its own signal, never the delivery. Absent in
+    /// records written before it existed.
+    #[serde(default)]
+    pub acknowledged: Option<Acknowledged>,
+}
+
+/// An acknowledgement that arrived in the watched mailbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledged {
+    /// When it was seen, and how long after the canary was sent.
+    pub at_ms: u64,
+    pub after_ms: u64,
+    /// Its UID in the watched mailbox, for cleanup.
+    pub uid: u32,
+    pub uid_validity: u32,
 }
 
 /// A change worth counting. The metrics layer maps these one-to-one onto counters, so each is
@@ -264,6 +280,7 @@ impl Canary {
             early: Vec::new(),
             ticket_id: None,
             delivered_uid: None,
+            acknowledged: None,
             threaded: None,
             outcome: None,
             finished_ms: None,

@@ -106,17 +106,20 @@ pub fn canary_body(token: &Token) -> String {
 
 /// The agent reply the prober posts through a helpdesk API; the token on its own line is what
 /// recognises the reply when it reaches the mailbox (the helpdesk may change the subject).
-pub fn reply_body(token: &Token) -> String {
+pub fn reply_body(token: &Token, mark: &str) -> String {
     custom_reply_body(
         "Automated reply from mailcanary, measuring reply delivery. No action is needed.",
         token,
+        mark,
     )
 }
 
-/// The agent reply with an operator's text (`reply_body` in the config). The token is always
-/// appended on its own line: the reply is recognised by it, whatever the text says.
-pub fn custom_reply_body(text: &str, token: &Token) -> String {
-    format!("{}\n\n{token}\n", text.trim_end())
+/// The agent reply with an operator's text (`reply_body` in the config). The token and the
+/// reply mark ([`crate::canary::Key::reply_mark`]) are always appended, each on its own line:
+/// the reply is recognised by the token and told from an acknowledgement by the mark,
+/// whatever the text says.
+pub fn custom_reply_body(text: &str, token: &Token, mark: &str) -> String {
+    format!("{}\n\n{token}\n{mark}\n", text.trim_end())
 }
 
 #[cfg(test)]
@@ -129,9 +132,15 @@ mod tests {
     fn a_custom_reply_body_keeps_the_token_on_its_own_line() {
         let key = Key::from_secret("k");
         let token = Token::issue(&key, "p", UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-        let body = custom_reply_body("Thanks, we are on it.\n\n", &token);
+        let mark = key.reply_mark(&token);
+        let body = custom_reply_body("Thanks, we are on it.\n\n", &token, &mark);
         assert!(body.starts_with("Thanks, we are on it.\n\n"));
         assert!(body.lines().any(|l| l == token.as_str()));
+        assert!(body.lines().any(|l| l == mark));
+        assert_eq!(
+            crate::canary::token::find_reply_marks(&body),
+            vec![mark.as_str()]
+        );
         assert_eq!(find_tokens(&body), vec![token.as_str()]);
     }
 
@@ -198,8 +207,9 @@ mod tests {
     #[test]
     fn reply_body_has_the_token_on_its_own_line() {
         let m = mail("prober.test");
-        let body = reply_body(&m.token);
+        let body = reply_body(&m.token, "mcreply-aaaaaaaaaaaaaaaa");
         assert!(body.lines().any(|l| l == m.token.as_str()));
+        assert!(body.lines().any(|l| l == "mcreply-aaaaaaaaaaaaaaaa"));
         assert_eq!(find_tokens(&body), vec![m.token.as_str()]);
     }
 

@@ -48,6 +48,9 @@ pub struct Candidate {
     /// The probe names the message claims to belong to: `X-Mailcanary-Probe`, and the word
     /// after `[mailcanary]` in the Subject (which survives a helpdesk's `Re:`).
     pub claimed_probes: Vec<String>,
+    /// Reply-mark-shaped strings of the text body ([`Key::reply_mark`]): the agent reply the
+    /// prober posted carries its canary's; an acknowledgement cannot.
+    pub reply_marks: Vec<String>,
 }
 
 impl Candidate {
@@ -66,7 +69,13 @@ impl Candidate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Classified {
     /// A token that verifies for `probe` (the first token and probe that do, in order).
-    Canary { probe: String, token: Token },
+    /// `marked`: the message also carries the token's reply mark, so it is the agent reply
+    /// the prober posted, not an acknowledgement or another mail quoting the canary.
+    Canary {
+        probe: String,
+        token: Token,
+        marked: bool,
+    },
     /// Claims to be a canary of one of our probes (or claims no probe at all) but no token
     /// verifies: an old key, or someone imitating canaries. Counted, never touched.
     Forged { token: Token },
@@ -108,9 +117,15 @@ pub fn inspect(raw: &[u8]) -> Inspected {
             add(text);
         }
     }
+    let mut reply_marks: Vec<String> = Vec::new();
     for i in 0..message.text_body_count() {
         if let Some(body) = message.body_text(i) {
             add(&body);
+            for mark in super::token::find_reply_marks(&body) {
+                if !reply_marks.iter().any(|m| m == mark) {
+                    reply_marks.push(mark.to_string());
+                }
+            }
         }
     }
     if tokens.is_empty() {
@@ -153,6 +168,7 @@ pub fn inspect(raw: &[u8]) -> Inspected {
         references: ids("References"),
         subject,
         date: message.date().map(|d| unix_seconds(d.to_timestamp())),
+        reply_marks,
     })
 }
 
@@ -162,9 +178,11 @@ pub fn inspect(raw: &[u8]) -> Inspected {
 pub fn classify(candidate: &Candidate, key: &Key, probes: &[&str]) -> Classified {
     for token in &candidate.tokens {
         if let Some(probe) = probes.iter().find(|p| token.verify(key, p)) {
+            let mark = key.reply_mark(token);
             return Classified::Canary {
                 probe: (*probe).to_owned(),
                 token: token.clone(),
+                marked: candidate.reply_marks.contains(&mark),
             };
         }
     }
@@ -342,7 +360,8 @@ mod tests {
             classify(&c, &key, PROBES),
             Classified::Canary {
                 probe: "mail-loop".into(),
-                token: mail.token.clone()
+                token: mail.token.clone(),
+                marked: false,
             }
         );
 
@@ -389,7 +408,8 @@ mod tests {
             &format!("{}@PROBER.TEST", mail.token),
             &format!(
                 "{}\r\n\r\n> On Thu, 1 Jan 2026 canary@prober.test wrote:\r\n> {}\r\n",
-                message::reply_body(&mail.token).replace('\n', "\r\n"),
+                message::reply_body(&mail.token, &key.reply_mark(&mail.token))
+                    .replace('\n', "\r\n"),
                 mail.token
             ),
         );
@@ -404,9 +424,57 @@ mod tests {
             classify(&c, &key, PROBES),
             Classified::Canary {
                 probe: "sandbox".into(),
-                token: mail.token.clone()
+                token: mail.token.clone(),
+                marked: true,
             }
         );
+    }
+
+    /// RT's AutoReply and django-helpdesk's "(Opened)" mail carry the canary's token and thread
+    /// to it, before any agent replies: without the reply mark they are acknowledgements.
+    #[test]
+    fn an_acknowledgement_quoting_the_canary_is_not_marked_as_the_reply() {
+        let key = Key::generate();
+        let mail = canary(&key, "sandbox");
+        let other = canary(&key, "sandbox");
+        let ack = helpdesk_reply(
+            &format!(
+                "[helpdesk.test #17] AutoReply: {}",
+                message::subject("sandbox", &mail.token)
+            ),
+            "support@helpdesk.test",
+            &format!(
+                "Greetings, we received your request.\r\n\r\n> {}\r\n",
+                mail.token
+            ),
+        );
+        let c = candidate(&ack);
+        assert!(c.reply_marks.is_empty());
+        assert!(matches!(
+            classify(&c, &key, PROBES),
+            Classified::Canary { marked: false, .. }
+        ));
+        // Another canary's mark (a reply quoting the wrong ticket) does not count either.
+        let quoting = helpdesk_reply(
+            "Re: hello",
+            "support@helpdesk.test",
+            &format!("{}\r\n{}\r\n", mail.token, key.reply_mark(&other.token)),
+        );
+        assert!(matches!(
+            classify(&candidate(&quoting), &key, PROBES),
+            Classified::Canary { marked: false, .. }
+        ));
+        // Nor does a mark made with another key.
+        let foreign = Key::generate().reply_mark(&mail.token);
+        let faked = helpdesk_reply(
+            "Re: hello",
+            "support@helpdesk.test",
+            &format!("{}\r\n{foreign}\r\n", mail.token),
+        );
+        assert!(matches!(
+            classify(&candidate(&faked), &key, PROBES),
+            Classified::Canary { marked: false, .. }
+        ));
     }
 
     #[test]
@@ -416,7 +484,7 @@ mod tests {
         let raw = helpdesk_reply(
             "RE: [Ticket #17] YOUR REQUEST",
             "unrelated@helpdesk.test",
-            &message::reply_body(&mail.token),
+            &message::reply_body(&mail.token, &key.reply_mark(&mail.token)),
         );
         let c = candidate(&raw);
         assert!(!c.threaded_to(&message::message_id(&mail.token, &mail.hostname)));
@@ -473,7 +541,8 @@ mod tests {
             classify(&c, &key, PROBES),
             Classified::Canary {
                 probe: "sandbox".into(),
-                token: real.token.clone()
+                token: real.token.clone(),
+                marked: false,
             }
         );
     }

@@ -139,6 +139,20 @@ impl Key {
         })
     }
 
+    /// The mark the prober puts in the agent reply it posts for `token`, and that no
+    /// acknowledgement can carry: a helpdesk's auto-acknowledgement quotes the canary (and so
+    /// its token) before any reply exists, but cannot know this string, which is derived from
+    /// the key. `mcreply-` and 16 base32 characters (80 bits of HMAC).
+    pub fn reply_mark(&self, token: &Token) -> String {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(b"reply\0");
+        mac.update(token.as_str().as_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut mark = String::from(REPLY_MARK_PREFIX);
+        mark.push_str(&base32_encode(&tag[..10]));
+        mark
+    }
+
     fn mac(&self, probe: &str, id: &str, sent_at_ms: u64) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         mac.update(probe.as_bytes());
@@ -330,6 +344,31 @@ impl<'de> serde::Deserialize<'de> for Token {
 /// punctuation, brackets, `Re:` and line breaks around a token are fine, while a token glued to
 /// other word characters, or upper-cased by some relay, is not found (tokens are lowercase only).
 /// Authenticity is not checked here.
+/// Starts every reply mark ([`Key::reply_mark`]).
+pub const REPLY_MARK_PREFIX: &str = "mcreply-";
+/// Characters after the prefix.
+const REPLY_MARK_LEN: usize = 16;
+
+/// Every reply-mark-shaped string in `text` (whether it verifies is [`Key::reply_mark`]'s to
+/// say).
+pub fn find_reply_marks(text: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(offset) = text[from..].find(REPLY_MARK_PREFIX) {
+        let start = from + offset;
+        let end = start + REPLY_MARK_PREFIX.len() + REPLY_MARK_LEN;
+        if let Some(mark) = text.get(start..end)
+            && mark[REPLY_MARK_PREFIX.len()..]
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            found.push(mark);
+        }
+        from = start + REPLY_MARK_PREFIX.len();
+    }
+    found
+}
+
 pub fn find_tokens(text: &str) -> Vec<&str> {
     let bytes = text.as_bytes();
     let is_token_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';

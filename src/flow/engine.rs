@@ -627,6 +627,34 @@ impl Engine {
         }
     }
 
+    /// A helpdesk's acknowledgement of the canary's ticket arrived (its token without the reply
+    /// mark): recorded on the canary (the first one), counted as `acknowledgement`, never the
+    /// delivery. Returns true if it should be deleted now: its canary already finished, so no
+    /// later clean-up will take it.
+    pub fn acknowledged(
+        &self,
+        probe: &str,
+        id: &str,
+        seen_at: u64,
+        uid_validity: u32,
+        uid: u32,
+    ) -> bool {
+        self.ignored(probe, Ignored::Acknowledgement);
+        let recorded = self.update(probe, id, |c| {
+            if c.acknowledged.is_none() {
+                c.acknowledged = Some(crate::canary::life::Acknowledged {
+                    at_ms: seen_at,
+                    after_ms: seen_at.saturating_sub(c.created_ms),
+                    uid,
+                    uid_validity,
+                });
+                info!(probe = %c.probe, canary = %c.id, after_ms = seen_at.saturating_sub(c.created_ms), "acknowledgement arrived (not the reply)");
+            }
+            Vec::new()
+        });
+        recorded.is_none()
+    }
+
     /// The mailbox the probe reads is failing (`Some`) or working again (`None`). Counted once
     /// per episode as a delivery failure.
     pub fn mailbox_status(&self, probe: &str, failure: Option<(Reason, String)>) {

@@ -68,6 +68,12 @@ pub struct Probe {
 }
 
 impl Probe {
+    /// Whether delivery is the agent reply this prober posts (so an acknowledgement must not
+    /// end it), rather than the helpdesk's auto-reply or the canary itself.
+    pub fn expects_posted_reply(&self) -> bool {
+        self.reply == ReplyMode::Post && self.plan.contains(&Stage::Reply)
+    }
+
     /// Clean-ups begun and not yet done.
     pub fn cleanups_pending(&self) -> usize {
         self.cleanups.load(std::sync::atomic::Ordering::SeqCst)
@@ -471,16 +477,36 @@ async fn dispatch(
                         tracing::debug!(mailbox = %mailbox_key, uid = a.uid, claimed = ?candidate.claimed_probes, "another prober's canary ignored");
                         engine.ignored(&blame, Ignored::Unknown);
                     }
-                    Classified::Canary { probe, token } => {
+                    Classified::Canary {
+                        probe,
+                        token,
+                        marked,
+                    } => {
+                        let Some(p) = probes.iter().find(|p| p.name == probe) else {
+                            continue;
+                        };
+                        // A probe that posts the agent reply waits for that reply: a mail with
+                        // the token but not the reply mark is the helpdesk's acknowledgement.
+                        if p.expects_posted_reply() && !marked {
+                            let orphan = engine.acknowledged(
+                                &probe,
+                                token.id(),
+                                seen_at,
+                                a.uid_validity,
+                                a.uid,
+                            );
+                            if orphan && p.delete_delivered {
+                                delete_message(p, a.uid_validity, a.uid, &mut deleting);
+                            }
+                            continue;
+                        }
                         let done = engine.delivered(&probe, token.id(), seen_at, a.uid, |mid| {
                             candidate.threaded_to(mid)
                         });
                         if let Some(c) = done
                             && c.is_finished()
-                            && let Some(p) = probes.iter().find(|p| p.name == probe)
-                            && clean_up(p, &c, a.uid_validity, a.uid)
                         {
-                            deleting.insert((a.uid_validity, a.uid), p.clone());
+                            clean_up(p, &c, a.uid_validity, a.uid, &mut deleting);
                         }
                     }
                 }
@@ -489,19 +515,19 @@ async fn dispatch(
     }
 }
 
-/// Removes what a finished canary left behind: the delivered message (by UID) and the ticket.
-/// True if a delete of the message was asked of the watcher.
-fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary, uid_validity: u32, uid: u32) -> bool {
-    let mut deleting = false;
-    if p.delete_delivered
-        && let Some(tx) = p.mailbox_commands.get()
-    {
-        p.cleanup_begun();
-        deleting = tx
-            .try_send(WatchCommand::Delete { uid_validity, uid })
-            .is_ok();
-        if !deleting {
-            p.cleanup_done();
+/// Removes what a finished canary left behind: the delivered message and the helpdesk's
+/// acknowledgement (by UID), and the ticket.
+fn clean_up(
+    p: &Arc<Probe>,
+    c: &crate::canary::life::Canary,
+    uid_validity: u32,
+    uid: u32,
+    deleting: &mut HashMap<(u32, u32), Arc<Probe>>,
+) {
+    if p.delete_delivered {
+        delete_message(p, uid_validity, uid, deleting);
+        if let Some(ack) = &c.acknowledged {
+            delete_message(p, ack.uid_validity, ack.uid, deleting);
         }
     }
     if c.ticket_id.is_some() && p.cleanup.is_some() && p.helpdesk.is_some() {
@@ -513,7 +539,28 @@ fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary, uid_validity: u32, 
             p.cleanup_done();
         });
     }
-    deleting
+}
+
+/// Asks the mailbox's watcher to delete one message of this probe's; the clean-up is pending
+/// until the watcher reports it done.
+fn delete_message(
+    p: &Arc<Probe>,
+    uid_validity: u32,
+    uid: u32,
+    deleting: &mut HashMap<(u32, u32), Arc<Probe>>,
+) {
+    let Some(tx) = p.mailbox_commands.get() else {
+        return;
+    };
+    p.cleanup_begun();
+    if tx
+        .try_send(WatchCommand::Delete { uid_validity, uid })
+        .is_ok()
+    {
+        deleting.insert((uid_validity, uid), p.clone());
+    } else {
+        p.cleanup_done();
+    }
 }
 
 /// Archives, trashes or deletes the canary's ticket as the probe says (if it has one).

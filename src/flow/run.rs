@@ -102,8 +102,10 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                     created_at: None,
                 };
                 let body = match (Token::parse(&c.token), &probe.reply_body) {
-                    (Ok(t), Some(text)) => message::custom_reply_body(text, &t),
-                    (Ok(t), None) => message::reply_body(&t),
+                    (Ok(t), Some(text)) => {
+                        message::custom_reply_body(text, &t, &probe.key.reply_mark(&t))
+                    }
+                    (Ok(t), None) => message::reply_body(&t, &probe.key.reply_mark(&t)),
                     // Our own token always parses; keep the canary recognisable regardless.
                     (Err(_), _) => c.token.clone(),
                 };

@@ -45,6 +45,8 @@ pub struct MessageEvents {
     pub ticket_created_at: Option<Timestamp>,
     pub reply_posted_at: Option<Timestamp>,
     pub delivered_at: Option<Timestamp>,
+    /// When the acknowledgement of the new ticket reached the mailbox (`--auto-ack`).
+    pub ack_delivered_at: Option<Timestamp>,
     /// Message-ID of the delivered reply.
     pub reply_message_id: Option<String>,
     pub dropped: Option<Dropped>,
@@ -87,6 +89,7 @@ impl EventLog {
             ticket_created_at: None,
             reply_posted_at: None,
             delivered_at: None,
+            ack_delivered_at: None,
             reply_message_id: None,
             dropped: None,
             import_failures: 0,

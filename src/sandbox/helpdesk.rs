@@ -29,6 +29,7 @@ pub struct InboundMail {
 /// A reply waiting for the outbound mailer.
 #[derive(Debug)]
 pub struct OutboundJob {
+    pub kind: OutboundKind,
     pub seq: u64,
     pub ticket_id: u64,
     pub posted: Instant,
@@ -37,6 +38,13 @@ pub struct OutboundJob {
     /// Message-ID of the mail the ticket came from, without angle brackets.
     pub in_reply_to: String,
     pub body: String,
+}
+
+/// What the outbound mailer sends: an agent's reply, or the acknowledgement of a new ticket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboundKind {
+    Reply,
+    Acknowledgement,
 }
 
 #[derive(Clone, Debug)]
@@ -236,6 +244,27 @@ impl Hub {
             e.ticket_id = Some(id);
             e.ticket_created_at = Some(now);
         });
+        if self.config.auto_ack {
+            let job = {
+                let t = lock(&self.tickets);
+                let ticket = &t.by_id[&id];
+                let quoted: String = ticket.body.lines().map(|l| format!("> {l}\n")).collect();
+                OutboundJob {
+                    kind: OutboundKind::Acknowledgement,
+                    seq: ticket.seq,
+                    ticket_id: id,
+                    posted: Instant::now(),
+                    to: ticket.requester.clone(),
+                    subject: format!("[Ticket #{id}] Received: {}", ticket.subject),
+                    in_reply_to: ticket.message_id.clone(),
+                    body: format!(
+                        "Thank you for your message. A ticket has been opened for it (#{id}); \
+                         we will be in touch.\n\nYou wrote:\n{quoted}"
+                    ),
+                }
+            };
+            let _ = self.outbound_tx.send(job);
+        }
         id
     }
 
@@ -273,6 +302,7 @@ impl Hub {
                 ticket.replies.push(reply.clone());
             }
             let job = OutboundJob {
+                kind: OutboundKind::Reply,
                 seq: ticket.seq,
                 ticket_id: id,
                 posted: Instant::now(),
@@ -321,6 +351,12 @@ impl Hub {
     }
 
     /// The outbound mailer's last step: the reply is in the requester's mailbox.
+    /// The acknowledgement of ticket `seq` reached the requester's mailbox.
+    pub fn acknowledged(&self, seq: u64) {
+        let now = Timestamp::now();
+        lock(&self.events).update(seq, |e| e.ack_delivered_at = Some(now));
+    }
+
     pub fn delivered(&self, seq: u64, reply_message_id: &str) {
         let now = Timestamp::now();
         lock(&self.events).update(seq, |e| {

@@ -54,6 +54,10 @@ pub struct SandboxConfig {
     pub idle_push_delay: Duration,
     /// Faults set at start.
     pub faults: Vec<(Stage, Fault)>,
+    /// Acknowledge every new ticket by mail at once, as RT's AutoReply and django-helpdesk's
+    /// "(Opened)" mail do: token in the Subject, the canary quoted, threaded to it, sent by the
+    /// outbound mailer ahead of any reply.
+    pub auto_ack: bool,
 }
 
 impl Default for SandboxConfig {
@@ -72,6 +76,7 @@ impl Default for SandboxConfig {
             hostname: "helpdesk.test".into(),
             idle_push_delay: Duration::ZERO,
             faults: Vec::new(),
+            auto_ack: false,
         }
     }
 }

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::{
     DelayRange,
     faults::{Fault, Stage},
-    helpdesk::{Hub, InboundMail, OutboundJob},
+    helpdesk::{Hub, InboundMail, OutboundJob, OutboundKind},
 };
 
 /// How long a failed job waits before it is retried (an `error` fault).
@@ -130,7 +130,10 @@ fn deliver(hub: &Hub, job: OutboundJob) {
     match build_reply(hub, &job) {
         Ok((raw, message_id)) => {
             let uid = hub.mailboxes.deliver(&job.to, raw);
-            hub.delivered(job.seq, &message_id);
+            match job.kind {
+                OutboundKind::Reply => hub.delivered(job.seq, &message_id),
+                OutboundKind::Acknowledgement => hub.acknowledged(job.seq),
+            }
             debug!(
                 seq = job.seq,
                 ticket = job.ticket_id,
@@ -162,7 +165,9 @@ fn build_reply(hub: &Hub, job: &OutboundJob) -> Result<(Vec<u8>, String), String
         .to
         .parse()
         .map_err(|e| format!("requester address: {e}"))?;
-    let subject = if job.subject.to_ascii_lowercase().starts_with("re:") {
+    let subject = if job.kind == OutboundKind::Acknowledgement
+        || job.subject.to_ascii_lowercase().starts_with("re:")
+    {
         job.subject.clone()
     } else {
         format!("Re: {}", job.subject)
@@ -174,7 +179,12 @@ fn build_reply(hub: &Hub, job: &OutboundJob) -> Result<(Vec<u8>, String), String
         hub.config.hostname
     );
     let original = format!("<{}>", job.in_reply_to);
-    let msg = Message::builder()
+    let mut builder = Message::builder();
+    if job.kind == OutboundKind::Acknowledgement {
+        // RFC 3834: an automatic response, as RT and django-helpdesk mark theirs.
+        builder = builder.header(AutoSubmitted);
+    }
+    let msg = builder
         .from(from)
         .to(to)
         .subject(subject)
@@ -186,4 +196,22 @@ fn build_reply(hub: &Hub, job: &OutboundJob) -> Result<(Vec<u8>, String), String
         .body(job.body.clone())
         .map_err(|e| format!("building reply: {e}"))?;
     Ok((msg.formatted(), message_id))
+}
+
+/// `Auto-Submitted: auto-replied` (RFC 3834).
+#[derive(Clone)]
+struct AutoSubmitted;
+
+impl lettre::message::header::Header for AutoSubmitted {
+    fn name() -> lettre::message::header::HeaderName {
+        lettre::message::header::HeaderName::new_from_ascii_str("Auto-Submitted")
+    }
+
+    fn parse(_: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(AutoSubmitted)
+    }
+
+    fn display(&self) -> lettre::message::header::HeaderValue {
+        lettre::message::header::HeaderValue::new(Self::name(), "auto-replied".into())
+    }
 }

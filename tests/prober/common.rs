@@ -157,6 +157,25 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+pub async fn get_json(url: &str) -> serde_json::Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Messages in the canary mailbox of `sb` (`canary@prober.test`), over IMAP.
+pub async fn inbox_count(sb: &Sandbox) -> u32 {
+    let tcp = tokio::net::TcpStream::connect(sb.imap_addr).await.unwrap();
+    let mut client = async_imap::Client::new(tcp);
+    let _greeting = client.read_response().await;
+    let mut session = client
+        .login("canary@prober.test", "sandbox")
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let exists = session.select("INBOX").await.unwrap().exists;
+    let _ = session.logout().await;
+    exists
+}
+
 pub async fn get_text(url: &str) -> String {
     http().get(url).send().await.unwrap().text().await.unwrap()
 }

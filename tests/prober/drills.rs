@@ -245,3 +245,83 @@ async fn measured_latency_agrees_with_ground_truth() {
     d.stop().await;
     sb.shutdown().await;
 }
+
+/// The helpdesk acknowledges every new ticket by mail at once (`--auto-ack`, as RT and
+/// django-helpdesk do): the acknowledgement carries the token and threads to the canary, and
+/// arrives before the agent's reply. Delivery is measured on the reply only, the
+/// acknowledgement is its own signal (counted, recorded on the canary), both are cleaned up,
+/// and nothing counts as a duplicate. Before the reply mark, the acknowledgement ended the
+/// delivery stage as a 0 ms delivery and the real reply was a duplicate left in the mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_acknowledgement_is_not_the_delivery() {
+    let sb = sandbox_with(|c| {
+        c.auto_ack = true;
+        c.outbound_delay = mailcanary::sandbox::DelayRange::fixed(Duration::from_millis(150));
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(&config(&sb, &Knobs::default()), dir.path()).await;
+    let s = until(d.addr, Duration::from_secs(30), "5 canaries", |s| {
+        v(s, COMPLETED, &[]) >= 5.0
+    })
+    .await;
+    let ignored = |r: &str| v(&s, "mailcanary_messages_ignored_total", &[("reason", r)]);
+    assert!(
+        ignored("acknowledgement") >= 5.0,
+        "{}",
+        ignored("acknowledgement")
+    );
+    assert_eq!(ignored("duplicate"), 0.0, "the reply is not a duplicate");
+    assert_eq!(
+        v(
+            &s,
+            FAILURES,
+            &[("stage", "delivery"), ("reason", "deadline")]
+        ),
+        0.0
+    );
+
+    // Delivery ends when the reply arrives, not the acknowledgement: agree with ground truth.
+    let events = get_json(&format!("{}/sandbox/events", sb.api_url())).await;
+    let status: Value = status(d.addr.port()).await.expect("status");
+    let mut checked = 0;
+    for c in status["probes"][0]["recent"].as_array().unwrap() {
+        let Some(ev) = events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["message_id"] == c["message_id"])
+        else {
+            continue;
+        };
+        let (Some(ack), Some(reply)) = (ms(&ev["ack_delivered_at"]), ms(&ev["delivered_at"]))
+        else {
+            continue;
+        };
+        assert!(ack < reply, "the acknowledgement came first: {ev}");
+        let delivered = c["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[0] == "delivery")
+            .and_then(|s| s[1]["done_ms"].as_i64())
+            .unwrap();
+        assert!(
+            delivered >= reply,
+            "delivery ended before the reply arrived: {c}"
+        );
+        assert!(delivered - reply < 100, "{}", delivered - reply);
+        let seen = c["acknowledged"]["at_ms"]
+            .as_i64()
+            .expect("acknowledgement recorded");
+        assert!(seen >= ack && seen < reply, "{c}");
+        checked += 1;
+    }
+    assert!(checked >= 3, "checked {checked}");
+    d.stop().await;
+    // Both cleaned up: nothing of the finished canaries left in the mailbox (at most the
+    // acknowledgement and reply of a canary still in flight).
+    let left = inbox_count(&sb).await;
+    assert!(left <= 2, "{left} messages left");
+    sb.shutdown().await;
+}
