@@ -222,6 +222,17 @@ pub struct HelpdeskConfig {
     pub reply_body: Option<String>,
     pub cleanup: Cleanup,
     pub timeout: Duration,
+    /// What `[probe.helpdesk.<api>]` said (defaults when it is absent).
+    pub vendor: VendorConfig,
+}
+
+/// Settings of one vendor only, from `[probe.helpdesk.<api>]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VendorConfig {
+    SupportBee {
+        /// Scan the newest tickets when search finds nothing (search indexes lag).
+        list_fallback: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

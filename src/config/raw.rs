@@ -95,6 +95,15 @@ pub struct RawHelpdesk {
     pub reply_body: Option<String>,
     pub cleanup: Option<Cleanup>,
     pub timeout: Option<Spanned<HumanDuration>>,
+    /// `[probe.helpdesk.supportbee]`: settings only SupportBee has. One such table per vendor;
+    /// a table for a vendor other than `api` is an error.
+    pub supportbee: Option<Spanned<RawSupportBee>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSupportBee {
+    pub list_fallback: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

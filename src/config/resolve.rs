@@ -14,8 +14,8 @@ use super::error::{ConfigError, ConfigErrors, Position, Source};
 use super::raw::{self, HumanDuration, RawDeadlines, RawFile, RawProbe, RawProber};
 use super::secret::{Secret, expand_env, read_secret_file};
 use super::{
-    Cleanup, Config, Deadlines, HelpdeskConfig, ImapConfig, ProbeConfig, ProbeKind, ProberSettings,
-    ReplyMode, SmtpConfig, StageName, Tls, stages_for,
+    Cleanup, Config, Deadlines, HelpdeskApi, HelpdeskConfig, ImapConfig, ProbeConfig, ProbeKind,
+    ProberSettings, ReplyMode, SmtpConfig, StageName, Tls, VendorConfig, stages_for,
 };
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -654,6 +654,15 @@ impl Ctx<'_> {
                 key(pre, "timeout"),
                 DEFAULT_HELPDESK_TIMEOUT,
             ),
+            vendor: match raw.api {
+                HelpdeskApi::SupportBee => VendorConfig::SupportBee {
+                    list_fallback: raw
+                        .supportbee
+                        .as_ref()
+                        .and_then(|t| t.get_ref().list_fallback)
+                        .unwrap_or(true),
+                },
+            },
         }
     }
 

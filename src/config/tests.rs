@@ -641,3 +641,32 @@ fn warnings_name_the_probe_and_keys_that_would_blame_a_stage_for_our_own_blindne
         w[1]
     );
 }
+
+#[test]
+fn vendor_settings_live_in_their_own_table_and_are_checked_there() {
+    let plain = parse(&helpdesk("post")).unwrap();
+    assert_eq!(
+        plain.probes[0].helpdesk.as_ref().unwrap().vendor,
+        VendorConfig::SupportBee {
+            list_fallback: true
+        }
+    );
+    let text = helpdesk("post").replace(
+        "\n[probe.imap]",
+        "\n[probe.helpdesk.supportbee]\nlist_fallback = false\n\n[probe.imap]",
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(
+        cfg.probes[0].helpdesk.as_ref().unwrap().vendor,
+        VendorConfig::SupportBee {
+            list_fallback: false
+        }
+    );
+    // A key the vendor does not have: file, line and the key under the vendor's table.
+    let bad = text.replace(
+        "list_fallback = false",
+        "list_fallback = false\nsearch = true",
+    );
+    let e = single_error(&bad, 18, "probe[0].helpdesk.supportbee.search");
+    assert!(e.message.contains("unknown field `search`"), "{e}");
+}

@@ -26,12 +26,9 @@ use crate::{
         Classified, Inspected, Key, classify, inspect,
         life::{Limits, Stage},
     },
-    config::{Config, ProbeConfig, ReplyMode, Tls},
+    config::{Config, ProbeConfig, ReplyMode, Tls, VendorConfig},
     edges::{
-        helpdesk::{
-            CleanupMode, Helpdesk,
-            supportbee::{SupportBee, SupportBeeParams},
-        },
+        helpdesk::{self, CleanupMode, Helpdesk},
         imap::{self, ImapTarget, WatchCommand, WatchEvent},
         smtp::{SmtpTarget, Submitter},
     },
@@ -154,13 +151,23 @@ impl Probe {
         };
         let (helpdesk, reply, poll_interval, cleanup) = match &cfg.helpdesk {
             Some(h) => (
-                Some(Arc::new(Helpdesk::SupportBee(
-                    SupportBee::new(SupportBeeParams {
+                Some(Arc::new(
+                    helpdesk::build(helpdesk::Settings {
+                        base_url: h.base_url.to_string(),
+                        secret: h.token.expose().to_string(),
                         timeout: h.timeout,
-                        ..SupportBeeParams::new(h.base_url.as_str(), h.token.expose())
+                        retry: helpdesk::RetryPolicy::default(),
+                        extra_roots_pem: None,
+                        vendor: match &h.vendor {
+                            VendorConfig::SupportBee { list_fallback } => {
+                                helpdesk::VendorSettings::SupportBee {
+                                    list_fallback: *list_fallback,
+                                }
+                            }
+                        },
                     })
                     .map_err(|e| anyhow::anyhow!("probe {}: helpdesk: {e}", cfg.name))?,
-                ))),
+                )),
                 h.reply,
                 h.poll_interval,
                 cfg.cleanup.then(|| cleanup_mode(h.cleanup)).flatten(),

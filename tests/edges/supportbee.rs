@@ -43,7 +43,7 @@ fn params(base_url: String) -> SupportBeeParams {
 }
 
 fn helpdesk(base_url: String) -> Helpdesk {
-    Helpdesk::SupportBee(SupportBee::new(params(base_url)).unwrap())
+    Helpdesk::new(SupportBee::new(params(base_url)).unwrap())
 }
 
 /// Every error detail is free of the API token, however it was produced.
@@ -160,7 +160,7 @@ async fn cleanup_in_every_mode() {
 #[tokio::test]
 async fn wrong_token_is_auth_without_retry() {
     let sb = sandbox().await;
-    let hd = Helpdesk::SupportBee(
+    let hd = Helpdesk::new(
         SupportBee::new(SupportBeeParams {
             auth_token: "wrong-token-99".into(),
             ..params(sb.api_url())
@@ -304,7 +304,7 @@ async fn html_instead_of_json_is_api() {
 async fn a_fuzzy_search_hit_without_the_token_is_not_a_match() {
     let (app, _) = counting("/tickets/search", |_| one_ticket("Canary mc-other"));
     let addr = serve(app).await;
-    let hd = Helpdesk::SupportBee(
+    let hd = Helpdesk::new(
         SupportBee::new(SupportBeeParams {
             list_fallback: false,
             ..params(format!("http://{addr}"))
@@ -385,7 +385,7 @@ async fn a_slow_api_is_timeout() {
         }),
     );
     let addr = serve(app).await;
-    let hd = Helpdesk::SupportBee(
+    let hd = Helpdesk::new(
         SupportBee::new(SupportBeeParams {
             timeout: Duration::from_millis(200),
             retry: RetryPolicy {

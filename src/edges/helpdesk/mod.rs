@@ -1,17 +1,31 @@
 //! Helpdesk APIs: find the ticket a canary became, post the agent reply, clean up.
 //!
-//! One enum, one variant per vendor. Chosen over a trait with boxed futures: the flow holds a
-//! `Helpdesk` value built from config, calls plain `async fn`s on it (no allocation, no
-//! `dyn`), and adding Zendesk or Freshdesk is one module, one variant and one match arm per
-//! method, which the compiler then asks for everywhere.
+//! # Adding a vendor
+//!
+//! One file here, implementing [`Vendor`] with the vendor's paths, bodies and answers (the HTTP
+//! plumbing, retries, backoff, `Retry-After` and redaction are [`http::ApiClient`]'s), and one
+//! arm in [`build`], the only place that matches on the configured `api`. The flow holds a
+//! [`Helpdesk`] and never knows which vendor is behind it.
+//!
+//! A trait object with boxed futures was chosen over an enum with a match arm per vendor per
+//! method: a vendor is then one file and one registry line, and the cost (one allocation per
+//! API call) is nothing next to the HTTP round trip it wraps.
+//!
+//! **Ticket handles.** [`TicketRef::id`] is opaque to everything but its vendor: a bare id for
+//! SupportBee, and whatever a vendor needs to reply later (for example `conversation/thread`)
+//! for others. The ledger stores it as a string, so records written before this shape (bare
+//! SupportBee ids) still load and still work.
 
+pub mod http;
 pub mod supportbee;
 
 use std::time::SystemTime;
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use crate::canary::life::Reason;
 
-pub use supportbee::{RetryPolicy, SupportBee, SupportBeeParams};
+pub use http::RetryPolicy;
+pub use supportbee::{SupportBee, SupportBeeParams};
 
 /// A ticket found for a canary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,37 +87,91 @@ impl HelpdeskError {
     }
 }
 
-/// A helpdesk the prober talks to.
-#[derive(Debug)]
-pub enum Helpdesk {
-    SupportBee(SupportBee),
-}
+/// A future an adapter returns.
+pub type CallFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, HelpdeskError>> + Send + 'a>>;
 
-impl Helpdesk {
+/// One vendor's API. Implementations only speak their vendor's dialect over an
+/// [`http::ApiClient`]; retries and error shapes are shared.
+pub trait Vendor: Send + Sync + std::fmt::Debug {
     /// The ticket whose subject or body carries `token`, created at or after `since` (allowing
     /// for clock skew), if it exists yet. `Ok(None)` means "not yet": keep polling.
+    fn find_ticket<'a>(
+        &'a self,
+        token: &'a str,
+        since: SystemTime,
+    ) -> CallFuture<'a, Option<TicketRef>>;
+
+    /// Posts a public agent reply with `body` to the ticket (one the helpdesk mails to the
+    /// requester, never an internal note). Must not post twice for one call.
+    fn post_reply<'a>(&'a self, ticket: &'a TicketRef, body: &'a str) -> CallFuture<'a, ()>;
+
+    /// Cleans the ticket up. A ticket that is already gone counts as cleaned: cleanup may run
+    /// again after a restart.
+    fn cleanup<'a>(&'a self, ticket: &'a TicketRef, how: CleanupMode) -> CallFuture<'a, ()>;
+}
+
+/// A helpdesk the prober talks to: one vendor behind the three calls the flow makes.
+#[derive(Debug, Clone)]
+pub struct Helpdesk(Arc<dyn Vendor>);
+
+impl Helpdesk {
+    pub fn new(vendor: impl Vendor + 'static) -> Helpdesk {
+        Helpdesk(Arc::new(vendor))
+    }
+
+    /// See [`Vendor::find_ticket`].
     pub async fn find_ticket(
         &self,
         token: &str,
         since: SystemTime,
     ) -> Result<Option<TicketRef>, HelpdeskError> {
-        match self {
-            Helpdesk::SupportBee(h) => h.find_ticket(token, since).await,
-        }
+        self.0.find_ticket(token, since).await
     }
 
-    /// Posts an agent reply with `body` to the ticket.
+    /// See [`Vendor::post_reply`].
     pub async fn post_reply(&self, ticket: &TicketRef, body: &str) -> Result<(), HelpdeskError> {
-        match self {
-            Helpdesk::SupportBee(h) => h.post_reply(ticket, body).await,
-        }
+        self.0.post_reply(ticket, body).await
     }
 
-    /// Cleans the ticket up. A ticket that is already gone (404) counts as cleaned: cleanup may
-    /// run again after a restart.
+    /// See [`Vendor::cleanup`].
     pub async fn cleanup(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
-        match self {
-            Helpdesk::SupportBee(h) => h.cleanup(ticket, how).await,
+        self.0.cleanup(ticket, how).await
+    }
+}
+
+/// What every vendor is built from: where, the secret, timeouts; plus the vendor's own
+/// settings (`[probe.helpdesk.<api>]`).
+#[derive(Clone)]
+pub struct Settings {
+    pub base_url: String,
+    pub secret: String,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    pub extra_roots_pem: Option<Vec<u8>>,
+    pub vendor: VendorSettings,
+}
+
+/// The settings of one vendor, as `[probe.helpdesk.<api>]` gave them (defaults when absent).
+#[derive(Clone, Debug)]
+pub enum VendorSettings {
+    SupportBee {
+        /// Scan the ticket list when search finds nothing (see `supportbee.rs`).
+        list_fallback: bool,
+    },
+}
+
+/// The registry: the one place that maps a configured `api` to its adapter.
+pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
+    match settings.vendor {
+        VendorSettings::SupportBee { list_fallback } => {
+            Ok(Helpdesk::new(SupportBee::new(SupportBeeParams {
+                base_url: settings.base_url,
+                auth_token: settings.secret,
+                timeout: settings.timeout,
+                retry: settings.retry,
+                list_fallback,
+                extra_roots_pem: settings.extra_roots_pem,
+            })?))
         }
     }
 }
