@@ -81,6 +81,11 @@ struct CheckArgs {
     /// Config file or directory of *.toml files. Default: the embedded sandbox probe.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Check everything but what belongs to the machine the config is for: secrets are not
+    /// read (from `${VAR}` or `*_file`; their syntax is still checked), a `ca_file` need not
+    /// exist. For linting a config in the repository or CI that holds it.
+    #[arg(long)]
+    syntax_only: bool,
 }
 
 #[derive(Args)]
@@ -370,7 +375,11 @@ fn load_config(path: Option<&Path>) -> Result<Config, String> {
 }
 
 fn check(args: CheckArgs) -> ExitCode {
-    match load_config(args.config.as_deref()) {
+    let loaded = match (&args.config, args.syntax_only) {
+        (Some(p), true) => config::load_syntax_only(p).map_err(|e| e.to_string()),
+        _ => load_config(args.config.as_deref()),
+    };
+    match loaded {
         Ok(c) => {
             say!("ok: {} probe(s)", c.probes.len());
             for w in c.warnings() {

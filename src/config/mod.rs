@@ -358,6 +358,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     resolve::load(path, &|name| std::env::var(name).ok())
 }
 
+/// Like [`load`], but checks only what the files themselves say: secrets are not read from
+/// the environment or their files (a `${VAR}` must still be well formed) and a `ca_file` need
+/// not exist. For a config written for another machine, linted where it is kept.
+pub fn load_syntax_only(path: &Path) -> Result<Config, ConfigErrors> {
+    resolve::load_with(path, &|name| std::env::var(name).ok(), true)
+}
+
 /// Parses one config text; `origin` names it in errors. Relative paths are relative to the
 /// working directory.
 pub fn parse_str(text: &str, origin: &str) -> Result<Config, ConfigErrors> {

@@ -47,7 +47,19 @@ impl<'a> FileText<'a> {
     }
 }
 
+/// Loads `path` with every check, secrets and files read.
 pub(crate) fn load(path: &Path, env: Env<'_>) -> Result<Config, ConfigErrors> {
+    load_with(path, env, false)
+}
+
+/// Loads `path`; with `syntax_only`, everything but what belongs to the target machine: no
+/// secret is read from the environment or a file (only their syntax is checked), no `ca_file`
+/// must exist. For linting a config in the repository or CI that holds it.
+pub(crate) fn load_with(
+    path: &Path,
+    env: Env<'_>,
+    syntax_only: bool,
+) -> Result<Config, ConfigErrors> {
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| ConfigError::file(&shown, e.to_string()))?;
     let paths = if meta.is_dir() {
@@ -91,7 +103,7 @@ pub(crate) fn load(path: &Path, env: Env<'_>) -> Result<Config, ConfigErrors> {
             Err(e) => errors.push(ConfigError::file(origin, format!("cannot read: {e}"))),
         }
     }
-    match resolve_files(&files, env) {
+    match resolve_files_with(&files, env, syntax_only) {
         Ok(config) if errors.is_empty() => Ok(config),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(more) => {
@@ -104,6 +116,14 @@ pub(crate) fn load(path: &Path, env: Env<'_>) -> Result<Config, ConfigErrors> {
 /// Resolves a set of files into one config: per-file checks, then the cross-file ones (one
 /// `[prober]`, unique probe names).
 pub(crate) fn resolve_files(files: &[FileText<'_>], env: Env<'_>) -> Result<Config, ConfigErrors> {
+    resolve_files_with(files, env, false)
+}
+
+pub(crate) fn resolve_files_with(
+    files: &[FileText<'_>],
+    env: Env<'_>,
+    syntax_only: bool,
+) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut prober: Option<(ProberSettings, String, Position)> = None;
     let mut probes = Vec::new();
@@ -119,6 +139,7 @@ pub(crate) fn resolve_files(files: &[FileText<'_>], env: Env<'_>) -> Result<Conf
             src,
             base_dir: file.base_dir.as_deref(),
             env,
+            syntax_only,
             errors: parse_errors,
         };
         if let Some(p) = &raw.prober {
@@ -187,6 +208,8 @@ struct Ctx<'a> {
     src: Source<'a>,
     base_dir: Option<&'a Path>,
     env: Env<'a>,
+    /// Check only what the file itself says (see [`load_with`]).
+    syntax_only: bool,
     errors: Vec<ConfigError>,
 }
 
@@ -253,10 +276,21 @@ impl Ctx<'_> {
                 return Err(());
             }
             (None, None) => return Ok(None),
+            // Syntax only: `${VAR}` must still be well formed, but any variable is "set".
+            (Some(v), None) if self.syntax_only => (
+                expand_env(v.get_ref(), &|_| Some("(set where deployed)".to_owned())),
+                v.span(),
+                key(prefix, field),
+            ),
             (Some(v), None) => (
                 expand_env(v.get_ref(), self.env),
                 v.span(),
                 key(prefix, field),
+            ),
+            (None, Some(f)) if self.syntax_only => (
+                Ok("(read where deployed)".to_owned()),
+                f.span(),
+                key(prefix, &file_field),
             ),
             (None, Some(f)) => (
                 read_secret_file(&self.path(f.get_ref())),
@@ -366,6 +400,9 @@ impl Ctx<'_> {
     fn ca_file(&mut self, value: Option<&Spanned<PathBuf>>, k: String) -> Option<PathBuf> {
         let v = value?;
         let p = self.path(v.get_ref());
+        if self.syntax_only {
+            return Some(p);
+        }
         match std::fs::metadata(&p) {
             Ok(m) if m.is_file() => {}
             Ok(_) => self.err(v.span(), k, format!("{} is not a file", p.display())),

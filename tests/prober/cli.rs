@@ -235,3 +235,50 @@ fn default_ports_once_with_the_shipped_sandbox_probe_against_the_sandbox_command
     let stdout = assert_once_passed(&out);
     print!("{stdout}");
 }
+
+/// The shipped examples name secret files and variables that exist only where they are
+/// deployed: `check --syntax-only` lints them anyway, and still catches what is wrong in the
+/// files themselves.
+#[test]
+fn check_syntax_only_lints_every_shipped_example_without_its_secrets() {
+    let full = bin()
+        .args(["check", "--config", "probes"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(
+        full.status.code(),
+        Some(2),
+        "the full check needs the secrets"
+    );
+    let lint = bin()
+        .args(["check", "--syntax-only", "--config", "probes"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        lint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    let out = String::from_utf8_lossy(&lint.stdout);
+    for name in ["sandbox", "mail-loop", "supportbee-prod"] {
+        assert!(out.contains(name), "{out}");
+    }
+    // What the file says is still checked: an unknown key, a malformed `${`.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string("probes/mail-loop.toml")
+        .unwrap()
+        .replacen("[probe.smtp]", "[probe.smtp]\ncolour = \"blue\"", 1);
+    std::fs::write(&bad, text).unwrap();
+    let out = bin()
+        .args(["check", "--syntax-only", "--config"])
+        .arg(&bad)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:") && err.contains("colour"), "{err}");
+}
