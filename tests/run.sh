@@ -43,6 +43,11 @@ command -v musl-gcc >/dev/null 2>&1 || need_pkgs+=(musl-tools)
 [ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_pkgs+=(libfaketime)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
+# Request Tracker 5 for tests/realmail/helpdesks.rs (SQLite, Starlet; started by the test on
+# loopback). dbconfig-no-thanks first, so the package does not set up a database of its own.
+rt_pkgs=()
+[ -x /usr/sbin/rt-setup-database-5 ] || rt_pkgs+=(request-tracker5 rt5-db-sqlite)
+perl -MStarlet -e1 >/dev/null 2>&1 || rt_pkgs+=(starlet)
 # The benchmark's peer: check_email_delivery (Nagios mail-loop check) and the Perl modules it
 # loads for IMAPS; its recommends are a long list of other plugins' needs, so they are named.
 if [ "$bench" -eq 1 ]; then
@@ -60,6 +65,15 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     'postfix postfix/mailname string mail.example.test' | $sudo_cmd debconf-set-selections
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+if [ ${#rt_pkgs[@]} -gt 0 ]; then
+  step "installing ${rt_pkgs[*]} (Debian packages, about 90 s)"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  echo 'request-tracker5 request-tracker5/rtname string helpdesk.test' | $sudo_cmd debconf-set-selections
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends dbconfig-no-thanks >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${rt_pkgs[@]}" >/dev/null
 fi
 # Debian's prometheus package ships promtool but must not run a server here.
 if pgrep -x prometheus >/dev/null 2>&1 && [ -n "${CI:-}" ]; then

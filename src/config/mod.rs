@@ -185,6 +185,18 @@ pub struct SmtpConfig {
 pub enum HelpdeskApi {
     #[serde(rename = "supportbee")]
     SupportBee,
+    /// Request Tracker 5, REST2.
+    #[serde(rename = "rt")]
+    Rt,
+}
+
+impl HelpdeskApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HelpdeskApi::SupportBee => "supportbee",
+            HelpdeskApi::Rt => "rt",
+        }
+    }
 }
 
 /// How the reply stage happens.
@@ -232,6 +244,10 @@ pub enum VendorConfig {
     SupportBee {
         /// Scan the newest tickets when search finds nothing (search indexes lag).
         list_fallback: bool,
+    },
+    Rt {
+        /// Only tickets of this queue (TicketSQL `Queue = '…'`).
+        queue: Option<String>,
     },
 }
 

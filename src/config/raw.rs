@@ -98,6 +98,14 @@ pub struct RawHelpdesk {
     /// `[probe.helpdesk.supportbee]`: settings only SupportBee has. One such table per vendor;
     /// a table for a vendor other than `api` is an error.
     pub supportbee: Option<Spanned<RawSupportBee>>,
+    /// `[probe.helpdesk.rt]`.
+    pub rt: Option<Spanned<RawRt>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRt {
+    pub queue: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -691,14 +691,49 @@ impl Ctx<'_> {
                 key(pre, "timeout"),
                 DEFAULT_HELPDESK_TIMEOUT,
             ),
-            vendor: match raw.api {
-                HelpdeskApi::SupportBee => VendorConfig::SupportBee {
-                    list_fallback: raw
-                        .supportbee
-                        .as_ref()
-                        .and_then(|t| t.get_ref().list_fallback)
-                        .unwrap_or(true),
-                },
+            vendor: self.vendor(pre, raw),
+        }
+    }
+
+    /// The `[probe.helpdesk.<api>]` table of the configured vendor; a table of another vendor
+    /// is an error (a leftover of a changed `api`, or a typo in it).
+    fn vendor(&mut self, pre: &str, raw: &raw::RawHelpdesk) -> VendorConfig {
+        let tables = [
+            (
+                HelpdeskApi::SupportBee,
+                raw.supportbee.as_ref().map(|t| t.span()),
+            ),
+            (HelpdeskApi::Rt, raw.rt.as_ref().map(|t| t.span())),
+        ];
+        for (api, span) in tables {
+            if let Some(span) = span
+                && api != raw.api
+            {
+                self.err(
+                    span,
+                    key(pre, api.as_str()),
+                    format!(
+                        "settings of `{}`, but api = \"{}\"",
+                        api.as_str(),
+                        raw.api.as_str()
+                    ),
+                );
+            }
+        }
+        match raw.api {
+            HelpdeskApi::SupportBee => VendorConfig::SupportBee {
+                list_fallback: raw
+                    .supportbee
+                    .as_ref()
+                    .and_then(|t| t.get_ref().list_fallback)
+                    .unwrap_or(true),
+            },
+            HelpdeskApi::Rt => VendorConfig::Rt {
+                queue: raw
+                    .rt
+                    .as_ref()
+                    .and_then(|t| t.get_ref().queue.as_ref())
+                    .map(|q| q.get_ref().clone()),
             },
         }
     }

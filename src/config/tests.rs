@@ -10,6 +10,7 @@ use super::*;
 
 const HELPDESK_EXAMPLE: &str = include_str!("../../probes/helpdesk.example.toml");
 const MAIL_LOOP_EXAMPLE: &str = include_str!("../../probes/mail-loop.toml");
+const RT_EXAMPLE: &str = include_str!("../../probes/rt.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -133,6 +134,7 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
     for (rel, content) in [
         ("imap/password", "imap-pw\n"),
         ("smtp/password", "smtp-pw\n"),
+        ("rt/token", "1-14-rt-token\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -200,12 +202,13 @@ fn mail_loop_example_parses() {
 
 #[test]
 fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
-    // The three shipped files together: distinct names, one [prober].
+    // The shipped files together: distinct names, one [prober].
     let dir = tempfile::tempdir().unwrap();
     for (name, text) in [
         ("sandbox.toml", SANDBOX_TOML),
         ("helpdesk.example.toml", HELPDESK_EXAMPLE),
         ("mail-loop.toml", MAIL_LOOP_EXAMPLE),
+        ("rt.example.toml", RT_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -214,7 +217,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
     let names: Vec<&str> = c.probes.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
-        ["supportbee-prod", "mail-loop", "sandbox"],
+        ["supportbee-prod", "mail-loop", "rt-support", "sandbox"],
         "sorted by file name"
     );
     assert_eq!(

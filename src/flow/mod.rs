@@ -164,6 +164,9 @@ impl Probe {
                                     list_fallback: *list_fallback,
                                 }
                             }
+                            VendorConfig::Rt { queue } => helpdesk::VendorSettings::Rt {
+                                queue: queue.clone(),
+                            },
                         },
                     })
                     .map_err(|e| anyhow::anyhow!("probe {}: helpdesk: {e}", cfg.name))?,
@@ -580,8 +583,22 @@ pub async fn clean_up_ticket(p: &Arc<Probe>, c: &crate::canary::life::Canary) {
         id: ticket,
         created_at: None,
     };
-    if let Err(e) = h.cleanup(&t, mode).await {
-        warn!(probe = %p.name, canary = %c.id, error = %e, "ticket cleanup failed");
+    // Cleanup is idempotent, so a failed one is tried again a little later (RT on SQLite can
+    // be busy with its mail gateway; a helpdesk may answer 5xx for a minute): three tries over
+    // about 15 s, then it is logged once and left.
+    let mut wait = Duration::from_secs(5);
+    for attempt in 1..=3 {
+        match h.cleanup(&t, mode).await {
+            Ok(()) => return,
+            Err(e) if attempt == 3 => {
+                warn!(probe = %p.name, canary = %c.id, error = %e, "ticket cleanup failed; the ticket is left as it is")
+            }
+            Err(e) => {
+                tracing::debug!(probe = %p.name, canary = %c.id, error = %e, attempt, "ticket cleanup failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
     }
 }
 

@@ -203,7 +203,7 @@ impl Servers {
         self.dir.join("tls/wrong-ca.pem")
     }
 
-    fn postfix_etc(&self) -> PathBuf {
+    pub fn postfix_etc(&self) -> PathBuf {
         self.dir.join("postfix/etc")
     }
 
@@ -506,6 +506,15 @@ fn sweep_stale() {
                     .ok()
                     .and_then(|s| s.trim().parse::<u32>().ok()),
             );
+        }
+        // A Request Tracker web server (tests/realmail/rt.rs) runs in its own process group.
+        if let Some(rt) = fs::read_to_string(dir.join("rt/server.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{rt}")])
+                .status();
         }
         for &pid in &pids {
             signal(pid, "TERM");

@@ -8,6 +8,8 @@
 mod common;
 mod failures;
 mod harness;
+mod helpdesks;
 mod mailbox;
 mod modes;
 mod outages;
+mod rt;

@@ -17,6 +17,7 @@
 //! SupportBee ids) still load and still work.
 
 pub mod http;
+pub mod rt;
 pub mod supportbee;
 
 use std::time::SystemTime;
@@ -158,6 +159,10 @@ pub enum VendorSettings {
         /// Scan the ticket list when search finds nothing (see `supportbee.rs`).
         list_fallback: bool,
     },
+    Rt {
+        /// Only tickets of this queue.
+        queue: Option<String>,
+    },
 }
 
 /// The registry: the one place that maps a configured `api` to its adapter.
@@ -173,5 +178,13 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
                 extra_roots_pem: settings.extra_roots_pem,
             })?))
         }
+        VendorSettings::Rt { queue } => Ok(Helpdesk::new(rt::Rt::new(rt::RtParams {
+            base_url: settings.base_url,
+            token: settings.secret,
+            queue,
+            timeout: settings.timeout,
+            retry: settings.retry,
+            extra_roots_pem: settings.extra_roots_pem,
+        })?)),
     }
 }
