@@ -356,48 +356,46 @@ impl Ledger {
         let probe = canary.probe.as_str();
         let key = self.key(OP, probe, &canary.id)?;
         let value = self.encode(OP, &key, canary)?;
-        {
-            let mut in_flight = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
-            let mut finished = txn.open_table(FINISHED).map_err(self.db_err(OP))?;
-            let mut order = txn.open_table(FINISHED_ORDER).map_err(self.db_err(OP))?;
+        let mut in_flight = txn.open_table(IN_FLIGHT).map_err(self.db_err(OP))?;
+        let mut finished = txn.open_table(FINISHED).map_err(self.db_err(OP))?;
+        let mut order = txn.open_table(FINISHED_ORDER).map_err(self.db_err(OP))?;
 
-            in_flight.remove(key.as_str()).map_err(self.db_err(OP))?;
-            let previous = finished
-                .get(key.as_str())
-                .map_err(self.db_err(OP))?
-                .map(|v| v.value().0);
-            if let Some(seq) = previous {
-                order.remove((probe, seq)).map_err(self.db_err(OP))?;
-            }
-            let range = (probe, 0u64)..=(probe, u64::MAX);
-            let next = order
-                .range(range.clone())
-                .map_err(self.db_err(OP))?
-                .next_back()
-                .transpose()
-                .map_err(self.db_err(OP))?
-                .map_or(0, |(k, _)| k.value().1 + 1);
+        in_flight.remove(key.as_str()).map_err(self.db_err(OP))?;
+        let previous = finished
+            .get(key.as_str())
+            .map_err(self.db_err(OP))?
+            .map(|v| v.value().0);
+        if let Some(seq) = previous {
+            order.remove((probe, seq)).map_err(self.db_err(OP))?;
+        }
+        let range = (probe, 0u64)..=(probe, u64::MAX);
+        let next = order
+            .range(range.clone())
+            .map_err(self.db_err(OP))?
+            .next_back()
+            .transpose()
+            .map_err(self.db_err(OP))?
+            .map_or(0, |(k, _)| k.value().1 + 1);
+        finished
+            .insert(key.as_str(), (next, value.as_slice()))
+            .map_err(self.db_err(OP))?;
+        order
+            .insert((probe, next), canary.id.as_str())
+            .map_err(self.db_err(OP))?;
+
+        // Evict the oldest beyond the cap. Collected first: a table cannot be changed while
+        // a range over it is open.
+        let mut kept = Vec::new();
+        for entry in order.range(range).map_err(self.db_err(OP))? {
+            let (k, v) = entry.map_err(self.db_err(OP))?;
+            kept.push((k.value().1, v.value().to_string()));
+        }
+        let excess = kept.len().saturating_sub(RECENT_CAP);
+        for (seq, id) in kept.into_iter().take(excess) {
+            order.remove((probe, seq)).map_err(self.db_err(OP))?;
             finished
-                .insert(key.as_str(), (next, value.as_slice()))
+                .remove(join_key(probe, &id).as_str())
                 .map_err(self.db_err(OP))?;
-            order
-                .insert((probe, next), canary.id.as_str())
-                .map_err(self.db_err(OP))?;
-
-            // Evict the oldest beyond the cap. Collected first: a table cannot be changed while
-            // a range over it is open.
-            let mut kept = Vec::new();
-            for entry in order.range(range).map_err(self.db_err(OP))? {
-                let (k, v) = entry.map_err(self.db_err(OP))?;
-                kept.push((k.value().1, v.value().to_string()));
-            }
-            let excess = kept.len().saturating_sub(RECENT_CAP);
-            for (seq, id) in kept.into_iter().take(excess) {
-                order.remove((probe, seq)).map_err(self.db_err(OP))?;
-                finished
-                    .remove(join_key(probe, &id).as_str())
-                    .map_err(self.db_err(OP))?;
-            }
         }
         Ok(())
     }

@@ -452,7 +452,10 @@ impl Engine {
         let written = if w.dirty.is_empty() && self.ledger.is_open() {
             Ok(())
         } else if !self.ledger.is_open() {
-            Err(w.broken_detail(&self.ledger))
+            // Closed by an earlier failure and not yet reopened: that failure is the answer.
+            Err(self.ledger_error().unwrap_or_else(|| {
+                format!("ledger {}: closed, reopening", self.ledger.path().display())
+            }))
         } else {
             let writes: Vec<Write> = w.dirty.values().cloned().collect();
             match self.ledger.write(&writes) {
@@ -463,25 +466,18 @@ impl Engine {
                 }
             }
         };
-        match &written {
-            Ok(()) => {
-                w.dirty.clear();
-                if w.broken.take().is_some() {
-                    info!(
-                        ledger = %self.ledger.path().display(),
-                        failed_attempts = w.attempts,
-                        "ledger writable again; in-flight canaries written, sending resumes"
-                    );
-                    w.attempts = 0;
-                    lock(&self.state).ledger_error = None;
-                }
-            }
-            Err(detail) => {
-                lock(&self.state).ledger_error = Some(Failure {
-                    reason: Reason::Ledger,
-                    detail: detail.clone(),
-                    at_ms: now_ms(),
-                });
+        // On an error `ledger_failed` has recorded the cause (this batch's, or the one that
+        // closed the ledger); the dirty writes stay for the next try.
+        if written.is_ok() {
+            w.dirty.clear();
+            if w.broken.take().is_some() {
+                info!(
+                    ledger = %self.ledger.path().display(),
+                    failed_attempts = w.attempts,
+                    "ledger writable again; in-flight canaries written, sending resumes"
+                );
+                w.attempts = 0;
+                lock(&self.state).ledger_error = None;
             }
         }
         for job in jobs {
@@ -786,15 +782,6 @@ impl Engine {
 
 fn canary_key(c: &Canary) -> String {
     format!("{}\0{}", c.probe, c.id)
-}
-
-impl Writer {
-    fn broken_detail(&self, ledger: &Ledger) -> String {
-        format!(
-            "ledger {}: closed after an error; reopening with backoff",
-            ledger.path().display()
-        )
-    }
 }
 
 /// The ledger writer thread: batches whatever is queued (group commit), and while the ledger

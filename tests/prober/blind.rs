@@ -403,10 +403,6 @@ async fn canaries_skipped_at_max_in_flight_are_counted() {
     sb.shutdown().await;
 }
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mailcanary"))
-}
-
 /// `mailcanary once --format nagios` against every sandbox fault: it ends as soon as the
 /// canary's fate is known (not at the end-to-end deadline or the timeout), exits 2 (CRITICAL),
 /// and its one line names the stage.
@@ -423,27 +419,24 @@ async fn once_ends_at_the_first_failure_under_each_sandbox_fault() {
         (Stage::Outbound, Fault::Drop, "delivery overdue"),
         (Stage::Mailbox, Fault::Error, "delivery overdue"),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let mut runs = Vec::new();
     let mut sandboxes = Vec::new();
-    for (i, (stage, fault, want)) in cases.into_iter().enumerate() {
+    for (stage, fault, _) in &cases {
         let sb = sandbox().await;
-        sb.faults().set(stage, fault);
-        let cfg = dir.path().join(format!("p{i}.toml"));
-        std::fs::write(&cfg, config_text(&sb, &Knobs::default())).unwrap();
+        sb.faults().set(*stage, *fault);
         sandboxes.push(sb);
-        runs.push(tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            let out = bin()
-                .args(["once", "--format", "nagios", "--config"])
-                .arg(&cfg)
-                .output()
-                .unwrap();
-            (format!("{stage}={fault}"), want, t.elapsed(), out)
-        }));
     }
-    for r in runs {
-        let (fault, want, took, out) = r.await.unwrap();
+    // All at once: each run ends at its first failure, a few seconds in.
+    let outs = futures::future::join_all(
+        sandboxes
+            .iter()
+            .map(|sb| run_once(sb, &["--format", "nagios"])),
+    )
+    .await;
+    let runs = cases
+        .iter()
+        .zip(outs)
+        .map(|((stage, fault, want), (took, out))| (format!("{stage}={fault}"), *want, took, out));
+    for (fault, want, took, out) in runs {
         let stdout = String::from_utf8_lossy(&out.stdout);
         eprintln!("{fault}: {took:?}: {stdout}");
         assert_eq!(out.status.code(), Some(2), "{fault}: {stdout}");
@@ -474,19 +467,7 @@ async fn once_timeout_before_a_verdict_is_unknown() {
         mailcanary::sandbox::Stage::Import,
         mailcanary::sandbox::Fault::Stall,
     );
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("p.toml");
-    std::fs::write(&cfg, config_text(&sb, &Knobs::default())).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        let t = Instant::now();
-        let out = bin()
-            .args(["once", "--format", "nagios", "--timeout", "1s", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        (t.elapsed(), out)
-    });
-    let (took, out) = out.await.unwrap();
+    let (took, out) = run_once(&sb, &["--format", "nagios", "--timeout", "1s"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
@@ -495,6 +476,7 @@ async fn once_timeout_before_a_verdict_is_unknown() {
     );
     assert!(took < Duration::from_secs(10), "took {took:?}");
     // A config that does not load is UNKNOWN too, on stdout where Nagios reads.
+    let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[[probe]]\nname = 1\n").unwrap();
     let out = bin()
@@ -512,18 +494,7 @@ async fn once_timeout_before_a_verdict_is_unknown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_cleans_up_what_it_sent() {
     let sb = sandbox().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("p.toml");
-    std::fs::write(&cfg, config_text(&sb, &Knobs::default())).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        bin()
-            .args(["once", "--format", "nagios", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let (_, out) = run_once(&sb, &["--format", "nagios"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(

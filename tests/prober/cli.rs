@@ -8,10 +8,6 @@ use std::{
 
 use crate::common::*;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mailcanary"))
-}
-
 /// Spawns `cmd` and reads the first line it prints, then stops reading its stdout.
 fn spawn_first_line(cmd: &mut Command) -> (KillOnDrop, String) {
     let mut child = KillOnDrop(
@@ -111,14 +107,7 @@ fn check_accepts_but_warns_about_settings_that_blame_a_stage_for_the_prober() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_completes_every_stage_and_exits_0() {
     let sb = sandbox().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("p.toml");
-    std::fs::write(&cfg, config_text(&sb, &Knobs::default())).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        bin().args(["once", "--config"]).arg(&cfg).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let (_, out) = run_once(&sb, &[]).await;
     assert_once_passed(&out);
     sb.shutdown().await;
 }
@@ -130,14 +119,7 @@ async fn once_exits_1_when_a_stage_fails() {
         mailcanary::sandbox::Stage::Inbound,
         mailcanary::sandbox::Fault::Error,
     );
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("p.toml");
-    std::fs::write(&cfg, config_text(&sb, &Knobs::default())).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        bin().args(["once", "--config"]).arg(&cfg).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let (_, out) = run_once(&sb, &[]).await;
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("FAIL tempfail"), "{stdout}");

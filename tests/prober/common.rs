@@ -157,6 +157,34 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// The real binary.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mailcanary"))
+}
+
+/// `mailcanary once ARGS --config FILE` against the default drill probe of `sb`, on a blocking
+/// thread; how long it took and what it printed.
+pub async fn run_once(sb: &Sandbox, args: &[&str]) -> (Duration, std::process::Output) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, config_text(sb, &Knobs::default())).unwrap();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let t = std::time::Instant::now();
+        let out = bin()
+            .arg("once")
+            .args(&args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        drop(dir);
+        (t.elapsed(), out)
+    })
+    .await
+    .unwrap()
+}
+
 pub async fn get_json(url: &str) -> serde_json::Value {
     http().get(url).send().await.unwrap().json().await.unwrap()
 }
