@@ -205,6 +205,9 @@ pub struct Canary {
     pub ticket_id: Option<String>,
     /// UID of the delivered message in the watched mailbox, for cleanup.
     pub delivered_uid: Option<u32>,
+    /// The mailbox's UIDVALIDITY when it was delivered (absent in older records).
+    #[serde(default)]
+    pub delivered_uid_validity: Option<u32>,
     /// Whether the delivered message's In-Reply-To/References named the canary.
     pub threaded: Option<bool>,
     pub outcome: Option<Outcome>,
@@ -280,6 +283,7 @@ impl Canary {
             early: Vec::new(),
             ticket_id: None,
             delivered_uid: None,
+            delivered_uid_validity: None,
             acknowledged: None,
             threaded: None,
             outcome: None,

@@ -590,6 +590,7 @@ impl Engine {
         probe: &str,
         id: &str,
         seen_at: u64,
+        uid_validity: u32,
         uid: u32,
         threaded: impl FnOnce(&str) -> bool,
     ) -> Option<Canary> {
@@ -598,6 +599,7 @@ impl Engine {
                 return Vec::new();
             }
             c.delivered_uid = Some(uid);
+            c.delivered_uid_validity = Some(uid_validity);
             c.threaded = Some(threaded(&c.message_id));
             c.observe(Stage::Delivery, seen_at)
         });

@@ -62,6 +62,8 @@ pub struct Probe {
     /// Clean-ups begun and not yet done (a delete the watcher has not carried out, a ticket
     /// call still running): `once` waits for them before it exits.
     cleanups: std::sync::atomic::AtomicUsize,
+    /// `(uidvalidity, uid)` of this probe's deletes the watcher has not reported done.
+    deleting: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
 }
 
 impl Probe {
@@ -74,6 +76,14 @@ impl Probe {
     /// Clean-ups begun and not yet done.
     pub fn cleanups_pending(&self) -> usize {
         self.cleanups.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// True if `(uid_validity, uid)` was a delete of this probe's, now done.
+    fn forget_delete(&self, uid_validity: u32, uid: u32) -> bool {
+        self.deleting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(uid_validity, uid))
     }
 
     fn cleanup_begun(&self) {
@@ -209,6 +219,7 @@ impl Probe {
             ),
             mailbox_commands: std::sync::OnceLock::new(),
             cleanups: Default::default(),
+            deleting: Default::default(),
         })
     }
 }
@@ -426,8 +437,6 @@ async fn dispatch(
 ) {
     let names: Vec<&str> = probes.iter().map(|p| p.name.as_str()).collect();
     let blame = names[0].to_string();
-    // Which probe asked for the delete of a UID, so its clean-up can be marked done.
-    let mut deleting: HashMap<(u32, u32), Arc<Probe>> = HashMap::new();
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -448,8 +457,10 @@ async fn dispatch(
             }
             WatchEvent::Deleted { uid_validity, uids } => {
                 for uid in uids {
-                    if let Some(p) = deleting.remove(&(uid_validity, uid)) {
-                        p.cleanup_done();
+                    for p in &probes {
+                        if p.forget_delete(uid_validity, uid) {
+                            p.cleanup_done();
+                        }
                     }
                 }
             }
@@ -506,17 +517,22 @@ async fn dispatch(
                                 a.uid,
                             );
                             if orphan && p.delete_delivered {
-                                delete_message(p, a.uid_validity, a.uid, &mut deleting);
+                                delete_message(p, a.uid_validity, a.uid);
                             }
                             continue;
                         }
-                        let done = engine.delivered(&probe, token.id(), seen_at, a.uid, |mid| {
-                            candidate.threaded_to(mid)
-                        });
+                        let done = engine.delivered(
+                            &probe,
+                            token.id(),
+                            seen_at,
+                            a.uid_validity,
+                            a.uid,
+                            |mid| candidate.threaded_to(mid),
+                        );
                         if let Some(c) = done
                             && c.is_finished()
                         {
-                            clean_up(p, &c, a.uid_validity, a.uid, &mut deleting);
+                            clean_up(p, &c);
                         }
                     }
                 }
@@ -526,18 +542,17 @@ async fn dispatch(
 }
 
 /// Removes what a finished canary left behind: the delivered message and the helpdesk's
-/// acknowledgement (by UID), and the ticket.
-fn clean_up(
-    p: &Arc<Probe>,
-    c: &crate::canary::life::Canary,
-    uid_validity: u32,
-    uid: u32,
-    deleting: &mut HashMap<(u32, u32), Arc<Probe>>,
-) {
+/// acknowledgement (by UID), and the ticket. Called by whoever saw the canary finish: the
+/// mailbox dispatcher when the delivery was its last stage, the run when the delivery had
+/// arrived early (RT mails the reply inside the reply POST, so it can be in the mailbox before
+/// the POST returns and the reply stage ends).
+pub(crate) fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary) {
     if p.delete_delivered {
-        delete_message(p, uid_validity, uid, deleting);
+        if let (Some(validity), Some(uid)) = (c.delivered_uid_validity, c.delivered_uid) {
+            delete_message(p, validity, uid);
+        }
         if let Some(ack) = &c.acknowledged {
-            delete_message(p, ack.uid_validity, ack.uid, deleting);
+            delete_message(p, ack.uid_validity, ack.uid);
         }
     }
     if c.ticket_id.is_some() && p.cleanup.is_some() && p.helpdesk.is_some() {
@@ -553,12 +568,7 @@ fn clean_up(
 
 /// Asks the mailbox's watcher to delete one message of this probe's; the clean-up is pending
 /// until the watcher reports it done.
-fn delete_message(
-    p: &Arc<Probe>,
-    uid_validity: u32,
-    uid: u32,
-    deleting: &mut HashMap<(u32, u32), Arc<Probe>>,
-) {
+fn delete_message(p: &Arc<Probe>, uid_validity: u32, uid: u32) {
     let Some(tx) = p.mailbox_commands.get() else {
         return;
     };
@@ -567,7 +577,10 @@ fn delete_message(
         .try_send(WatchCommand::Delete { uid_validity, uid })
         .is_ok()
     {
-        deleting.insert((uid_validity, uid), p.clone());
+        p.deleting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((uid_validity, uid));
     } else {
         p.cleanup_done();
     }

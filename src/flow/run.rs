@@ -86,10 +86,11 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                     + Duration::from_millis(c.created_ms.saturating_sub(60_000));
                 match helpdesk.find_ticket(&c.token, since).await {
                     Ok(Some(t)) => {
-                        engine.update(&probe.name, &id, |c| {
+                        let c = engine.update(&probe.name, &id, |c| {
                             c.ticket_id = Some(t.id.clone());
                             c.observe(Stage::Import, now_ms())
                         });
+                        clean_up_if_finished(&probe, c);
                         continue;
                     }
                     Ok(None) => Ok(()),
@@ -111,7 +112,9 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                 };
                 match helpdesk.post_reply(&ticket, &body).await {
                     Ok(()) => {
-                        engine.update(&probe.name, &id, |c| c.observe(Stage::Reply, now_ms()));
+                        let c =
+                            engine.update(&probe.name, &id, |c| c.observe(Stage::Reply, now_ms()));
+                        clean_up_if_finished(&probe, c);
                         continue;
                     }
                     Err(e) => Err((e.reason(), e.to_string())),
@@ -130,6 +133,14 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
             _ = tokio::time::sleep(poll) => {}
             _ = changed(&mut changes, &probe.name, &id) => {}
         }
+    }
+}
+
+/// A stage ended here and an early delivery completed the canary with it: nobody else will
+/// see it finish, so its clean-up starts here.
+fn clean_up_if_finished(probe: &Arc<Probe>, c: Option<Canary>) {
+    if let Some(c) = c.filter(Canary::is_finished) {
+        super::clean_up(probe, &c);
     }
 }
 

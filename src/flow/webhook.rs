@@ -2,6 +2,8 @@
 //! once instead of at the next poll. Polling goes on regardless (a webhook can be lost), and
 //! whichever sees the ticket first ends the stage; the other then finds nothing to do.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::{Engine, Probe, now_ms};
@@ -44,7 +46,7 @@ fn ticket_id(v: &Value) -> Option<String> {
 }
 
 /// Applies one webhook payload to `probe`'s canaries.
-pub fn ticket_created(engine: &Engine, probe: &Probe, payload: &Value) -> Matched {
+pub fn ticket_created(engine: &Engine, probe: &Arc<Probe>, payload: &Value) -> Matched {
     let mut texts = Vec::new();
     strings(payload, &mut texts);
     let mut seen = std::collections::HashSet::new();
@@ -63,7 +65,7 @@ pub fn ticket_created(engine: &Engine, probe: &Probe, payload: &Value) -> Matche
             }
             let now = now_ms();
             let mut applied = false;
-            engine.update(&probe.name, token.id(), |c| {
+            let c = engine.update(&probe.name, token.id(), |c| {
                 if c.current() != Some(Stage::Import) {
                     return Vec::new(); // already imported (by a poll or an earlier webhook)
                 }
@@ -71,6 +73,10 @@ pub fn ticket_created(engine: &Engine, probe: &Probe, payload: &Value) -> Matche
                 c.ticket_id = id.clone();
                 c.observe(Stage::Import, now)
             });
+            // An auto-reply seen before the import ends the canary here.
+            if let Some(c) = c.filter(|c| applied && c.is_finished()) {
+                super::clean_up(probe, &c);
+            }
             matched.imported += usize::from(applied);
         }
     }
