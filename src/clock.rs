@@ -18,29 +18,43 @@
 
 use std::{
     sync::LazyLock,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-static ANCHOR: LazyLock<(u64, Instant)> = LazyLock::new(|| (wall_ms(), Instant::now()));
+// The instant is read first: the anchor then runs a few nanoseconds ahead of the wall clock,
+// never behind it.
+static ANCHOR: LazyLock<(Duration, Instant)> = LazyLock::new(|| {
+    let at = Instant::now();
+    (wall(), at)
+});
 
-/// Canary time now: the wall clock at start plus the monotonic time since.
+/// Canary time now: the wall clock at start plus the monotonic time since. Kept in
+/// nanoseconds until the final truncation, so a canary time never reads a millisecond behind
+/// the wall clock it was anchored to (two truncations did, and a stage measured against a
+/// wall-clock ground truth came out at -1 ms).
 pub fn now_ms() -> u64 {
     let (wall, at) = *ANCHOR;
-    wall + at.elapsed().as_millis() as u64
+    (wall + at.elapsed()).as_millis() as u64
 }
 
-/// Canary time of a monotonic instant taken earlier (an IMAP arrival seen before it was
-/// dispatched).
+/// Canary time of a monotonic instant (an IMAP arrival seen before it was dispatched).
 pub fn at_ms(instant: Instant) -> u64 {
-    now_ms().saturating_sub(instant.elapsed().as_millis() as u64)
+    let (wall, at) = *ANCHOR;
+    match instant.checked_duration_since(at) {
+        Some(since) => (wall + since).as_millis() as u64,
+        None => wall.saturating_sub(at - instant).as_millis() as u64,
+    }
+}
+
+fn wall() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// The system's wall clock, Unix milliseconds (0 before 1970).
 pub fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    wall().as_millis() as u64
 }
 
 /// A canary time as wall-clock Unix milliseconds: moved by however far the wall clock has
