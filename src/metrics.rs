@@ -29,6 +29,7 @@
 //! | `mailcanary_config_last_reload_successful` | | [`Metrics::set_config_reload`] |
 //! | `mailcanary_ledger_errors_total` | op | [`Metrics::ledger_error`] |
 //! | `mailcanary_canaries_skipped_total` | probe, reason | [`Metrics::skipped`] |
+//! | `mailcanary_helpdesk_duplicate_tickets_total` | probe | [`Metrics::duplicate_tickets`] |
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -121,6 +122,7 @@ pub struct Metrics {
     probe_success: IntGaugeVec,
     ignored: IntCounterVec,
     skipped: IntCounterVec,
+    duplicate_tickets: IntCounterVec,
     ledger_errors: IntCounterVec,
     config_reload: IntGauge,
     /// Stages already registered per probe: registering again (a config reload) only adds the
@@ -178,6 +180,11 @@ impl Metrics {
             "mailcanary_canaries_skipped_total",
             "Canaries that were due but not sent, by reason (max_in_flight, ledger, shutdown).",
             &["probe", "reason"],
+        );
+        let duplicate_tickets = counter(
+            "mailcanary_helpdesk_duplicate_tickets_total",
+            "Extra tickets the helpdesk made from one canary mail (a duplicate import), found when the canary was cleaned up.",
+            &["probe"],
         );
         let ledger_errors = counter(
             "mailcanary_ledger_errors_total",
@@ -263,6 +270,7 @@ impl Metrics {
             probe_success,
             ignored,
             skipped,
+            duplicate_tickets,
             ledger_errors,
             config_reload,
             registered: Mutex::new(HashMap::new()),
@@ -295,6 +303,7 @@ impl Metrics {
                 for reason in Skipped::ALL {
                     self.skipped.with_label_values(&[probe, reason.as_str()]);
                 }
+                self.duplicate_tickets.with_label_values(&[probe]);
                 registered.entry(probe.to_string()).or_default()
             }
         };
@@ -397,6 +406,13 @@ impl Metrics {
         self.skipped
             .with_label_values(&[probe, reason.as_str()])
             .inc();
+    }
+
+    /// The helpdesk made `extra` tickets more than one from one canary mail of `probe`.
+    pub fn duplicate_tickets(&self, probe: &str, extra: u64) {
+        self.duplicate_tickets
+            .with_label_values(&[probe])
+            .inc_by(extra);
     }
 
     /// An operation on the ledger failed; `op` is one of [`crate::ledger::OPS`].
@@ -730,6 +746,7 @@ mod tests {
             ("mailcanary_canaries_sent_total", "counter"),
             ("mailcanary_canaries_skipped_total", "counter"),
             ("mailcanary_config_last_reload_successful", "gauge"),
+            ("mailcanary_helpdesk_duplicate_tickets_total", "counter"),
             ("mailcanary_ledger_errors_total", "counter"),
             ("mailcanary_messages_ignored_total", "counter"),
             ("mailcanary_probe_success", "gauge"),

@@ -6,18 +6,21 @@
 #   tests/run.sh --no-lint    # skip fmt/clippy (quick local loop)
 #   tests/run.sh --no-static  # skip building and running the static musl binary
 #   tests/run.sh --no-bench   # skip the quick benchmark run (cargo bench --bench mailcanary)
+#   tests/run.sh --install-only  # install what the tests need, run nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 lint=1
 static=1
 bench=1
+install_only=0
 for a in "$@"; do
   case "$a" in
     --no-lint) lint=0 ;;
     --no-static) static=0 ;;
     --no-bench) bench=0 ;;
-    *) echo "usage: tests/run.sh [--no-lint] [--no-static] [--no-bench]" >&2; exit 2 ;;
+    --install-only) install_only=1 ;;
+    *) echo "usage: tests/run.sh [--no-lint] [--no-static] [--no-bench] [--install-only]" >&2; exit 2 ;;
   esac
 done
 
@@ -75,9 +78,18 @@ if [ ${#rt_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends dbconfig-no-thanks >/dev/null
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${rt_pkgs[@]}" >/dev/null
 fi
+# django-helpdesk for tests/realmail/helpdesks.rs: a venv from PyPI with pinned versions
+# (about 20 s the first time; at once when it is there).
+step "django-helpdesk venv"
+tests/realmail/files/django-helpdesk/install.sh "${MAILCANARY_DJANGO_VENV:-/var/cache/mailcanary/django-helpdesk-venv}"
 # Debian's prometheus package ships promtool but must not run a server here.
 if pgrep -x prometheus >/dev/null 2>&1 && [ -n "${CI:-}" ]; then
   pkill -x prometheus || true
+fi
+
+if [ "$install_only" -eq 1 ]; then
+  step "installed"
+  exit 0
 fi
 
 if [ "$lint" -eq 1 ]; then

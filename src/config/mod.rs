@@ -188,6 +188,12 @@ pub enum HelpdeskApi {
     /// Request Tracker 5, REST2.
     #[serde(rename = "rt")]
     Rt,
+    /// django-helpdesk 2.x, its DRF API.
+    #[serde(rename = "django-helpdesk")]
+    DjangoHelpdesk,
+    /// Any helpdesk with an HTTP API, described in `[probe.helpdesk.http]`.
+    #[serde(rename = "http")]
+    Http,
 }
 
 impl HelpdeskApi {
@@ -195,6 +201,8 @@ impl HelpdeskApi {
         match self {
             HelpdeskApi::SupportBee => "supportbee",
             HelpdeskApi::Rt => "rt",
+            HelpdeskApi::DjangoHelpdesk => "django-helpdesk",
+            HelpdeskApi::Http => "http",
         }
     }
 }
@@ -238,18 +246,9 @@ pub struct HelpdeskConfig {
     pub vendor: VendorConfig,
 }
 
-/// Settings of one vendor only, from `[probe.helpdesk.<api>]`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum VendorConfig {
-    SupportBee {
-        /// Scan the newest tickets when search finds nothing (search indexes lag).
-        list_fallback: bool,
-    },
-    Rt {
-        /// Only tickets of this queue (TicketSQL `Queue = '…'`).
-        queue: Option<String>,
-    },
-}
+/// Settings of one vendor only, from `[probe.helpdesk.<api>]`: the adapters' own type, so a
+/// vendor's settings are declared once, beside its adapter.
+pub use crate::edges::helpdesk::VendorSettings as VendorConfig;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImapConfig {

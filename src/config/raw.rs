@@ -100,6 +100,60 @@ pub struct RawHelpdesk {
     pub supportbee: Option<Spanned<RawSupportBee>>,
     /// `[probe.helpdesk.rt]`.
     pub rt: Option<Spanned<RawRt>>,
+    /// `[probe.helpdesk.django-helpdesk]`.
+    #[serde(rename = "django-helpdesk")]
+    pub django_helpdesk: Option<Spanned<RawDjangoHelpdesk>>,
+    /// `[probe.helpdesk.http]`: the generic adapter's whole description.
+    pub http: Option<Spanned<RawHttp>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// A header that carries the secret (`Authorization`), with `auth_value`.
+    pub auth_header: Option<Spanned<String>>,
+    /// The header's value, `{secret}` where the secret goes (`Token {secret}`).
+    pub auth_value: Option<Spanned<String>>,
+    /// Or a query parameter that carries the secret.
+    pub auth_query: Option<Spanned<String>>,
+    pub find: Option<Spanned<RawHttpFind>>,
+    pub reply: Option<Spanned<RawHttpRequest>>,
+    pub cleanup: Option<Spanned<RawHttpRequest>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpRequest {
+    pub method: Option<Spanned<String>>,
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub query: std::collections::BTreeMap<String, Spanned<String>>,
+    pub body: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpFind {
+    pub method: Option<Spanned<String>>,
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub query: std::collections::BTreeMap<String, Spanned<String>>,
+    pub body: Option<Spanned<toml::Value>>,
+    /// JSON pointer to the array of tickets in the answer ("" = the answer is the array).
+    pub tickets: Spanned<String>,
+    pub id: Spanned<String>,
+    pub subject: Option<Spanned<String>>,
+    pub content: Option<Spanned<String>>,
+    pub created: Option<Spanned<String>>,
+    /// Statuses that mean "no ticket yet" (default 404).
+    pub not_found: Option<Spanned<Vec<u16>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDjangoHelpdesk {
+    pub queue: Option<Spanned<u64>>,
+    pub scan_pages: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,6 +13,8 @@ use toml::Spanned;
 use super::error::{ConfigError, ConfigErrors, Position, Source};
 use super::raw::{self, HumanDuration, RawDeadlines, RawFile, RawProbe, RawProber};
 use super::secret::{Secret, expand_env, read_secret_file};
+use crate::edges::helpdesk::generic::{self, Template};
+
 use super::{
     Cleanup, Config, Deadlines, HelpdeskApi, HelpdeskConfig, ImapConfig, ProbeConfig, ProbeKind,
     ProberSettings, ReplyMode, SmtpConfig, StageName, Tls, VendorConfig, stages_for,
@@ -704,6 +706,11 @@ impl Ctx<'_> {
                 raw.supportbee.as_ref().map(|t| t.span()),
             ),
             (HelpdeskApi::Rt, raw.rt.as_ref().map(|t| t.span())),
+            (
+                HelpdeskApi::DjangoHelpdesk,
+                raw.django_helpdesk.as_ref().map(|t| t.span()),
+            ),
+            (HelpdeskApi::Http, raw.http.as_ref().map(|t| t.span())),
         ];
         for (api, span) in tables {
             if let Some(span) = span
@@ -735,6 +742,224 @@ impl Ctx<'_> {
                     .and_then(|t| t.get_ref().queue.as_ref())
                     .map(|q| q.get_ref().clone()),
             },
+            HelpdeskApi::DjangoHelpdesk => {
+                let t = raw.django_helpdesk.as_ref().map(|t| t.get_ref());
+                let scan_pages = t.and_then(|t| t.scan_pages.as_ref());
+                if let Some(n) = scan_pages
+                    && *n.get_ref() == 0
+                {
+                    self.err(
+                        n.span(),
+                        key(pre, "django-helpdesk.scan_pages"),
+                        "must be at least 1".to_string(),
+                    );
+                }
+                VendorConfig::DjangoHelpdesk {
+                    queue: t.and_then(|t| t.queue.as_ref()).map(|q| *q.get_ref()),
+                    scan_pages: scan_pages.map_or(4, |n| *n.get_ref()),
+                }
+            }
+            HelpdeskApi::Http => match &raw.http {
+                Some(t) => VendorConfig::Http(Box::new(self.http_spec(pre, raw, t))),
+                None => {
+                    self.err(
+                        raw.base_url.span(),
+                        key(pre, "http"),
+                        "api = \"http\" needs a [probe.helpdesk.http] table describing the API",
+                    );
+                    VendorConfig::Http(Box::new(http_placeholder()))
+                }
+            },
+        }
+    }
+
+    /// `[probe.helpdesk.http]`: every template's placeholders and every pointer checked, each
+    /// error with its key.
+    fn http_spec(
+        &mut self,
+        pre: &str,
+        helpdesk: &raw::RawHelpdesk,
+        sp: &Spanned<raw::RawHttp>,
+    ) -> generic::HttpSpec {
+        let t = sp.get_ref();
+        let pre = format!("{pre}.http");
+        let auth = match (&t.auth_header, &t.auth_value, &t.auth_query) {
+            (Some(name), Some(value), None) => {
+                if reqwest::header::HeaderName::from_bytes(name.get_ref().as_bytes()).is_err() {
+                    self.err(
+                        name.span(),
+                        key(&pre, "auth_header"),
+                        "not an HTTP header name",
+                    );
+                }
+                let v = value.get_ref();
+                match generic::placeholders(v, Template::Auth) {
+                    Err(e) => self.err(value.span(), key(&pre, "auth_value"), e),
+                    Ok(p) if p.len() != 1 || !v.ends_with("{secret}") => self.err(
+                        value.span(),
+                        key(&pre, "auth_value"),
+                        "must end in {secret}, once (as in \"Bearer {secret}\")",
+                    ),
+                    Ok(_) => {}
+                }
+                generic::AuthSpec::Header {
+                    name: name.get_ref().clone(),
+                    value: v.clone(),
+                }
+            }
+            (None, None, Some(q)) => generic::AuthSpec::Query {
+                name: q.get_ref().clone(),
+            },
+            _ => {
+                self.err(
+                    sp.span(),
+                    key(&pre, "auth_header"),
+                    "say how the secret is sent: auth_header with auth_value, or auth_query",
+                );
+                generic::AuthSpec::Query {
+                    name: String::new(),
+                }
+            }
+        };
+        let find = match &t.find {
+            Some(f) => {
+                let fk = format!("{pre}.find");
+                let r = f.get_ref();
+                let request = self.http_request(
+                    &fk,
+                    Template::Find,
+                    r.method.as_ref(),
+                    &r.path,
+                    &r.query,
+                    r.body.as_ref(),
+                );
+                let mut pointer = |p: &Spanned<String>, name: &str| {
+                    if let Err(e) = generic::check_pointer(p.get_ref()) {
+                        self.err(p.span(), key(&fk, name), e);
+                    }
+                    p.get_ref().clone()
+                };
+                let tickets = pointer(&r.tickets, "tickets");
+                let id = pointer(&r.id, "id");
+                let subject = r.subject.as_ref().map(|p| pointer(p, "subject"));
+                let content = r.content.as_ref().map(|p| pointer(p, "content"));
+                let created = r.created.as_ref().map(|p| pointer(p, "created"));
+                if subject.is_none() && content.is_none() {
+                    self.err(
+                        f.span(),
+                        key(&fk, "subject"),
+                        "name where the token can be found: subject, content or both",
+                    );
+                }
+                generic::FindSpec {
+                    request,
+                    tickets,
+                    id,
+                    subject,
+                    body: content,
+                    created,
+                    not_found: r
+                        .not_found
+                        .as_ref()
+                        .map_or_else(|| vec![404], |n| n.get_ref().clone()),
+                }
+            }
+            None => {
+                self.err(
+                    sp.span(),
+                    key(&pre, "find"),
+                    "[probe.helpdesk.http.find] is required: how to find a canary's ticket",
+                );
+                http_placeholder().find
+            }
+        };
+        let mut request = |r: &Option<Spanned<raw::RawHttpRequest>>, name: &str, tpl| {
+            r.as_ref().map(|r| {
+                let raw = r.get_ref();
+                self.http_request(
+                    &format!("{pre}.{name}"),
+                    tpl,
+                    raw.method.as_ref(),
+                    &raw.path,
+                    &raw.query,
+                    raw.body.as_ref(),
+                )
+            })
+        };
+        let reply = request(&t.reply, "reply", Template::Reply);
+        let cleanup = request(&t.cleanup, "cleanup", Template::Cleanup);
+        if reply.is_none() && helpdesk.reply.unwrap_or(ReplyMode::Post) == ReplyMode::Post {
+            self.err(
+                sp.span(),
+                key(&pre, "reply"),
+                "reply = \"post\" (the default) needs [probe.helpdesk.http.reply]: how to post the agent reply",
+            );
+        }
+        generic::HttpSpec {
+            auth,
+            find,
+            reply,
+            cleanup,
+        }
+    }
+
+    fn http_request(
+        &mut self,
+        pre: &str,
+        template: Template,
+        method: Option<&Spanned<String>>,
+        path: &Spanned<String>,
+        query: &std::collections::BTreeMap<String, Spanned<String>>,
+        body: Option<&Spanned<toml::Value>>,
+    ) -> generic::RequestSpec {
+        let method = match method {
+            None => reqwest::Method::GET,
+            Some(m) => match m.get_ref().to_ascii_uppercase().as_str() {
+                "GET" => reqwest::Method::GET,
+                "POST" => reqwest::Method::POST,
+                "PUT" => reqwest::Method::PUT,
+                "PATCH" => reqwest::Method::PATCH,
+                "DELETE" => reqwest::Method::DELETE,
+                _ => {
+                    self.err(
+                        m.span(),
+                        key(pre, "method"),
+                        "must be GET, POST, PUT, PATCH or DELETE",
+                    );
+                    reqwest::Method::GET
+                }
+            },
+        };
+        if let Err(e) = generic::placeholders(path.get_ref(), template) {
+            self.err(path.span(), key(pre, "path"), e);
+        }
+        for (k, v) in query {
+            if let Err(e) = generic::placeholders(v.get_ref(), template) {
+                self.err(v.span(), key(pre, &format!("query.{k}")), e);
+            }
+        }
+        let body = body.and_then(|b| match serde_json::to_value(b.get_ref()) {
+            Ok(v) => {
+                let mut problems = Vec::new();
+                check_json_strings(&v, template, &mut problems);
+                for e in problems {
+                    self.err(b.span(), key(pre, "body"), e);
+                }
+                Some(v)
+            }
+            Err(e) => {
+                self.err(b.span(), key(pre, "body"), format!("cannot be JSON: {e}"));
+                None
+            }
+        });
+        generic::RequestSpec {
+            method,
+            path: path.get_ref().clone(),
+            query: query
+                .iter()
+                .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+                .collect(),
+            body,
         }
     }
 
@@ -798,4 +1023,45 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Every string in a JSON body template, checked for placeholders.
+fn check_json_strings(v: &serde_json::Value, template: Template, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(s) => {
+            if let Err(e) = generic::placeholders(s, template) {
+                out.push(e);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| check_json_strings(v, template, out)),
+        serde_json::Value::Object(o) => o
+            .values()
+            .for_each(|v| check_json_strings(v, template, out)),
+        _ => {}
+    }
+}
+
+/// What a broken `[probe.helpdesk.http]` resolves to while its errors are collected.
+fn http_placeholder() -> generic::HttpSpec {
+    generic::HttpSpec {
+        auth: generic::AuthSpec::Query {
+            name: String::new(),
+        },
+        find: generic::FindSpec {
+            request: generic::RequestSpec {
+                method: reqwest::Method::GET,
+                path: String::new(),
+                query: Default::default(),
+                body: None,
+            },
+            tickets: String::new(),
+            id: String::new(),
+            subject: None,
+            body: None,
+            created: None,
+            not_found: vec![404],
+        },
+        reply: None,
+        cleanup: None,
+    }
 }

@@ -531,10 +531,11 @@ impl Engine {
     }
 
     /// Time passes for every in-flight canary: deadlines and the lost horizon. Then refreshes
-    /// the gauges.
-    pub fn tick(&self, now: u64) {
+    /// the gauges. Returns the canaries this tick finished (lost), for their clean-up.
+    pub fn tick(&self, now: u64) -> Vec<Canary> {
         let mut st = lock(&self.state);
         let keys: Vec<(String, String)> = st.in_flight.keys().cloned().collect();
+        let mut finished = Vec::new();
         for key in keys {
             let Some(c) = st.in_flight.get_mut(&key) else {
                 continue;
@@ -542,10 +543,14 @@ impl Engine {
             let transitions = c.tick(now);
             if !transitions.is_empty() {
                 let snapshot = c.clone();
+                if snapshot.is_finished() {
+                    finished.push(snapshot.clone());
+                }
                 self.commit(&mut st, snapshot, &transitions);
             }
         }
         self.refresh_gauges(&st, now);
+        finished
     }
 
     fn refresh_gauges(&self, st: &State, now: u64) {

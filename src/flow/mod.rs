@@ -26,7 +26,7 @@ use crate::{
         Classified, Inspected, Key, classify, inspect,
         life::{Limits, Stage},
     },
-    config::{Config, ProbeConfig, ReplyMode, Tls, VendorConfig},
+    config::{Config, ProbeConfig, ReplyMode, Tls},
     edges::{
         helpdesk::{self, CleanupMode, Helpdesk},
         imap::{self, ImapTarget, WatchCommand, WatchEvent},
@@ -64,6 +64,8 @@ pub struct Probe {
     cleanups: std::sync::atomic::AtomicUsize,
     /// `(uidvalidity, uid)` of this probe's deletes the watcher has not reported done.
     deleting: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
+    /// The engine's metrics, for what the clean-up finds (duplicate tickets).
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl Probe {
@@ -168,16 +170,7 @@ impl Probe {
                         timeout: h.timeout,
                         retry: helpdesk::RetryPolicy::default(),
                         extra_roots_pem: None,
-                        vendor: match &h.vendor {
-                            VendorConfig::SupportBee { list_fallback } => {
-                                helpdesk::VendorSettings::SupportBee {
-                                    list_fallback: *list_fallback,
-                                }
-                            }
-                            VendorConfig::Rt { queue } => helpdesk::VendorSettings::Rt {
-                                queue: queue.clone(),
-                            },
-                        },
+                        vendor: h.vendor.clone(),
                     })
                     .map_err(|e| anyhow::anyhow!("probe {}: helpdesk: {e}", cfg.name))?,
                 )),
@@ -220,6 +213,7 @@ impl Probe {
             mailbox_commands: std::sync::OnceLock::new(),
             cleanups: Default::default(),
             deleting: Default::default(),
+            metrics: std::sync::OnceLock::new(),
         })
     }
 }
@@ -292,6 +286,9 @@ impl Prober {
         shutdown: CancellationToken,
     ) -> anyhow::Result<JoinSet<()>> {
         let mut tasks = JoinSet::new();
+        for p in &self.probes {
+            let _ = p.metrics.set(self.engine.metrics().clone());
+        }
         // One watcher per distinct mailbox, shared by the probes that read it.
         let mut by_mailbox: HashMap<String, Vec<Arc<Probe>>> = HashMap::new();
         for p in &self.probes {
@@ -331,15 +328,24 @@ impl Prober {
         }
         // Time moves for every canary, four times a second: the stall shows within 250 ms of
         // its deadline, and the oldest-in-flight gauge rises smoothly.
+        // A canary given up as lost is cleaned up like any other finished one: its ticket (and
+        // a duplicate the helpdesk made of it) would otherwise stay open for good.
         let engine = self.engine.clone();
         let sd = shutdown.clone();
+        let probes = self.probes.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = sd.cancelled() => return,
-                    _ = tick.tick() => engine.tick(now_ms()),
+                    _ = tick.tick() => {
+                        for c in engine.tick(now_ms()) {
+                            if let Some(p) = probes.iter().find(|p| p.name == c.probe) {
+                                clean_up(p, &c);
+                            }
+                        }
+                    }
                 }
             }
         });
@@ -586,22 +592,57 @@ fn delete_message(p: &Arc<Probe>, uid_validity: u32, uid: u32) {
     }
 }
 
-/// Archives, trashes or deletes the canary's ticket as the probe says (if it has one).
+/// Archives, trashes or deletes the canary's ticket as the probe says (if it has one), and
+/// every duplicate the helpdesk made of the same mail: those are looked for once, by token,
+/// counted in `mailcanary_helpdesk_duplicate_tickets_total` and logged.
 pub async fn clean_up_ticket(p: &Arc<Probe>, c: &crate::canary::life::Canary) {
     let (Some(mode), Some(h), Some(ticket)) = (p.cleanup, p.helpdesk.clone(), c.ticket_id.clone())
     else {
         return;
     };
-    let t = crate::edges::helpdesk::TicketRef {
+    let mut tickets = vec![crate::edges::helpdesk::TicketRef {
         id: ticket,
         created_at: None,
-    };
+    }];
+    let since = std::time::UNIX_EPOCH + Duration::from_millis(c.created_ms.saturating_sub(60_000));
+    match h.find_tickets(&c.token, since).await {
+        Ok(all) => {
+            let extra: Vec<_> = all.into_iter().filter(|t| t.id != tickets[0].id).collect();
+            if !extra.is_empty() {
+                warn!(
+                    probe = %p.name,
+                    canary = %c.id,
+                    duplicates = extra.len(),
+                    "the helpdesk made more than one ticket of one canary mail (a duplicate import); cleaning them all up"
+                );
+                if let Some(m) = p.metrics.get() {
+                    m.duplicate_tickets(&p.name, extra.len() as u64);
+                }
+                tickets.extend(extra);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(probe = %p.name, canary = %c.id, error = %e, "cannot look for duplicate tickets; cleaning up the canary's own")
+        }
+    }
+    for t in &tickets {
+        clean_up_one(p, c, &h, t, mode).await;
+    }
+}
+
+async fn clean_up_one(
+    p: &Probe,
+    c: &crate::canary::life::Canary,
+    h: &Helpdesk,
+    t: &crate::edges::helpdesk::TicketRef,
+    mode: CleanupMode,
+) {
     // Cleanup is idempotent, so a failed one is tried again a little later (RT on SQLite can
     // be busy with its mail gateway; a helpdesk may answer 5xx for a minute): three tries over
     // about 15 s, then it is logged once and left.
     let mut wait = Duration::from_secs(5);
     for attempt in 1..=3 {
-        match h.cleanup(&t, mode).await {
+        match h.cleanup(t, mode).await {
             Ok(()) => return,
             Err(e) if attempt == 3 => {
                 warn!(probe = %p.name, canary = %c.id, error = %e, "ticket cleanup failed; the ticket is left as it is")

@@ -102,6 +102,9 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                     id: c.ticket_id.clone().unwrap_or_default(),
                     created_at: None,
                 };
+                let mark = Token::parse(&c.token)
+                    .ok()
+                    .map(|t| probe.key.reply_mark(&t));
                 let body = match (Token::parse(&c.token), &probe.reply_body) {
                     (Ok(t), Some(text)) => {
                         message::custom_reply_body(text, &t, &probe.key.reply_mark(&t))
@@ -110,7 +113,21 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                     // Our own token always parses; keep the canary recognisable regardless.
                     (Err(_), _) => c.token.clone(),
                 };
-                match helpdesk.post_reply(&ticket, &body).await {
+                // Look before posting: an earlier POST (this run's, or one before a restart)
+                // may have failed with the reply kept (django-helpdesk: 500, reply saved).
+                let already = match &mark {
+                    Some(m) => helpdesk.reply_posted(&ticket, m).await,
+                    None => Ok(None),
+                };
+                let posted = match already {
+                    Ok(Some(true)) => {
+                        debug!(probe = %probe.name, canary = %id, "the reply is on the ticket already; not posting it again");
+                        Ok(())
+                    }
+                    Ok(_) => helpdesk.post_reply(&ticket, &body).await,
+                    Err(e) => Err(e),
+                };
+                match posted {
                     Ok(()) => {
                         let c =
                             engine.update(&probe.name, &id, |c| c.observe(Stage::Reply, now_ms()));

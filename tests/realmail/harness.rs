@@ -345,6 +345,18 @@ impl Servers {
         .unwrap();
     }
 
+    /// `postfix reload` (after a master.cf change).
+    pub fn postfix_reload(&self) {
+        run(
+            Command::new("/usr/sbin/postfix")
+                .arg("-c")
+                .arg(self.postfix_etc())
+                .arg("reload"),
+            &self.dir.join("postconf.out"),
+        )
+        .unwrap();
+    }
+
     /// `postqueue -f`: deliver the queued mail now.
     pub fn postqueue_flush(&self) {
         run(
@@ -477,6 +489,23 @@ fn preflight() {
     );
 }
 
+/// The process groups recorded as `DIR/*/NAME.pgid`.
+fn process_groups(dir: &Path) -> Vec<u32> {
+    let mut groups = Vec::new();
+    for sub in fs::read_dir(dir).into_iter().flatten().flatten() {
+        for f in fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            if f.path().extension().is_some_and(|e| e == "pgid")
+                && let Some(g) = fs::read_to_string(f.path())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                groups.push(g);
+            }
+        }
+    }
+    groups
+}
+
 /// Kills the servers of instances whose test process is gone, and removes their directories.
 fn sweep_stale() {
     let Ok(entries) = fs::read_dir(ROOT) else {
@@ -507,13 +536,11 @@ fn sweep_stale() {
                     .and_then(|s| s.trim().parse::<u32>().ok()),
             );
         }
-        // A Request Tracker web server (tests/realmail/rt.rs) runs in its own process group.
-        if let Some(rt) = fs::read_to_string(dir.join("rt/server.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        {
+        // A helpdesk's processes (tests/realmail/rt.rs, django.rs) run in process groups of
+        // their own, each named by a `*.pgid` file in a subdirectory.
+        for group in process_groups(&dir) {
             let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{rt}")])
+                .args(["-KILL", "--", &format!("-{group}")])
                 .status();
         }
         for &pid in &pids {

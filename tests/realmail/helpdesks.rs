@@ -1,19 +1,39 @@
 //! The prober against real helpdesks with their own email import: Request Tracker 5 (its mail
-//! gateway run by Postfix, its mailer sending through Postfix into Dovecot).
+//! gateway run by Postfix, its mailer sending through Postfix into Dovecot) and django-helpdesk
+//! (its `get_email` job reading a Dovecot mailbox, its mail sent through Postfix).
+//!
+//! Each helpdesk gets a full canary life and the seed's outage (only the import background job
+//! breaks while the web app and API answer 200); the shared steps are [`canary_life`],
+//! [`import_blamed`] and [`backlog_drained`].
 
 use std::time::{Duration, Instant};
 
-use mailcanary::{canary::life::Stage, config};
+use mailcanary::{
+    canary::life::{Canary, Stage},
+    config,
+    daemon::Daemon,
+    metrics::testing::Samples,
+};
 
 use crate::{
     common::*,
+    django::{Django, SUPPORT_USER},
     harness::{Servers, Setup, address, password},
     rt::{Rt, SUPPORT},
 };
 
 const PROBE: &str = "rt";
 
-fn rt_config(s: &Servers, rt: &Rt) -> String {
+/// A config with one helpdesk probe `name` mailing `to`, its `[probe.deadlines]` and
+/// `[probe.helpdesk]` tables given, reading the canary mailbox of `s` over IMAP with IDLE.
+fn helpdesk_config(
+    s: &Servers,
+    name: &str,
+    to: &str,
+    lost_after: &str,
+    deadlines: &str,
+    helpdesk: &str,
+) -> String {
     let p = s.ports;
     format!(
         r#"
@@ -23,42 +43,28 @@ secret = "{SECRET}"
 hostname = "{HOSTNAME}"
 
 [[probe]]
-name = "{PROBE}"
+name = "{name}"
 kind = "helpdesk"
 interval = "5s"
 jitter = "100ms"
 max_in_flight = 50
-lost_after = "1h"
+lost_after = "{lost_after}"
 cleanup = true
 
 [probe.deadlines]
-submit = "15s"
-import = "15s"
-reply = "30s"
-delivery = "30s"
-end_to_end = "2m"
+{deadlines}
 
 [probe.smtp]
 host = "127.0.0.1"
 port = {smtp}
 tls = "none"
 from = "{mailbox}"
-to = "{SUPPORT}"
+to = "{to}"
 timeout = "10s"
 helo_name = "{HOSTNAME}"
 
 [probe.helpdesk]
-api = "rt"
-base_url = "{url}"
-token = "{token}"
-# RT bcrypt-checks the token on every request (about 0.35 s at its default cost): gently.
-poll_interval = "2s"
-reply = "post"
-cleanup = "archive"
-timeout = "15s"
-
-[probe.helpdesk.rt]
-queue = "General"
+{helpdesk}
 
 [probe.imap]
 host = "127.0.0.1"
@@ -73,37 +79,54 @@ timeout = "10s"
         imap = p.imap,
         mailbox = address("canary"),
         pw = password("canary"),
-        url = rt.url,
-        token = rt.token,
     )
 }
 
-fn ms_of(c: &mailcanary::canary::life::Canary, stage: Stage) -> Option<i64> {
+fn rt_config(s: &Servers, rt: &Rt) -> String {
+    helpdesk_config(
+        s,
+        PROBE,
+        SUPPORT,
+        "1h",
+        r#"submit = "15s"
+import = "15s"
+reply = "30s"
+delivery = "30s"
+end_to_end = "2m""#,
+        &format!(
+            r#"api = "rt"
+base_url = "{url}"
+token = "{token}"
+# RT bcrypt-checks the token on every request (about 0.35 s at its default cost): gently.
+poll_interval = "2s"
+reply = "post"
+cleanup = "archive"
+timeout = "15s"
+
+[probe.helpdesk.rt]
+queue = "General""#,
+            url = rt.url,
+            token = rt.token,
+        ),
+    )
+}
+
+fn ms_of(c: &Canary, stage: Stage) -> Option<i64> {
     let r = c.record(stage)?;
     Some(r.done_ms? as i64 - r.started_ms? as i64)
 }
 
-/// A full canary life on real RT 5, then the seed's outage on it: only the import background
-/// job breaks (Postfix holds the mail for RT's gateway) while RT's web app and API answer 200.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_tracker_canary_life_then_the_seed_outage() {
-    // The prober's warnings (a failed cleanup, a retried call) in the test's output.
+/// A daemon on `text`, scheduling canaries, its state in a fresh directory (kept alive by the
+/// returned guard).
+async fn daemon(text: &str, file: &str) -> (Daemon, tempfile::TempDir) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("mailcanary=warn")
         .with_test_writer()
         .try_init();
-    let servers = blocking(|| Servers::start(Setup::users(&["canary"]))).await;
-    let t = Instant::now();
-    let rt = {
-        let s = servers.clone();
-        blocking(move || Rt::start(&s)).await
-    };
-    eprintln!("RT set up and serving in {:?}", t.elapsed());
-    let text = rt_config(&servers, &rt);
-    let cfg = config::parse_str(&text, "rt.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let cfg = config::parse_str(text, file).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let _ = rustls::crypto::ring::default_provider().install_default();
     let state = tempfile::tempdir().unwrap();
-    let d = mailcanary::daemon::Daemon::start(
+    let d = Daemon::start(
         &cfg,
         mailcanary::daemon::Options {
             state_dir: state.path().to_path_buf(),
@@ -113,51 +136,47 @@ async fn request_tracker_canary_life_then_the_seed_outage() {
     )
     .await
     .expect("daemon starts");
+    (d, state)
+}
 
-    // A whole life: submit -> RT's gateway makes the ticket -> correspond -> RT mails it.
-    let s = until(
-        d.addr,
-        Duration::from_secs(120),
-        "3 canaries through RT",
-        |s| completed(s, PROBE) >= 3.0,
-    )
+/// Waits for `n` canaries through the helpdesk, with its acknowledgement recorded as such and
+/// no failure on the way; prints the measured latencies; returns the finished canaries,
+/// newest first.
+async fn canary_life(d: &Daemon, probe: &str, n: f64, within: Duration) -> Vec<Canary> {
+    let s = until(d.addr, within, "canaries through the helpdesk", |s| {
+        completed(s, probe) >= n
+    })
     .await;
     let ignored = |r: &str| {
         v(
             &s,
-            PROBE,
+            probe,
             "mailcanary_messages_ignored_total",
             &[("reason", r)],
         )
     };
     assert!(
-        ignored("acknowledgement") >= 3.0,
-        "RT's AutoReply is recorded, not taken for the reply: {}",
+        ignored("acknowledgement") >= n,
+        "the helpdesk's acknowledgement is recorded, not taken for the reply: {}",
         ignored("acknowledgement")
     );
     assert_eq!(ignored("duplicate"), 0.0);
-    assert_eq!(all_failures(&s, PROBE), vec![], "no failure on the way");
-    let done: Vec<_> = d
+    assert_eq!(all_failures(&s, probe), vec![], "no failure on the way");
+    let done: Vec<Canary> = d
         .engine
         .status(mailcanary::flow::now_ms())
         .into_iter()
         .flat_map(|p| p.recent)
         .filter(|c| c.outcome.is_some())
         .collect();
-    let mut import: Vec<i64> = done
-        .iter()
-        .filter_map(|c| ms_of(c, Stage::Import))
-        .collect();
-    let mut delivery: Vec<i64> = done
-        .iter()
-        .filter_map(|c| ms_of(c, Stage::Delivery))
-        .collect();
+    let of = |stage| -> Vec<i64> { done.iter().filter_map(|c| ms_of(c, stage)).collect() };
+    let (mut import, mut delivery) = (of(Stage::Import), of(Stage::Delivery));
     let mut ack: Vec<i64> = done
         .iter()
         .filter_map(|c| c.acknowledged.as_ref().map(|a| a.after_ms as i64))
         .collect();
     eprintln!(
-        "RT: import ms {import:?} (median {:?}), delivery ms {delivery:?} (median {:?}), \
+        "{probe}: import ms {import:?} (median {:?}), delivery ms {delivery:?} (median {:?}), \
          acknowledgement after ms {ack:?} (median {:?})",
         median(&mut import.clone()),
         median(&mut delivery.clone()),
@@ -165,6 +184,104 @@ async fn request_tracker_canary_life_then_the_seed_outage() {
     );
     assert!(median(&mut import).is_some() && median(&mut delivery).is_some());
     assert!(median(&mut ack).is_some());
+    done
+}
+
+/// The seed, once the import job is broken: `import` is blamed and the probe fails within
+/// `within`, no other stage is blamed. Returns how long detection took.
+async fn import_blamed(d: &Daemon, probe: &str, broke: Instant, within: Duration) -> Duration {
+    let s = until(d.addr, within, "import blamed", |s| {
+        failures(s, probe, "import", "deadline") >= 1.0
+            && v(s, probe, "mailcanary_probe_success", &[]) == 0.0
+    })
+    .await;
+    let detected = broke.elapsed();
+    eprintln!("{probe} seed drill: import blamed {detected:?} after the import job stopped");
+    for stage in ["submit", "reply", "delivery"] {
+        assert_eq!(
+            failures(&s, probe, stage, "deadline"),
+            0.0,
+            "{stage} blamed"
+        );
+    }
+    detected
+}
+
+/// The canaries waiting in import just before the import job comes back.
+fn held(s: &Samples, probe: &str) -> f64 {
+    v(
+        s,
+        probe,
+        "mailcanary_stage_in_flight",
+        &[("stage", "import")],
+    )
+}
+
+/// After the import job is back (`before` scraped just before): every held canary is
+/// imported, those held past the deadline counted late with their true durations; none lost;
+/// the probe green again.
+async fn backlog_drained(d: &Daemon, probe: &str, before: &Samples, import_deadline_s: f64) {
+    let back = Instant::now();
+    let held = held(before, probe);
+    assert!(held >= 1.0, "canaries were held in import");
+    let overdue = failures(before, probe, "import", "deadline");
+    let done_before = completed(before, probe);
+    let s = until(
+        d.addr,
+        Duration::from_secs(120),
+        "the backlog imported",
+        |s| {
+            v(
+                s,
+                probe,
+                "mailcanary_stage_late_total",
+                &[("stage", "import")],
+            ) >= overdue
+                && completed(s, probe) >= done_before + held
+                && v(s, probe, "mailcanary_probe_success", &[]) == 1.0
+        },
+    )
+    .await;
+    let sum = v(
+        &s,
+        probe,
+        "mailcanary_stage_duration_seconds_sum",
+        &[("stage", "import")],
+    );
+    assert!(
+        sum >= overdue * import_deadline_s,
+        "the late imports were observed with their true durations: sum {sum} s"
+    );
+    eprintln!(
+        "{probe} seed drill: {held} held canaries imported ({overdue} of them late), probe green {:?} after the import job came back",
+        back.elapsed()
+    );
+    assert_eq!(
+        v(
+            &s,
+            probe,
+            "mailcanary_canaries_lost_total",
+            &[("stage", "import")]
+        ),
+        0.0
+    );
+}
+
+/// A full canary life on real RT 5, then the seed's outage on it: only the import background
+/// job breaks (Postfix holds the mail for RT's gateway) while RT's web app and API answer 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_tracker_canary_life_then_the_seed_outage() {
+    let servers = blocking(|| Servers::start(Setup::users(&["canary"]))).await;
+    let t = Instant::now();
+    let rt = {
+        let s = servers.clone();
+        blocking(move || Rt::start(&s)).await
+    };
+    eprintln!("RT set up and serving in {:?}", t.elapsed());
+    let (d, _state) = daemon(&rt_config(&servers, &rt), "rt.toml").await;
+
+    // A whole life: submit -> RT's gateway makes the ticket -> correspond -> RT mails it.
+    let done = canary_life(&d, PROBE, 3.0, Duration::from_secs(120)).await;
     // Cleaned up: the canaries' tickets resolved through REST2.
     let http = reqwest::Client::new();
     // The oldest finished canary: its cleanup has had the longest.
@@ -206,73 +323,212 @@ async fn request_tracker_canary_life_then_the_seed_outage() {
         web.status()
     );
     // Bound: interval (5 s) + import deadline (15 s), and slack for one RT poll.
-    let s = until(d.addr, Duration::from_secs(30), "import blamed", |s| {
-        failures(s, PROBE, "import", "deadline") >= 1.0
-            && v(s, PROBE, "mailcanary_probe_success", &[]) == 0.0
-    })
-    .await;
-    let detected = broke.elapsed();
-    eprintln!("RT seed drill: import blamed {detected:?} after the gateway stopped");
-    for stage in ["submit", "reply", "delivery"] {
-        assert_eq!(
-            failures(&s, PROBE, stage, "deadline"),
-            0.0,
-            "{stage} blamed"
-        );
-    }
+    import_blamed(&d, PROBE, broke, Duration::from_secs(30)).await;
     let web = http.get(format!("{}/", rt.url)).send().await.unwrap();
     assert!(web.status().is_success());
-    // Back: every held canary is imported, late, with its true duration; none lost.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let s = scrape(d.addr).await;
-    let held = servers.queued();
-    assert!(held >= 1, "mail was held for RT");
+    let before = scrape(d.addr).await;
+    assert!(servers.queued() >= 1, "mail was held for RT");
     servers.postconf_reload(&["defer_transports ="]);
     servers.postqueue_flush();
-    let back = Instant::now();
-    // Held past the import deadline: late, with its true duration. Held for less: on time.
-    // Every held canary completes.
-    let overdue = failures(&s, PROBE, "import", "deadline");
-    let before = completed(&s, PROBE);
-    let s = until(
-        d.addr,
-        Duration::from_secs(120),
-        "the backlog imported",
-        |s| {
-            v(
-                s,
-                PROBE,
-                "mailcanary_stage_late_total",
-                &[("stage", "import")],
-            ) >= overdue
-                && completed(s, PROBE) >= before + held as f64
-                && v(s, PROBE, "mailcanary_probe_success", &[]) == 1.0
-        },
-    )
-    .await;
-    let hist_sum = v(
-        &s,
-        PROBE,
-        "mailcanary_stage_duration_seconds_sum",
-        &[("stage", "import")],
-    );
-    assert!(
-        hist_sum >= overdue * 15.0,
-        "the late imports were observed with their true durations: sum {hist_sum} s"
-    );
-    eprintln!(
-        "RT seed drill: {held} held canaries imported ({overdue} of them late), probe green {:?} after the gateway came back",
-        back.elapsed()
-    );
-    assert_eq!(
-        v(
-            &s,
-            PROBE,
-            "mailcanary_canaries_lost_total",
-            &[("stage", "import")]
-        ),
-        0.0
-    );
+    backlog_drained(&d, PROBE, &before, 15.0).await;
     d.stop().await;
     drop(rt);
+}
+
+const DJANGO: &str = "django";
+
+fn django_config(s: &Servers, dh: &Django, lost_after: &str, end_to_end: &str) -> String {
+    helpdesk_config(
+        s,
+        DJANGO,
+        &address(SUPPORT_USER),
+        lost_after,
+        &format!(
+            r#"submit = "15s"
+import = "15s"
+reply = "15s"
+delivery = "20s"
+end_to_end = "{end_to_end}""#
+        ),
+        &format!(
+            r#"api = "django-helpdesk"
+base_url = "{url}"
+token = "{token}"
+poll_interval = "1s"
+reply = "post"
+cleanup = "archive"
+timeout = "15s"
+
+[probe.helpdesk.django-helpdesk]
+queue = {queue}"#,
+            url = dh.url,
+            token = dh.token,
+            queue = dh.queue,
+        ),
+    )
+}
+
+async fn start_django() -> (std::sync::Arc<Servers>, Django) {
+    let servers = blocking(|| Servers::start(Setup::users(&["canary", SUPPORT_USER]))).await;
+    let t = Instant::now();
+    let dh = {
+        let s = servers.clone();
+        blocking(move || Django::start(&s)).await
+    };
+    eprintln!("django-helpdesk set up and serving in {:?}", t.elapsed());
+    (servers, dh)
+}
+
+/// A full canary life on real django-helpdesk, then the seed's outage on it: its `get_email`
+/// job stops while its web app and API answer 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_helpdesk_canary_life_then_the_seed_outage() {
+    let (servers, mut dh) = start_django().await;
+    let (d, _state) = daemon(&django_config(&servers, &dh, "1h", "1m"), "django.toml").await;
+    let done = canary_life(&d, DJANGO, 3.0, Duration::from_secs(120)).await;
+    // Cleaned up: the oldest finished canary's ticket is closed (status 4).
+    let http = reqwest::Client::new();
+    let ticket = done
+        .last()
+        .and_then(|c| c.ticket_id.clone())
+        .expect("ticket handle");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let t = dh.ticket(&http, &ticket).await;
+        if t["status"] == 4 || Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(status["status"], 4, "ticket {ticket} closed: {status}");
+
+    // The seed: the import job stops; the web app and the API go on answering.
+    blocking_mut(&mut dh, Django::stop_import).await;
+    let broke = Instant::now();
+    let api = dh.tickets(&http).await;
+    assert!(!api.is_empty(), "the API answers while the import is down");
+    // Bound: interval (5 s) + import deadline (15 s), and slack for a poll.
+    import_blamed(&d, DJANGO, broke, Duration::from_secs(25)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = scrape(d.addr).await;
+    blocking_mut(&mut dh, Django::start_import).await;
+    backlog_drained(&d, DJANGO, &before, 15.0).await;
+    d.stop().await;
+    drop(dh);
+}
+
+/// Runs a blocking harness step that needs the helpdesk mutably.
+async fn blocking_mut(dh: &mut Django, f: fn(&mut Django)) {
+    tokio::task::block_in_place(|| f(dh));
+}
+
+/// django-helpdesk with its outgoing mail down: `POST /api/followups/` answers 500 although
+/// the follow-up was saved, and every import run imports the same mail again as a new ticket.
+/// The prober must not post the reply twice (it looks first), and must count the duplicate
+/// tickets and clean all of them up when the canary is given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_helpdesk_answers_500_yet_saves_the_reply_and_reimports_while_its_mail_is_down() {
+    let (servers, mut dh) = start_django().await;
+    blocking_mut(&mut dh, |d| d.break_outgoing()).await;
+    // One canary (the interval is long), given up 45 s after it was sent.
+    let text = django_config(&servers, &dh, "45s", "40s")
+        .replace("interval = \"5s\"", "interval = \"1h\"");
+    let (d, _state) = daemon(&text, "django.toml").await;
+    let http = reqwest::Client::new();
+    // The reply stage ends although the POST failed: the reply was found on the ticket.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let c = loop {
+        let c = d
+            .engine
+            .status(mailcanary::flow::now_ms())
+            .into_iter()
+            .flat_map(|p| p.in_flight.into_iter().chain(p.recent))
+            .next();
+        if let Some(c) = &c
+            && c.record(Stage::Reply).and_then(|r| r.done_ms).is_some()
+        {
+            break c.clone();
+        }
+        assert!(Instant::now() < deadline, "the reply stage ended: {c:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let ticket = c.ticket_id.clone().expect("imported");
+    let t = dh.ticket(&http, &ticket).await;
+    let replies = t["followup_set"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["comment"]
+                .as_str()
+                .is_some_and(|s| s.contains("mcreply-"))
+        })
+        .count();
+    assert_eq!(replies, 1, "the reply was posted once: {t}");
+    // Meanwhile each import run made another ticket of the same mail.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = dh
+            .tickets(&http)
+            .await
+            .iter()
+            .filter(|t| t["title"].as_str().is_some_and(|s| s.contains(&c.token)))
+            .count();
+        if n >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a duplicate import ({n} tickets)"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The import job stops, so no further duplicate appears; given up (no reply can arrive),
+    // the canary is lost, and its clean-up counts the duplicates and closes every ticket.
+    blocking_mut(&mut dh, Django::stop_import).await;
+    let s = until(d.addr, Duration::from_secs(90), "duplicates counted", |s| {
+        v(
+            s,
+            DJANGO,
+            "mailcanary_canaries_lost_total",
+            &[("stage", "delivery")],
+        ) >= 1.0
+            && v(
+                s,
+                DJANGO,
+                "mailcanary_helpdesk_duplicate_tickets_total",
+                &[],
+            ) >= 1.0
+    })
+    .await;
+    eprintln!(
+        "django drill: {} duplicate tickets counted",
+        v(
+            &s,
+            DJANGO,
+            "mailcanary_helpdesk_duplicate_tickets_total",
+            &[]
+        )
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let open: Vec<_> = dh
+            .tickets(&http)
+            .await
+            .into_iter()
+            .filter(|t| t["title"].as_str().is_some_and(|s| s.contains(&c.token)))
+            .filter(|t| t["status"] != 4)
+            .map(|t| t["id"].clone())
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every ticket of the canary closed; open: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    d.stop().await;
 }

@@ -6,10 +6,12 @@
 //! installs; the tests fail, not skip, when they are missing. They need root (Postfix).
 
 mod common;
+mod django;
 mod failures;
 mod harness;
 mod helpdesks;
 mod mailbox;
 mod modes;
 mod outages;
+mod process;
 mod rt;

@@ -12,10 +12,13 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use crate::harness::Servers;
+use crate::{
+    harness::Servers,
+    process::{free_port, stop_group, tail, wait_http},
+};
 
 /// The domain RT takes mail for (Postfix relays it to the RT pipe transport).
 pub const HELPDESK_DOMAIN: &str = "helpdesk.test";
@@ -29,14 +32,6 @@ pub struct Rt {
     pub token: String,
     dir: PathBuf,
     server: Child,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Rt {
@@ -117,7 +112,7 @@ Set($SendmailArguments, '-oi -C {etc}');
             .spawn()
             .expect("rt-server starts");
         // For the harness's sweep of a test process that died without dropping us.
-        fs::write(dir.join("server.pid"), server.id().to_string()).unwrap();
+        fs::write(dir.join("server.pgid"), server.id().to_string()).unwrap();
         let rt = Rt {
             url,
             token,
@@ -150,38 +145,18 @@ Set($SendmailArguments, '-oi -C {etc}');
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = self.url.trim_start_matches("http://").to_string();
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
-                use std::io::{Read, Write};
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-                let mut buf = [0u8; 12];
-                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "RT did not answer within 60 s: {}",
-                fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_http(
+            &self.url,
+            "/",
+            Duration::from_secs(60),
+            &self.dir.join("server.log"),
+        );
     }
 }
 
 impl Drop for Rt {
     fn drop(&mut self) {
-        let group = format!("-{}", self.server.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline && matches!(self.server.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.server.wait();
+        stop_group(&mut self.server);
         if std::thread::panicking() {
             eprintln!(
                 "rt: server log tail:\n{}",
@@ -189,12 +164,6 @@ impl Drop for Rt {
             );
         }
     }
-}
-
-fn tail(p: &Path, n: usize) -> String {
-    let text = fs::read_to_string(p).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A command with RT pointed at this instance's config only.

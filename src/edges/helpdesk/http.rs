@@ -6,9 +6,10 @@
 //! **Retries.** Inside one call: 429, 5xx, connect errors and timeouts are retried with
 //! exponential backoff and jitter, honouring `Retry-After` up to `max_delay`. 401/403 fail at
 //! once (`auth`); other 4xx are answers, not trouble: the adapter decides what they mean. A
-//! call marked [`Safety::Once`] (a reply POST) that timed out or lost its connection after
-//! sending is *not* retried: it may have taken effect, and a second reply would be a second
-//! delivered mail.
+//! call marked [`Safety::Once`] (a reply POST) that timed out, lost its connection after
+//! sending, or got a 5xx other than 503 is *not* retried: it may have taken effect, and a
+//! second reply would be a second delivered mail. The flow asks the vendor whether the reply
+//! is there before it posts again ([`super::Vendor::reply_posted`]).
 //!
 //! A vendor adapter (`supportbee.rs`, ...) only builds paths, queries and bodies and reads the
 //! answers; it never sees a retry loop or a raw reqwest error.
@@ -55,12 +56,12 @@ impl Default for RetryPolicy {
 pub enum Auth {
     /// A query parameter (SupportBee's `auth_token`): the secret is in every URL, so details are
     /// built from method and path only.
-    Query { name: &'static str },
+    Query { name: String },
     /// A header, e.g. `Authorization: token …` (RT) or `Authorization: Token …`
     /// (django-helpdesk): `prefix` is put before the secret.
     Header {
         name: header::HeaderName,
-        prefix: &'static str,
+        prefix: String,
     },
 }
 
@@ -71,7 +72,8 @@ pub enum Safety {
     /// Reads, and changes that end in the same state however often they run.
     Idempotent,
     /// A call that must not run twice (posting a reply): retried only when nothing was sent
-    /// (connect refused) or the server answered 429/5xx.
+    /// (connect refused) or the server turned it away (429, 503). Any other 5xx may come
+    /// after the server acted on it.
     Once,
 }
 
@@ -181,6 +183,23 @@ impl ApiClient {
             )),
             attempts: 1,
         }
+    }
+
+    /// `Ok` for a 2xx answer, else an `api` error with its status and body.
+    pub fn success(&self, what: &str, answer: &Answer) -> Result<(), HelpdeskError> {
+        if answer.status.is_success() {
+            Ok(())
+        } else {
+            Err(self.answer_error(what, answer))
+        }
+    }
+
+    /// Like [`ApiClient::success`], but 404 is done too: what a clean-up wanted gone is gone.
+    pub fn success_or_gone(&self, what: &str, answer: &Answer) -> Result<(), HelpdeskError> {
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        self.success(what, answer)
     }
 
     /// An `api` error about an answer's content ("unexpected JSON: …").
@@ -317,10 +336,15 @@ impl ApiClient {
             });
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            // 429 and 503 say the request was turned away; any other 5xx may come after the
+            // server acted (django-helpdesk saves the reply, then fails to mail it: 500), so a
+            // call that must not run twice is not sent again blindly: the flow looks first.
+            let refused = status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::SERVICE_UNAVAILABLE;
             return Err(Attempt {
                 reason: Reason::Api,
                 detail: format!("{what}: {status}{}", snippet(&body)),
-                retry: true,
+                retry: idempotent || refused,
                 retry_after,
             });
         }

@@ -16,6 +16,8 @@
 //! for others. The ledger stores it as a string, so records written before this shape (bare
 //! SupportBee ids) still load and still work.
 
+pub mod django_helpdesk;
+pub mod generic;
 pub mod http;
 pub mod rt;
 pub mod supportbee;
@@ -94,24 +96,82 @@ pub type CallFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, HelpdeskError
 /// One vendor's API. Implementations only speak their vendor's dialect over an
 /// [`http::ApiClient`]; retries and error shapes are shared.
 pub trait Vendor: Send + Sync + std::fmt::Debug {
-    /// The ticket whose subject or body carries `token`, created at or after `since` (allowing
-    /// for clock skew), if it exists yet. `Ok(None)` means "not yet": keep polling.
-    fn find_ticket<'a>(
+    /// Every ticket whose subject or body carries `token`, created at or after `since`
+    /// (allowing for clock skew), in any order. Empty means "not yet": keep polling. More than
+    /// one is a duplicate import (django-helpdesk re-imports a mail on every run while its
+    /// outgoing mail is down): the flow takes the earliest and cleans up all of them.
+    fn find_tickets<'a>(
         &'a self,
         token: &'a str,
         since: SystemTime,
-    ) -> CallFuture<'a, Option<TicketRef>>;
+    ) -> CallFuture<'a, Vec<TicketRef>>;
 
     /// Posts a public agent reply with `body` to the ticket (one the helpdesk mails to the
     /// requester, never an internal note). Must not post twice for one call.
     fn post_reply<'a>(&'a self, ticket: &'a TicketRef, body: &'a str) -> CallFuture<'a, ()>;
+
+    /// Whether a reply containing `mark` is on the ticket already: asked before a reply is
+    /// posted again after a failed attempt, because a helpdesk may fail the request and keep
+    /// the reply (django-helpdesk answers 500 when its outgoing mail is down, with the reply
+    /// saved). `None`: this vendor cannot tell, and the reply is posted again.
+    fn reply_posted<'a>(
+        &'a self,
+        ticket: &'a TicketRef,
+        mark: &'a str,
+    ) -> CallFuture<'a, Option<bool>> {
+        let _ = (ticket, mark);
+        Box::pin(async { Ok(None) })
+    }
 
     /// Cleans the ticket up. A ticket that is already gone counts as cleaned: cleanup may run
     /// again after a restart.
     fn cleanup<'a>(&'a self, ticket: &'a TicketRef, how: CleanupMode) -> CallFuture<'a, ()>;
 }
 
-/// A helpdesk the prober talks to: one vendor behind the three calls the flow makes.
+/// The [`Vendor`] impl of an adapter: its inherent `async fn`s `find`, `reply`, `clean` (and
+/// `posted`, if it can look for a reply) boxed the same way for every vendor.
+macro_rules! impl_vendor {
+    ($t:ty $(, posted = $posted:ident)?) => {
+        impl $crate::edges::helpdesk::Vendor for $t {
+            fn find_tickets<'a>(
+                &'a self,
+                token: &'a str,
+                since: std::time::SystemTime,
+            ) -> $crate::edges::helpdesk::CallFuture<'a, Vec<$crate::edges::helpdesk::TicketRef>> {
+                Box::pin(self.find(token, since))
+            }
+
+            fn post_reply<'a>(
+                &'a self,
+                ticket: &'a $crate::edges::helpdesk::TicketRef,
+                body: &'a str,
+            ) -> $crate::edges::helpdesk::CallFuture<'a, ()> {
+                Box::pin(self.reply(ticket, body))
+            }
+
+            $(
+                fn reply_posted<'a>(
+                    &'a self,
+                    ticket: &'a $crate::edges::helpdesk::TicketRef,
+                    mark: &'a str,
+                ) -> $crate::edges::helpdesk::CallFuture<'a, Option<bool>> {
+                    Box::pin(self.$posted(ticket, mark))
+                }
+            )?
+
+            fn cleanup<'a>(
+                &'a self,
+                ticket: &'a $crate::edges::helpdesk::TicketRef,
+                how: $crate::edges::helpdesk::CleanupMode,
+            ) -> $crate::edges::helpdesk::CallFuture<'a, ()> {
+                Box::pin(self.clean(ticket, how))
+            }
+        }
+    };
+}
+pub(crate) use impl_vendor;
+
+/// A helpdesk the prober talks to: one vendor behind the calls the flow makes.
 #[derive(Debug, Clone)]
 pub struct Helpdesk(Arc<dyn Vendor>);
 
@@ -120,13 +180,26 @@ impl Helpdesk {
         Helpdesk(Arc::new(vendor))
     }
 
-    /// See [`Vendor::find_ticket`].
+    /// The canary's ticket: the earliest created of those carrying `token` (the canary's own,
+    /// if the helpdesk split or duplicated it); ties and unknown times go to the first listed.
     pub async fn find_ticket(
         &self,
         token: &str,
         since: SystemTime,
     ) -> Result<Option<TicketRef>, HelpdeskError> {
-        self.0.find_ticket(token, since).await
+        Ok(earliest(self.0.find_tickets(token, since).await?))
+    }
+
+    /// See [`Vendor::find_tickets`]; earliest first.
+    pub async fn find_tickets(
+        &self,
+        token: &str,
+        since: SystemTime,
+    ) -> Result<Vec<TicketRef>, HelpdeskError> {
+        let mut all = self.0.find_tickets(token, since).await?;
+        all.sort_by_key(|t| (t.created_at.is_none(), t.created_at));
+        all.dedup_by(|a, b| a.id == b.id);
+        Ok(all)
     }
 
     /// See [`Vendor::post_reply`].
@@ -134,10 +207,26 @@ impl Helpdesk {
         self.0.post_reply(ticket, body).await
     }
 
+    /// See [`Vendor::reply_posted`].
+    pub async fn reply_posted(
+        &self,
+        ticket: &TicketRef,
+        mark: &str,
+    ) -> Result<Option<bool>, HelpdeskError> {
+        self.0.reply_posted(ticket, mark).await
+    }
+
     /// See [`Vendor::cleanup`].
     pub async fn cleanup(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
         self.0.cleanup(ticket, how).await
     }
+}
+
+fn earliest(tickets: Vec<TicketRef>) -> Option<TicketRef> {
+    // min_by_key keeps the first of equal keys.
+    tickets
+        .into_iter()
+        .min_by_key(|t| (t.created_at.is_none(), t.created_at))
 }
 
 /// What every vendor is built from: where, the secret, timeouts; plus the vendor's own
@@ -153,7 +242,7 @@ pub struct Settings {
 }
 
 /// The settings of one vendor, as `[probe.helpdesk.<api>]` gave them (defaults when absent).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum VendorSettings {
     SupportBee {
         /// Scan the ticket list when search finds nothing (see `supportbee.rs`).
@@ -163,6 +252,14 @@ pub enum VendorSettings {
         /// Only tickets of this queue.
         queue: Option<String>,
     },
+    DjangoHelpdesk {
+        /// Only tickets of this queue (its numeric id).
+        queue: Option<u64>,
+        /// How many of the newest pages of the ticket list to scan (the API has no search).
+        scan_pages: u32,
+    },
+    /// The generic adapter: the whole API described in the config.
+    Http(Box<generic::HttpSpec>),
 }
 
 /// The registry: the one place that maps a configured `api` to its adapter.
@@ -186,5 +283,26 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
             retry: settings.retry,
             extra_roots_pem: settings.extra_roots_pem,
         })?)),
+        VendorSettings::DjangoHelpdesk { queue, scan_pages } => Ok(Helpdesk::new(
+            django_helpdesk::DjangoHelpdesk::new(django_helpdesk::DjangoParams {
+                base_url: settings.base_url,
+                token: settings.secret,
+                queue,
+                scan_pages,
+                timeout: settings.timeout,
+                retry: settings.retry,
+                extra_roots_pem: settings.extra_roots_pem,
+            })?,
+        )),
+        VendorSettings::Http(spec) => Ok(Helpdesk::new(generic::Generic::new(
+            generic::GenericParams {
+                base_url: settings.base_url,
+                secret: settings.secret,
+                spec: *spec,
+                timeout: settings.timeout,
+                retry: settings.retry,
+                extra_roots_pem: settings.extra_roots_pem,
+            },
+        )?)),
     }
 }

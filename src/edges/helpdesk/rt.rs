@@ -30,12 +30,12 @@
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use reqwest::{Method, StatusCode, header};
+use reqwest::{Method, header};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    CallFuture, CleanupMode, HelpdeskError, TicketRef, Vendor,
+    CleanupMode, HelpdeskError, TicketRef,
     http::{ApiClient, Auth, ClientParams, RetryPolicy, Safety},
 };
 
@@ -101,8 +101,9 @@ impl Item {
     }
 }
 
-/// `2026-12-01T20:22:13Z` (REST2's form).
-fn parse_created(s: &str) -> Option<SystemTime> {
+/// `2026-12-01T20:22:13Z` (REST2's form) or `2026-12-01 20:22:13` (UTC; RT's database form,
+/// also read by the generic adapter).
+pub(super) fn parse_created(s: &str) -> Option<SystemTime> {
     DateTime::parse_from_rfc3339(s)
         .ok()
         .map(SystemTime::from)
@@ -140,7 +141,7 @@ impl Rt {
                 secret: params.token,
                 auth: Auth::Header {
                     name: header::AUTHORIZATION,
-                    prefix: "token ",
+                    prefix: "token ".into(),
                 },
                 timeout: params.timeout,
                 retry: params.retry,
@@ -150,11 +151,7 @@ impl Rt {
         })
     }
 
-    async fn find(
-        &self,
-        token: &str,
-        since: SystemTime,
-    ) -> Result<Option<TicketRef>, HelpdeskError> {
+    async fn find(&self, token: &str, since: SystemTime) -> Result<Vec<TicketRef>, HelpdeskError> {
         let mut query = format!(
             "Subject LIKE {} AND Created > {}",
             sql_quote(token),
@@ -190,7 +187,7 @@ impl Rt {
                     .is_some_and(|s| s.to_lowercase().contains(&token))
             })
             .map(Item::to_ref)
-            .min_by_key(|t| (t.created_at.is_none(), t.created_at)))
+            .collect())
     }
 
     async fn reply(&self, ticket: &TicketRef, body: &str) -> Result<(), HelpdeskError> {
@@ -205,14 +202,10 @@ impl Rt {
                 Safety::Once,
             )
             .await?;
-        if answer.status.is_success() {
-            Ok(())
-        } else {
-            Err(self.api.answer_error(
-                &format!("POST /REST/2.0/ticket/{}/correspond", ticket.id),
-                &answer,
-            ))
-        }
+        self.api.success(
+            &format!("POST /REST/2.0/ticket/{}/correspond", ticket.id),
+            &answer,
+        )
     }
 
     async fn clean(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
@@ -233,33 +226,12 @@ impl Rt {
                 Safety::Idempotent,
             )
             .await?;
-        if answer.status.is_success() || answer.status == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            Err(self
-                .api
-                .answer_error(&format!("{method} /REST/2.0/ticket/{}", ticket.id), &answer))
-        }
+        self.api
+            .success_or_gone(&format!("{method} /REST/2.0/ticket/{}", ticket.id), &answer)
     }
 }
 
-impl Vendor for Rt {
-    fn find_ticket<'a>(
-        &'a self,
-        token: &'a str,
-        since: SystemTime,
-    ) -> CallFuture<'a, Option<TicketRef>> {
-        Box::pin(self.find(token, since))
-    }
-
-    fn post_reply<'a>(&'a self, ticket: &'a TicketRef, body: &'a str) -> CallFuture<'a, ()> {
-        Box::pin(self.reply(ticket, body))
-    }
-
-    fn cleanup<'a>(&'a self, ticket: &'a TicketRef, how: CleanupMode) -> CallFuture<'a, ()> {
-        Box::pin(self.clean(ticket, how))
-    }
-}
+super::impl_vendor!(Rt);
 
 #[cfg(test)]
 mod tests {

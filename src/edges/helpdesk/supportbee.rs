@@ -32,7 +32,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    CallFuture, CleanupMode, HelpdeskError, TicketRef, Vendor,
+    CleanupMode, HelpdeskError, TicketRef,
     http::{Answer, ApiClient, Auth, ClientParams, RetryPolicy, Safety},
 };
 
@@ -166,7 +166,9 @@ impl SupportBee {
                 base_url: params.base_url,
                 secret: params.auth_token,
                 // SupportBee's only scheme: the token is in every URL.
-                auth: Auth::Query { name: "auth_token" },
+                auth: Auth::Query {
+                    name: "auth_token".into(),
+                },
                 timeout: params.timeout,
                 retry: params.retry,
                 extra_roots_pem: params.extra_roots_pem,
@@ -175,11 +177,7 @@ impl SupportBee {
         })
     }
 
-    async fn find(
-        &self,
-        token: &str,
-        since: SystemTime,
-    ) -> Result<Option<TicketRef>, HelpdeskError> {
+    async fn find(&self, token: &str, since: SystemTime) -> Result<Vec<TicketRef>, HelpdeskError> {
         const SEARCH: &str = "GET /tickets/search";
         let answer = self
             .get(
@@ -190,15 +188,16 @@ impl SupportBee {
         let search_available = answer.status != StatusCode::NOT_FOUND;
         if search_available {
             let page: TicketPage = self.api.json(SEARCH, &answer)?;
-            if let Some(found) = earliest(page.tickets.iter().filter(|t| t.carries(token))) {
-                return Ok(Some(found));
+            let found = carrying(page.tickets.iter(), token);
+            if !found.is_empty() {
+                return Ok(found);
             }
         }
         if !self.list_fallback {
             if !search_available {
                 return Err(self.api.answer_error(SEARCH, &answer));
             }
-            return Ok(None);
+            return Ok(Vec::new());
         }
         self.scan_list(token, since).await
     }
@@ -214,7 +213,7 @@ impl SupportBee {
         &self,
         token: &str,
         since: SystemTime,
-    ) -> Result<Option<TicketRef>, HelpdeskError> {
+    ) -> Result<Vec<TicketRef>, HelpdeskError> {
         let since = DateTime::<Utc>::from(since.checked_sub(CLOCK_SLACK).unwrap_or(since))
             .to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut found = Vec::new();
@@ -233,12 +232,12 @@ impl SupportBee {
                 .await?;
             let page: TicketPage = self.api.json("GET /tickets", &answer)?;
             let last = page.tickets.is_empty() || page.total_pages.is_none_or(|n| page_no >= n);
-            found.extend(page.tickets.into_iter().filter(|t| t.carries(token)));
+            found.extend(carrying(page.tickets.iter(), token));
             if last {
                 break;
             }
         }
-        Ok(earliest(found.iter()))
+        Ok(found)
     }
 
     async fn reply(&self, ticket: &TicketRef, body: &str) -> Result<(), HelpdeskError> {
@@ -254,13 +253,8 @@ impl SupportBee {
                 Safety::Once,
             )
             .await?;
-        if answer.status.is_success() {
-            Ok(())
-        } else {
-            Err(self
-                .api
-                .answer_error(&format!("POST /tickets/{}/replies", ticket.id), &answer))
-        }
+        self.api
+            .success(&format!("POST /tickets/{}/replies", ticket.id), &answer)
     }
 
     async fn clean(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
@@ -289,40 +283,19 @@ impl SupportBee {
             .api
             .call(method.clone(), &path, &[], None, Safety::Idempotent)
             .await?;
-        if answer.status.is_success() || answer.status == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            Err(self
-                .api
-                .answer_error(&format!("{method} /{}", path.join("/")), &answer))
-        }
+        self.api
+            .success_or_gone(&format!("{method} /{}", path.join("/")), &answer)
     }
 }
 
-impl Vendor for SupportBee {
-    fn find_ticket<'a>(
-        &'a self,
-        token: &'a str,
-        since: SystemTime,
-    ) -> CallFuture<'a, Option<TicketRef>> {
-        Box::pin(self.find(token, since))
-    }
+super::impl_vendor!(SupportBee);
 
-    fn post_reply<'a>(&'a self, ticket: &'a TicketRef, body: &'a str) -> CallFuture<'a, ()> {
-        Box::pin(self.reply(ticket, body))
-    }
-
-    fn cleanup<'a>(&'a self, ticket: &'a TicketRef, how: CleanupMode) -> CallFuture<'a, ()> {
-        Box::pin(self.clean(ticket, how))
-    }
-}
-
-/// The earliest-created of the matching tickets (the canary's own, if a helpdesk split or
-/// duplicated it); ties and unknown times go to the first listed.
-fn earliest<'a>(tickets: impl Iterator<Item = &'a RawTicket>) -> Option<TicketRef> {
+/// The tickets that carry the token.
+fn carrying<'a>(tickets: impl Iterator<Item = &'a RawTicket>, token: &str) -> Vec<TicketRef> {
     tickets
+        .filter(|t| t.carries(token))
         .map(RawTicket::to_ref)
-        .min_by_key(|t| (t.created_at.is_none(), t.created_at))
+        .collect()
 }
 
 #[cfg(test)]
