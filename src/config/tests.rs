@@ -11,6 +11,8 @@ use super::*;
 const HELPDESK_EXAMPLE: &str = include_str!("../../probes/helpdesk.example.toml");
 const MAIL_LOOP_EXAMPLE: &str = include_str!("../../probes/mail-loop.toml");
 const RT_EXAMPLE: &str = include_str!("../../probes/rt.example.toml");
+const DJANGO_EXAMPLE: &str = include_str!("../../probes/django-helpdesk.example.toml");
+const GENERIC_EXAMPLE: &str = include_str!("../../probes/generic-http.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -135,6 +137,8 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("imap/password", "imap-pw\n"),
         ("smtp/password", "smtp-pw\n"),
         ("rt/token", "1-14-rt-token\n"),
+        ("django-helpdesk/token", "0123456789abcdef\n"),
+        ("helpdesk/token", "generic-token\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -209,6 +213,8 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("helpdesk.example.toml", HELPDESK_EXAMPLE),
         ("mail-loop.toml", MAIL_LOOP_EXAMPLE),
         ("rt.example.toml", RT_EXAMPLE),
+        ("django-helpdesk.example.toml", DJANGO_EXAMPLE),
+        ("generic-http.example.toml", GENERIC_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -217,7 +223,14 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
     let names: Vec<&str> = c.probes.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
-        ["supportbee-prod", "mail-loop", "rt-support", "sandbox"],
+        [
+            "django-support",
+            "any-helpdesk",
+            "supportbee-prod",
+            "mail-loop",
+            "rt-support",
+            "sandbox"
+        ],
         "sorted by file name"
     );
     assert_eq!(
@@ -672,4 +685,141 @@ fn vendor_settings_live_in_their_own_table_and_are_checked_there() {
     );
     let e = single_error(&bad, 18, "probe[0].helpdesk.supportbee.search");
     assert!(e.message.contains("unknown field `search`"), "{e}");
+}
+
+/// `helpdesk("post")` with `api = "http"` and these `[probe.helpdesk.http]` tables.
+fn generic(tables: &str) -> String {
+    helpdesk("post")
+        .replace("api = \"supportbee\"", "api = \"http\"")
+        .replace("\n[probe.imap]", &format!("\n{tables}\n[probe.imap]"))
+}
+
+const GENERIC_OK: &str = r#"[probe.helpdesk.http]
+auth_header = "Authorization"
+auth_value = "Bearer {secret}"
+
+[probe.helpdesk.http.find]
+path = "search"
+query = { q = "{token}", after = "{since_epoch}" }
+tickets = "/items"
+id = "/id"
+subject = "/subject"
+
+[probe.helpdesk.http.reply]
+method = "post"
+path = "tickets/{ticket_id}/replies"
+body = { id = "{ticket_id:number}", text = "{body}", tags = ["canary {token}"] }
+"#;
+
+#[test]
+fn the_shipped_django_and_generic_examples_resolve_to_their_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = parse_env(
+        &with_secret_files(DJANGO_EXAMPLE, dir.path()),
+        "django-helpdesk.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.probes[0].helpdesk.as_ref().unwrap().vendor,
+        VendorConfig::DjangoHelpdesk {
+            queue: Some(1),
+            scan_pages: 4
+        }
+    );
+    let c = parse_env(
+        &with_secret_files(GENERIC_EXAMPLE, dir.path()),
+        "generic-http.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let VendorConfig::Http(spec) = &c.probes[0].helpdesk.as_ref().unwrap().vendor else {
+        panic!("the generic adapter");
+    };
+    assert_eq!(spec.find.tickets, "/results");
+    assert_eq!(spec.find.created.as_deref(), Some("/followup_set/0/date"));
+    assert_eq!(spec.reply.as_ref().unwrap().method, reqwest::Method::POST);
+    assert_eq!(
+        spec.cleanup.as_ref().unwrap().method,
+        reqwest::Method::PATCH
+    );
+}
+
+#[test]
+fn generic_http_is_checked_strictly_with_file_line_and_key() {
+    let ok = parse(&generic(GENERIC_OK)).unwrap_or_else(|e| panic!("{e}"));
+    let VendorConfig::Http(spec) = &ok.probes[0].helpdesk.as_ref().unwrap().vendor else {
+        panic!("the generic adapter");
+    };
+    assert_eq!(
+        spec.find.not_found,
+        vec![404],
+        "404 is 'not yet' by default"
+    );
+    assert!(spec.cleanup.is_none());
+
+    // An unknown placeholder, in a path, a query value, a body string, the auth value; a bad
+    // pointer; a bad method.
+    let cases = [
+        (
+            "path = \"search\"",
+            "path = \"search/{ticket_id}\"",
+            21,
+            "find.path",
+        ),
+        ("q = \"{token}\"", "q = \"{tokn}\"", 22, "find.query.q"),
+        ("text = \"{body}\"", "text = \"{since}\"", 30, "reply.body"),
+        ("Bearer {secret}", "Bearer {token}", 18, "auth_value"),
+        (
+            "tickets = \"/items\"",
+            "tickets = \"items\"",
+            23,
+            "find.tickets",
+        ),
+        ("id = \"/id\"", "id = \"/i~d\"", 24, "find.id"),
+        ("method = \"post\"", "method = \"SEND\"", 28, "reply.method"),
+    ];
+    for (from, to, line, key) in cases {
+        let text = generic(&GENERIC_OK.replace(from, to));
+        single_error(&text, line, &format!("probe[0].helpdesk.http.{key}"));
+    }
+    let e = single_error(
+        &generic(&GENERIC_OK.replace("q = \"{token}\"", "q = \"{tokn}\"")),
+        22,
+        "probe[0].helpdesk.http.find.query.q",
+    );
+    assert!(e.message.contains("unknown placeholder `{tokn}`"), "{e}");
+    assert!(
+        e.message.contains("{token}, {since}"),
+        "names what may be used: {e}"
+    );
+
+    // What is missing is named too.
+    let no_reply = GENERIC_OK
+        .split("[probe.helpdesk.http.reply]")
+        .next()
+        .unwrap();
+    let e = single_error(&generic(no_reply), 16, "probe[0].helpdesk.http.reply");
+    assert!(e.message.contains("reply = \"post\""), "{e}");
+    let errs = errors(&helpdesk("post").replace("api = \"supportbee\"", "api = \"http\""));
+    assert!(
+        errs.iter()
+            .any(|e| e.key.as_deref() == Some("probe[0].helpdesk.http")),
+        "{}",
+        ConfigErrors(errs.clone())
+    );
+    // Another vendor's table under api = "http" is refused, as for every vendor.
+    let text = generic(GENERIC_OK).replace(
+        "\n[probe.imap]",
+        "\n[probe.helpdesk.rt]\nqueue = \"General\"\n\n[probe.imap]",
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.key.as_deref() == Some("probe[0].helpdesk.rt")),
+        "{}",
+        ConfigErrors(errs.clone())
+    );
 }

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod dashboard;
 mod drills;
+mod generic;
 mod reload;
 mod restart;
 mod security;

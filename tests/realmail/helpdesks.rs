@@ -389,19 +389,7 @@ async fn django_helpdesk_canary_life_then_the_seed_outage() {
     let done = canary_life(&d, DJANGO, 3.0, Duration::from_secs(120)).await;
     // Cleaned up: the oldest finished canary's ticket is closed (status 4).
     let http = reqwest::Client::new();
-    let ticket = done
-        .last()
-        .and_then(|c| c.ticket_id.clone())
-        .expect("ticket handle");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let t = dh.ticket(&http, &ticket).await;
-        if t["status"] == 4 || Instant::now() > deadline {
-            break t;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
-    assert_eq!(status["status"], 4, "ticket {ticket} closed: {status}");
+    oldest_ticket_closed(&dh, &http, &done).await;
 
     // The seed: the import job stops; the web app and the API go on answering.
     blocking_mut(&mut dh, Django::stop_import).await;
@@ -416,6 +404,28 @@ async fn django_helpdesk_canary_life_then_the_seed_outage() {
     backlog_drained(&d, DJANGO, &before, 15.0).await;
     d.stop().await;
     drop(dh);
+}
+
+/// The oldest finished canary's ticket (its cleanup has had the longest), once closed
+/// (status 4); panics if it is not within 30 s.
+async fn oldest_ticket_closed(
+    dh: &Django,
+    http: &reqwest::Client,
+    done: &[Canary],
+) -> serde_json::Value {
+    let ticket = done
+        .last()
+        .and_then(|c| c.ticket_id.clone())
+        .expect("ticket handle");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = dh.ticket(http, &ticket).await;
+        if t["status"] == 4 {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "ticket {ticket} closed: {t}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Runs a blocking harness step that needs the helpdesk mutably.
@@ -531,4 +541,70 @@ async fn django_helpdesk_answers_500_yet_saves_the_reply_and_reimports_while_its
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     d.stop().await;
+}
+
+/// The `[probe.helpdesk.http]` tables of `probes/generic-http.example.toml`: the shipped
+/// example is what runs here.
+fn generic_example_tables() -> String {
+    let text = include_str!("../../probes/generic-http.example.toml");
+    let start = text
+        .find("\n[probe.helpdesk.http]\n")
+        .expect("the example describes an API");
+    let end = text
+        .find("\n[probe.imap]\n")
+        .expect("the example has a mailbox");
+    text[start..end].to_string()
+}
+
+/// The generic adapter probes real django-helpdesk from config alone: the shipped
+/// `generic-http.example.toml` description, no django-helpdesk code involved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_helpdesk_probed_by_the_generic_http_adapter_from_the_shipped_example() {
+    let (servers, dh) = start_django().await;
+    let text = helpdesk_config(
+        &servers,
+        DJANGO,
+        &address(SUPPORT_USER),
+        "1h",
+        r#"submit = "15s"
+import = "15s"
+reply = "15s"
+delivery = "20s"
+end_to_end = "1m""#,
+        &format!(
+            r#"api = "http"
+base_url = "{url}"
+token = "{token}"
+poll_interval = "1s"
+reply = "post"
+cleanup = "archive"
+timeout = "15s"
+
+{tables}"#,
+            url = dh.url,
+            token = dh.token,
+            tables = generic_example_tables(),
+        ),
+    );
+    let (d, _state) = daemon(&text, "generic-django.toml").await;
+    let done = canary_life(&d, DJANGO, 2.0, Duration::from_secs(90)).await;
+    let http = reqwest::Client::new();
+    let t = oldest_ticket_closed(&dh, &http, &done).await;
+    let replies = t["followup_set"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["public"] == true
+                && f["comment"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("mcreply-"))
+        })
+        .count();
+    assert_eq!(
+        replies, 1,
+        "one public reply through the reply template: {t}"
+    );
+    d.stop().await;
+    drop(dh);
 }

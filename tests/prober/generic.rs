@@ -1,0 +1,151 @@
+//! The generic HTTP adapter (`api = "http"`) against the sandbox's SupportBee API, from config
+//! alone: a whole canary life (find by search, reply, trash), the acknowledgement told apart,
+//! and the same faults every adapter meets (401, 5xx) blamed on the right stage. The same
+//! adapter probes real django-helpdesk in tests/realmail/helpdesks.rs.
+
+use std::time::Duration;
+
+use mailcanary::config;
+use serde_json::Value;
+
+use crate::common::*;
+
+const COMPLETED: &str = "mailcanary_canaries_completed_total";
+
+/// SupportBee's API described as the generic adapter sees it: no SupportBee code involved.
+const SUPPORTBEE_AS_HTTP: &str = r#"
+[probe.helpdesk.http]
+auth_query = "auth_token"
+
+[probe.helpdesk.http.find]
+method = "GET"
+path = "tickets/search"
+query = { query = "{token}", per_page = "100" }
+tickets = "/tickets"
+id = "/id"
+subject = "/subject"
+content = "/content/text"
+created = "/created_at"
+
+[probe.helpdesk.http.reply]
+method = "POST"
+path = "tickets/{ticket_id}/replies"
+body = { reply = { content_attributes = { body = "{body}" } } }
+
+[probe.helpdesk.http.cleanup]
+method = "POST"
+path = "tickets/{ticket_id}/trash"
+"#;
+
+pub fn generic_text(sb: &mailcanary::sandbox::Sandbox, k: &Knobs) -> String {
+    config_text(sb, k)
+        .replace("api = \"supportbee\"", "api = \"http\"")
+        .replace(
+            "\n[probe.imap]",
+            &format!("{SUPPORTBEE_AS_HTTP}\n[probe.imap]"),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_http_adapter_runs_a_canary_life_on_the_sandbox_supportbee_api() {
+    let sb = sandbox_with(|c| c.auto_ack = true).await;
+    let text = generic_text(&sb, &Knobs::default());
+    let cfg = config::parse_str(&text, "generic.toml").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(&cfg, dir.path()).await;
+    let s = until(d.addr, Duration::from_secs(30), "3 canaries", |s| {
+        v(s, COMPLETED, &[]) >= 3.0
+    })
+    .await;
+    assert!(
+        v(
+            &s,
+            "mailcanary_messages_ignored_total",
+            &[("reason", "acknowledgement")]
+        ) >= 3.0
+    );
+    assert_eq!(
+        s.family("mailcanary_stage_failures_total")
+            .iter()
+            .filter(|x| x.value > 0.0)
+            .count(),
+        0,
+        "no failure"
+    );
+    // The finished canaries' tickets went to the trash through the cleanup template.
+    let status: Value = status(d.addr.port()).await.expect("status");
+    let ids: Vec<String> = status["probes"][0]["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["outcome"].is_null())
+        .filter_map(|c| c["ticket_id"].as_str().map(str::to_string))
+        .collect();
+    assert!(!ids.is_empty());
+    let oldest = ids.last().unwrap();
+    let mut trashed = false;
+    for _ in 0..50 {
+        let t = get_json(&format!(
+            "{}/tickets/{oldest}?auth_token=sandbox",
+            sb.api_url()
+        ))
+        .await;
+        if t["ticket"]["trash"] == true {
+            trashed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(trashed, "ticket {oldest} trashed");
+    d.stop().await;
+}
+
+/// 401 is `auth` on import; the sandbox's API error (500) is `api`; both clear by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_http_adapter_blames_auth_and_api_errors_on_import() {
+    use mailcanary::sandbox::{Fault, Stage};
+    let sb = sandbox().await;
+    let k = Knobs {
+        api_token: "wrong".into(),
+        ..Knobs::default()
+    };
+    let cfg = config::parse_str(&generic_text(&sb, &k), "generic.toml").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(&cfg, dir.path()).await;
+    until(
+        d.addr,
+        Duration::from_secs(20),
+        "import auth failure",
+        |s| {
+            v(
+                s,
+                "mailcanary_stage_failures_total",
+                &[("stage", "import"), ("reason", "auth")],
+            ) >= 1.0
+        },
+    )
+    .await;
+    d.stop().await;
+
+    let cfg = config::parse_str(&generic_text(&sb, &Knobs::default()), "generic.toml").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    sb.faults().set(Stage::Api, Fault::Error);
+    let d = daemon(&cfg, dir.path()).await;
+    until(d.addr, Duration::from_secs(20), "import api failure", |s| {
+        v(
+            s,
+            "mailcanary_stage_failures_total",
+            &[("stage", "import"), ("reason", "api")],
+        ) >= 1.0
+    })
+    .await;
+    sb.faults().set(Stage::Api, Fault::Ok);
+    until(
+        d.addr,
+        Duration::from_secs(30),
+        "a canary after the fault",
+        |s| v(s, COMPLETED, &[]) >= 1.0,
+    )
+    .await;
+    d.stop().await;
+}
