@@ -197,6 +197,14 @@ pub enum HelpdeskApi {
 }
 
 impl HelpdeskApi {
+    /// Every adapter the config knows.
+    pub const ALL: [HelpdeskApi; 4] = [
+        HelpdeskApi::SupportBee,
+        HelpdeskApi::Rt,
+        HelpdeskApi::DjangoHelpdesk,
+        HelpdeskApi::Http,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             HelpdeskApi::SupportBee => "supportbee",

@@ -80,6 +80,10 @@ pub enum Fault {
     Delay(Duration),
     /// SMTP 451, HTTP 500, a failing-and-retried job, a refused LOGIN: whatever fits the stage.
     Error,
+    /// `api` only: 429 Too Many Requests with `Retry-After: 1`.
+    Throttle,
+    /// `api` only: 200 with an HTML page instead of JSON.
+    Garbage,
 }
 
 impl FromStr for Fault {
@@ -90,12 +94,14 @@ impl FromStr for Fault {
             "stall" => Ok(Fault::Stall),
             "drop" => Ok(Fault::Drop),
             "error" => Ok(Fault::Error),
+            "throttle" => Ok(Fault::Throttle),
+            "garbage" => Ok(Fault::Garbage),
             other => match other.strip_prefix("delay:") {
                 Some(d) => humantime::parse_duration(d.trim())
                     .map(Fault::Delay)
                     .map_err(|e| format!("bad delay {d:?}: {e}")),
                 None => Err(format!(
-                    "unknown fault {other:?} (expected ok, stall, drop, error or delay:<duration>)"
+                    "unknown fault {other:?} (expected ok, stall, drop, error, throttle, garbage or delay:<duration>)"
                 )),
             },
         }
@@ -109,6 +115,8 @@ impl fmt::Display for Fault {
             Fault::Stall => f.write_str("stall"),
             Fault::Drop => f.write_str("drop"),
             Fault::Error => f.write_str("error"),
+            Fault::Throttle => f.write_str("throttle"),
+            Fault::Garbage => f.write_str("garbage"),
             Fault::Delay(d) => write!(f, "delay:{}", humantime::format_duration(*d)),
         }
     }
@@ -127,12 +135,27 @@ impl<'de> Deserialize<'de> for Fault {
     }
 }
 
+impl Fault {
+    /// Whether this fault means something for `stage` (`throttle` and `garbage` are answers of
+    /// an HTTP API only).
+    pub fn check_stage(self, stage: Stage) -> Result<(), String> {
+        match self {
+            Fault::Throttle | Fault::Garbage if stage != Stage::Api => Err(format!(
+                "fault {self} is for the api stage only, not {stage}"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Parses `STAGE=MODE`, the form of `--fault`.
 pub fn parse_assignment(s: &str) -> Result<(Stage, Fault), String> {
     let (stage, mode) = s
         .split_once('=')
         .ok_or_else(|| format!("expected STAGE=MODE, got {s:?}"))?;
-    Ok((stage.trim().parse()?, mode.parse()?))
+    let (stage, fault): (Stage, Fault) = (stage.trim().parse()?, mode.parse()?);
+    fault.check_stage(stage)?;
+    Ok((stage, fault))
 }
 
 /// The live fault settings, shared by every part of the sandbox.

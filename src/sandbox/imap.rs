@@ -156,7 +156,8 @@ async fn gate(faults: &FaultBoard, shutdown: &CancellationToken) -> Gate {
             _ = shutdown.cancelled() => Gate::Close,
             _ = sleep(d) => Gate::Go,
         },
-        Fault::Ok | Fault::Error | Fault::Stall => Gate::Go,
+        // Throttle and garbage are the api's only (refused when set elsewhere).
+        Fault::Ok | Fault::Error | Fault::Stall | Fault::Throttle | Fault::Garbage => Gate::Go,
     }
 }
 

@@ -103,7 +103,8 @@ async fn run_queue<J: Job>(
                 continue;
             }
             match fault {
-                Fault::Ok | Fault::Delay(_) | Fault::Stall => {
+                // Throttle and garbage are the api's only (refused when set elsewhere).
+                Fault::Ok | Fault::Delay(_) | Fault::Stall | Fault::Throttle | Fault::Garbage => {
                     complete(&hub, job);
                     break;
                 }

@@ -2,6 +2,7 @@
 //! in-process sandbox, and against tiny servers started by the test (a silent TCP listener, a
 //! scripted SMTP peer, axum apps that misbehave on purpose).
 
+mod conformance;
 mod imap;
 mod smtp;
 mod supportbee;
@@ -73,4 +74,25 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sends a canary to the sandbox MX with the real submitter; returns its token.
+pub async fn send_canary(sb: &Sandbox) -> String {
+    use mailcanary::edges::smtp::{SmtpTarget, Submitter, TlsMode};
+    let tok = token();
+    let submitter = Submitter::new(SmtpTarget {
+        host: sb.smtp_addr.ip().to_string(),
+        port: sb.smtp_addr.port(),
+        tls: TlsMode::None,
+        credentials: None,
+        extra_roots_pem: None,
+        timeout: Duration::from_secs(5),
+        helo_name: Some("prober.test".into()),
+    })
+    .unwrap();
+    submitter
+        .submit(&mail_to("support@helpdesk.test", &tok))
+        .await
+        .expect("sandbox accepts the canary");
+    tok
 }

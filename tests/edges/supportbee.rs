@@ -17,18 +17,14 @@ use axum::{
 };
 use mailcanary::{
     canary::life::Reason,
-    edges::{
-        helpdesk::{
-            CleanupMode, Helpdesk, HelpdeskError, RetryPolicy, SupportBee, SupportBeeParams,
-            TicketRef,
-        },
-        smtp::{SmtpTarget, Submitter, TlsMode},
+    edges::helpdesk::{
+        CleanupMode, Helpdesk, HelpdeskError, RetryPolicy, SupportBee, SupportBeeParams, TicketRef,
     },
     sandbox::{Fault, Sandbox, Stage},
 };
 use serde_json::{Value, json};
 
-use crate::{API_TOKEN, closed_port, eventually, mail_to, sandbox, serve, token};
+use crate::{API_TOKEN, closed_port, eventually, sandbox, send_canary, serve, token};
 
 fn params(base_url: String) -> SupportBeeParams {
     SupportBeeParams {
@@ -55,26 +51,6 @@ fn assert_no_token(err: &HelpdeskError) {
     ] {
         assert!(!text.contains(API_TOKEN), "token leaked: {text}");
     }
-}
-
-/// Sends a canary to the sandbox MX with the real submitter; returns its token.
-async fn send_canary(sb: &Sandbox) -> String {
-    let tok = token();
-    let submitter = Submitter::new(SmtpTarget {
-        host: sb.smtp_addr.ip().to_string(),
-        port: sb.smtp_addr.port(),
-        tls: TlsMode::None,
-        credentials: None,
-        extra_roots_pem: None,
-        timeout: Duration::from_secs(5),
-        helo_name: Some("prober.test".into()),
-    })
-    .unwrap();
-    submitter
-        .submit(&mail_to("support@helpdesk.test", &tok))
-        .await
-        .expect("sandbox accepts the canary");
-    tok
 }
 
 async fn find(hd: &Helpdesk, tok: &str, since: SystemTime) -> TicketRef {

@@ -13,29 +13,7 @@ use crate::common::*;
 const COMPLETED: &str = "mailcanary_canaries_completed_total";
 
 /// SupportBee's API described as the generic adapter sees it: no SupportBee code involved.
-const SUPPORTBEE_AS_HTTP: &str = r#"
-[probe.helpdesk.http]
-auth_query = "auth_token"
-
-[probe.helpdesk.http.find]
-method = "GET"
-path = "tickets/search"
-query = { query = "{token}", per_page = "100" }
-tickets = "/tickets"
-id = "/id"
-subject = "/subject"
-content = "/content/text"
-created = "/created_at"
-
-[probe.helpdesk.http.reply]
-method = "POST"
-path = "tickets/{ticket_id}/replies"
-body = { reply = { content_attributes = { body = "{body}" } } }
-
-[probe.helpdesk.http.cleanup]
-method = "POST"
-path = "tickets/{ticket_id}/trash"
-"#;
+const SUPPORTBEE_AS_HTTP: &str = include_str!("../files/supportbee-as-http.toml");
 
 pub fn generic_text(sb: &mailcanary::sandbox::Sandbox, k: &Knobs) -> String {
     config_text(sb, k)
@@ -148,4 +126,46 @@ async fn generic_http_adapter_blames_auth_and_api_errors_on_import() {
     )
     .await;
     d.stop().await;
+}
+
+/// Every vendor adapter through a whole canary life on the sandbox speaking its dialect, with
+/// the helpdesk's auto-acknowledgement on: the acknowledgement is recorded as such, delivery
+/// waits for the agent's reply, nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_vendor_adapter_runs_a_canary_life_past_the_acknowledgement() {
+    for (api, table) in [
+        ("supportbee", ""),
+        ("rt", "[probe.helpdesk.rt]\nqueue = \"General\"\n"),
+        (
+            "django-helpdesk",
+            "[probe.helpdesk.django-helpdesk]\nqueue = 1\n",
+        ),
+    ] {
+        let sb = sandbox_with(|c| c.auto_ack = true).await;
+        let text = config_text(&sb, &Knobs::default())
+            .replace("api = \"supportbee\"", &format!("api = \"{api}\""))
+            .replace("\n[probe.imap]", &format!("\n{table}\n[probe.imap]"));
+        let cfg = config::parse_str(&text, "life.toml").unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(&cfg, dir.path()).await;
+        let s = until(d.addr, Duration::from_secs(30), "2 canaries", |s| {
+            v(s, COMPLETED, &[]) >= 2.0
+        })
+        .await;
+        let ignored = |r: &str| v(&s, "mailcanary_messages_ignored_total", &[("reason", r)]);
+        assert!(
+            ignored("acknowledgement") >= 2.0,
+            "{api}: {}",
+            ignored("acknowledgement")
+        );
+        assert_eq!(ignored("duplicate"), 0.0, "{api}");
+        let failed: Vec<_> = s
+            .family("mailcanary_stage_failures_total")
+            .into_iter()
+            .filter(|x| x.value > 0.0)
+            .collect();
+        assert!(failed.is_empty(), "{api}: {failed:?}");
+        d.stop().await;
+        sb.shutdown().await;
+    }
 }

@@ -1,5 +1,11 @@
-//! The helpdesk's HTTP API: a vendor dialect over the neutral ticket core (`supportbee.rs`:
-//! SupportBee's), plus the sandbox's own control endpoints, which every dialect shares.
+//! The helpdesk's HTTP API: vendor dialects over the neutral ticket core, one file each, all
+//! served at once under their vendors' own paths (so one sandbox serves every adapter):
+//! `supportbee.rs` (the root paths below), `rt.rs` (`/REST/2.0/…`, Request Tracker 5's REST2)
+//! and `django_helpdesk.rs` (`/api/…`, django-helpdesk's DRF API); plus the sandbox's own
+//! control endpoints, which every dialect shares. Adding a vendor is one file here and one
+//! `merge` in [`router`].
+//!
+//! SupportBee's routes:
 //!
 //! | method | path | |
 //! |---|---|---|
@@ -14,8 +20,14 @@
 //! | GET/PUT | `/sandbox/faults` | all faults / set some (`{"import":"stall"}`) |
 //! | GET | `/sandbox/events` | ground truth, `?after=SEQ` |
 //!
-//! Helpdesk routes need `auth_token` (query, as SupportBee does); `/health` and `/sandbox/*` do
-//! not, and `/sandbox/*` is never faulted, so a fault can always be cleared.
+//! Each dialect authenticates the way its vendor does (SupportBee: `auth_token` in the query;
+//! RT: `Authorization: token …`; django-helpdesk: `Authorization: Token …`), all with the
+//! sandbox's API token; `/health` and `/sandbox/*` need none, and `/sandbox/*` is never
+//! faulted, so a fault can always be cleared.
+//!
+//! The `api` fault applies to every dialect alike: `error` answers 500, `throttle` 429 with
+//! `Retry-After: 1`, `garbage` 200 with an HTML page where JSON belongs, `stall` and `delay`
+//! hold requests, `drop` answers success and loses the change.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -32,6 +44,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod django_helpdesk;
+mod rt;
 mod supportbee;
 
 use super::{
@@ -48,9 +62,11 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationT
 
 /// The whole HTTP surface; public so tests can drive it without a socket.
 pub fn router(hub: Arc<Hub>) -> Router {
-    // The vendor's dialect over the neutral ticket core (`helpdesk.rs`): its routes, its JSON,
-    // its authentication. A second dialect is one more file here and one more `merge`.
-    let helpdesk = supportbee::routes(hub.clone());
+    // The vendors' dialects over the neutral ticket core (`helpdesk.rs`): their routes, their
+    // JSON, their authentication, under paths that do not overlap.
+    let helpdesk = supportbee::routes(hub.clone())
+        .merge(rt::routes(hub.clone()))
+        .merge(django_helpdesk::routes(hub.clone()));
     let faulted = helpdesk
         .route("/health", get(health))
         .layer(middleware::from_fn_with_state(hub.clone(), api_fault));
@@ -60,6 +76,17 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .merge(faulted)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(hub)
+}
+
+/// Whether `req` carries `Authorization: {scheme} {the sandbox's API token}` (RT's `token`,
+/// django-helpdesk's `Token`).
+fn authorized(hub: &Hub, req: &Request, scheme: &str) -> bool {
+    req.headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix(scheme))
+        .and_then(|v| v.strip_prefix(' '))
+        == Some(hub.config.api_token.as_str())
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -75,6 +102,19 @@ async fn api_fault(State(hub): State<Arc<Hub>>, req: Request, next: Next) -> Res
     };
     match fault {
         Fault::Error => error(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"),
+        Fault::Throttle => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            Json(json!({ "error": "rate limit exceeded" })),
+        )
+            .into_response(),
+        // A proxy's or framework's error page where the API's JSON belongs.
+        Fault::Garbage => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "text/html")],
+            "<!doctype html><html><body><h1>Welcome</h1></body></html>",
+        )
+            .into_response(),
         Fault::Delay(d) => {
             tokio::time::sleep(d).await;
             next.run(req).await
@@ -103,7 +143,10 @@ async fn put_faults(State(hub): State<Arc<Hub>>, body: axum::body::Bytes) -> Res
     let mut parsed = Vec::new();
     for (stage, mode) in &changes {
         match (stage.parse::<Stage>(), mode.parse::<Fault>()) {
-            (Ok(s), Ok(f)) => parsed.push((s, f)),
+            (Ok(s), Ok(f)) => match f.check_stage(s) {
+                Ok(()) => parsed.push((s, f)),
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+            },
             (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
         }
     }

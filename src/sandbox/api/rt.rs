@@ -1,0 +1,249 @@
+//! Request Tracker 5's REST2 dialect of the sandbox API (`/REST/2.0/…`, `lib/RT/REST2.pm` in
+//! bestpractical/rt), as much of it as the prober's RT adapter uses, with RT's shapes as
+//! measured on RT 5.0.3: ids as strings in collections, `Authorization: token …`.
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | GET | `/REST/2.0/tickets?query=…` | TicketSQL: only `Subject LIKE '…'` is read (the rest narrows nothing here) |
+//! | GET | `/REST/2.0/ticket/{id}` | one ticket |
+//! | POST | `/REST/2.0/ticket/{id}/correspond` | `{"Content": …}` → 201, mailed to the requester |
+//! | PUT | `/REST/2.0/ticket/{id}` | `{"Status": "resolved" \| "rejected"}` |
+//! | DELETE | `/REST/2.0/ticket/{id}` | status `deleted` → 204 |
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, Request, State, rejection::JsonRejection},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error;
+use crate::sandbox::{
+    faults::{Fault, Stage},
+    helpdesk::{Hub, Ticket},
+};
+
+pub fn routes(hub: Arc<Hub>) -> Router<Arc<Hub>> {
+    Router::new()
+        .route("/REST/2.0/tickets", get(search))
+        .route(
+            "/REST/2.0/ticket/{id}",
+            get(show).put(update).delete(delete),
+        )
+        .route(
+            "/REST/2.0/ticket/{id}/correspond",
+            axum::routing::post(correspond),
+        )
+        .route_layer(middleware::from_fn_with_state(hub, require_token))
+}
+
+async fn require_token(State(hub): State<Arc<Hub>>, req: Request, next: Next) -> Response {
+    if super::authorized(&hub, &req, "token") {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "message": "Unauthorized" })),
+        )
+            .into_response()
+    }
+}
+
+fn status(t: &Ticket) -> &'static str {
+    match (t.trashed, t.archived, t.replies.is_empty()) {
+        (true, _, _) => "rejected",
+        (_, true, _) => "resolved",
+        (_, _, true) => "new",
+        _ => "open",
+    }
+}
+
+fn created(t: &Ticket) -> String {
+    t.created_at.0.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The literal of the first `Subject LIKE '…'` in a TicketSQL query (`\'` and `\\` unescaped).
+fn subject_like(query: &str) -> Option<String> {
+    let at = query.find("Subject LIKE '")? + "Subject LIKE '".len();
+    let mut out = String::new();
+    let mut chars = query[at..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '\'' => return Some(out),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct SearchParams {
+    query: Option<String>,
+}
+
+async fn search(
+    State(hub): State<Arc<Hub>>,
+    params: Result<Query<SearchParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Some(needle) = params
+        .ok()
+        .and_then(|Query(p)| p.query)
+        .as_deref()
+        .and_then(subject_like)
+        .map(|s| s.to_lowercase())
+    else {
+        return error(StatusCode::BAD_REQUEST, "query must hold Subject LIKE '…'");
+    };
+    let page = hub.list(
+        |t| !t.trashed && t.subject.to_lowercase().contains(&needle),
+        1,
+        100,
+    );
+    let items: Vec<Value> = page
+        .tickets
+        .iter()
+        .rev() // oldest first, as `orderby=Created&order=ASC` asks
+        .map(|t| {
+            json!({
+                "type": "ticket",
+                "id": t.id.to_string(),
+                "_url": format!("/REST/2.0/ticket/{}", t.id),
+                "Subject": t.subject,
+                "Created": created(t),
+                "Status": status(t),
+            })
+        })
+        .collect();
+    Json(json!({
+        "count": items.len(),
+        "page": 1,
+        "per_page": 100,
+        "total": page.total,
+        "items": items,
+    }))
+    .into_response()
+}
+
+fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "message": "Resource does not exist" })),
+    )
+        .into_response()
+}
+
+async fn show(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
+    match hub.get(id) {
+        Some(t) => Json(json!({
+            "id": t.id,
+            "Subject": t.subject,
+            "Status": status(&t),
+            "Created": created(&t),
+            "Requestor": [{ "id": t.requester, "type": "user" }],
+        }))
+        .into_response(),
+        None => not_found(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Correspond {
+    #[serde(rename = "Content")]
+    content: String,
+}
+
+async fn correspond(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<u64>,
+    body: Result<Json<Correspond>, JsonRejection>,
+) -> Response {
+    let Ok(Json(c)) = body else {
+        return error(StatusCode::BAD_REQUEST, "Content is required");
+    };
+    let lose = hub.faults.get(Stage::Api) == Fault::Drop;
+    match hub.post_reply(id, c.content, lose) {
+        Ok(_) => (
+            StatusCode::CREATED,
+            Json(json!([format!("Correspondence added")])),
+        )
+            .into_response(),
+        Err(_) => not_found(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Update {
+    #[serde(rename = "Status")]
+    status: Option<String>,
+}
+
+async fn update(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<u64>,
+    body: Result<Json<Update>, JsonRejection>,
+) -> Response {
+    let Ok(Json(u)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a JSON object of fields is required",
+        );
+    };
+    let Some(before) = hub.get(id) else {
+        return not_found();
+    };
+    let changed = match u.status.as_deref() {
+        None => Ok(()),
+        Some("resolved") => hub.set_archived(id, true),
+        Some("rejected" | "deleted") => hub.set_trashed(id, true),
+        Some("open" | "new" | "stalled") => Ok(()),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("'{other}' is not a valid status"),
+            );
+        }
+    };
+    match (changed, hub.get(id)) {
+        (Ok(()), Some(after)) => Json(json!([format!(
+            "Ticket {id}: Status changed from '{}' to '{}'",
+            status(&before),
+            status(&after)
+        )]))
+        .into_response(),
+        _ => not_found(),
+    }
+}
+
+/// RT's DELETE only sets the status `deleted`.
+async fn delete(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
+    match hub.set_trashed(id, true) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(_) => not_found(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_subject_literal_is_read_from_ticketsql() {
+        assert_eq!(
+            subject_like("Subject LIKE 'mc-abc' AND Created > '2026-11-30'").as_deref(),
+            Some("mc-abc")
+        );
+        assert_eq!(
+            subject_like(r"Subject LIKE 'it\'s'").as_deref(),
+            Some("it's")
+        );
+        assert_eq!(subject_like("Status = 'new'"), None);
+        assert_eq!(subject_like("Subject LIKE 'open"), None);
+    }
+}

@@ -1,0 +1,260 @@
+//! The conformance test every helpdesk adapter runs: the same calls and the same faults,
+//! against the sandbox speaking that vendor's dialect (`src/sandbox/api/`). Each adapter is
+//! built the way the prober builds it, from a config's `[probe.helpdesk]` (so the registry and
+//! the vendor tables are exercised too). Adding a vendor: one more [`Case`] here.
+//!
+//! What every adapter must do:
+//! - find: nothing for a token no mail carried; the canary's ticket once the import made it;
+//! - reply: a public reply the helpdesk mails to the requester (seen in the sandbox's ground
+//!   truth), and `reply_posted` true afterwards where the vendor can tell;
+//! - cleanup: archive, then delete, then delete again (already gone is done);
+//! - 401: `auth` at once, one attempt, the secret nowhere in the error;
+//! - 5xx: `api` after the retries for a read, one attempt for a reply (it may have been saved);
+//! - 429 with `Retry-After`: retried, then `api`;
+//! - HTML where JSON belongs: `api`, saying so.
+
+use std::time::{Duration, SystemTime};
+
+use mailcanary::{
+    canary::life::Reason,
+    config,
+    edges::helpdesk::{self, CleanupMode, Helpdesk, HelpdeskError, RetryPolicy, TicketRef},
+    sandbox::{Fault, Sandbox, Stage},
+};
+use serde_json::Value;
+
+use crate::{API_TOKEN, eventually, sandbox, send_canary, token};
+
+/// One adapter: its `[probe.helpdesk]` lines besides base_url and token.
+struct Case {
+    api: &'static str,
+    tables: &'static str,
+    /// Whether the vendor can say a reply is on the ticket already.
+    tells_replies: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        api: "supportbee",
+        tables: "",
+        tells_replies: false,
+    },
+    Case {
+        api: "rt",
+        tables: "[probe.helpdesk.rt]\nqueue = \"General\"\n",
+        tells_replies: false,
+    },
+    Case {
+        api: "django-helpdesk",
+        tables: "[probe.helpdesk.django-helpdesk]\nqueue = 1\n",
+        tells_replies: true,
+    },
+    Case {
+        api: "http",
+        tables: include_str!("../files/supportbee-as-http.toml"),
+        tells_replies: false,
+    },
+];
+
+/// The adapter of `case` for the sandbox at `url`, with `secret`, built as the prober does.
+fn adapter(case: &Case, url: &str, secret: &str) -> Helpdesk {
+    let text = format!(
+        r#"[[probe]]
+name = "c"
+kind = "helpdesk"
+
+[probe.smtp]
+host = "127.0.0.1"
+from = "canary@prober.test"
+to = "support@helpdesk.test"
+
+[probe.helpdesk]
+api = "{api}"
+base_url = "{url}"
+token = "{secret}"
+
+{tables}
+[probe.imap]
+host = "127.0.0.1"
+username = "canary@prober.test"
+password = "pw"
+"#,
+        api = case.api,
+        tables = case.tables,
+    );
+    let cfg = config::parse_str(&text, "conformance.toml").unwrap_or_else(|e| panic!("{e}"));
+    let h = cfg.probes[0].helpdesk.as_ref().unwrap();
+    helpdesk::build(helpdesk::Settings {
+        base_url: h.base_url.to_string(),
+        secret: h.token.expose().to_string(),
+        timeout: Duration::from_secs(5),
+        retry: RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(1500),
+        },
+        extra_roots_pem: None,
+        vendor: h.vendor.clone(),
+    })
+    .unwrap()
+}
+
+fn clean(case: &Case, err: &HelpdeskError) {
+    for text in [err.to_string(), format!("{err:?}")] {
+        assert!(
+            !text.contains(API_TOKEN),
+            "{}: secret leaked: {text}",
+            case.api
+        );
+    }
+}
+
+/// Whether the sandbox delivered a reply to the canary with `token` (ground truth).
+async fn reply_delivered(sb: &Sandbox, token: &str) -> bool {
+    let events: Value = reqwest::get(format!("{}/sandbox/events", sb.api_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    events["events"].as_array().unwrap().iter().any(|e| {
+        e["message_id"].as_str().is_some_and(|m| m.contains(token)) && !e["delivered_at"].is_null()
+    })
+}
+
+async fn conformance(case: &Case) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sb = sandbox().await;
+    let hd = adapter(case, &sb.api_url(), API_TOKEN);
+    let api = case.api;
+    let since = SystemTime::now() - Duration::from_secs(60);
+
+    // find
+    assert_eq!(
+        hd.find_ticket(&token(), since).await.unwrap(),
+        None,
+        "{api}: nothing yet"
+    );
+    let tok = send_canary(&sb).await;
+    let ticket: TicketRef = eventually(Duration::from_secs(5), "the ticket", || async {
+        hd.find_ticket(&tok, since).await.expect("find")
+    })
+    .await;
+    assert_eq!(
+        hd.find_tickets(&tok, since).await.unwrap().len(),
+        1,
+        "{api}: one ticket"
+    );
+
+    // reply
+    let mark = "mcreply-conformance0000";
+    if case.tells_replies {
+        assert_eq!(
+            hd.reply_posted(&ticket, mark).await.unwrap(),
+            Some(false),
+            "{api}"
+        );
+    } else {
+        assert_eq!(hd.reply_posted(&ticket, mark).await.unwrap(), None, "{api}");
+    }
+    hd.post_reply(&ticket, &format!("Agent reply {tok}\n{mark}\n"))
+        .await
+        .unwrap_or_else(|e| panic!("{api}: reply: {e}"));
+    eventually(Duration::from_secs(5), "the reply delivered", || async {
+        reply_delivered(&sb, &tok).await.then_some(())
+    })
+    .await;
+    if case.tells_replies {
+        assert_eq!(
+            hd.reply_posted(&ticket, mark).await.unwrap(),
+            Some(true),
+            "{api}"
+        );
+    }
+
+    // faults: 5xx, 429, garbage
+    sb.faults().set(Stage::Api, Fault::Error);
+    let e = hd.find_ticket(&tok, since).await.unwrap_err();
+    assert_eq!((e.reason(), e.attempts()), (Reason::Api, 3), "{api}: {e}");
+    assert!(e.detail().contains("500"), "{api}: {e}");
+    clean(case, &e);
+    let e = hd.post_reply(&ticket, "again").await.unwrap_err();
+    assert_eq!(
+        (e.reason(), e.attempts()),
+        (Reason::Api, 1),
+        "{api}: a reply answered 500 may be saved: not sent twice: {e}"
+    );
+    sb.faults().set(Stage::Api, Fault::Throttle);
+    let t = std::time::Instant::now();
+    let e = hd.find_ticket(&tok, since).await.unwrap_err();
+    assert_eq!((e.reason(), e.attempts()), (Reason::Api, 3), "{api}: {e}");
+    assert!(e.detail().contains("429"), "{api}: {e}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "{api}: Retry-After (1 s) honoured between the 3 attempts: {:?}",
+        t.elapsed()
+    );
+    sb.faults().set(Stage::Api, Fault::Garbage);
+    let e = hd.find_ticket(&tok, since).await.unwrap_err();
+    assert_eq!((e.reason(), e.attempts()), (Reason::Api, 1), "{api}: {e}");
+    assert!(
+        e.detail().contains("JSON"),
+        "{api}: says what was wrong: {e}"
+    );
+    clean(case, &e);
+    sb.faults().set(Stage::Api, Fault::Ok);
+
+    // cleanup: archive, delete, delete again
+    for how in [
+        CleanupMode::Archive,
+        CleanupMode::Delete,
+        CleanupMode::Delete,
+    ] {
+        hd.cleanup(&ticket, how)
+            .await
+            .unwrap_or_else(|e| panic!("{api}: cleanup {how:?}: {e}"));
+    }
+    assert_eq!(
+        hd.find_ticket(&tok, since).await.unwrap(),
+        None,
+        "{api}: a deleted ticket is not found again"
+    );
+
+    // 401
+    let wrong = adapter(case, &sb.api_url(), "wrong-secret");
+    let e = wrong.find_ticket(&tok, since).await.unwrap_err();
+    assert_eq!((e.reason(), e.attempts()), (Reason::Auth, 1), "{api}: {e}");
+    assert!(!e.to_string().contains("wrong-secret"), "{api}: {e}");
+    sb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supportbee_conforms() {
+    conformance(&CASES[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_tracker_conforms() {
+    conformance(&CASES[1]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_helpdesk_conforms() {
+    conformance(&CASES[2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_http_conforms() {
+    conformance(&CASES[3]).await;
+}
+
+/// Every vendor the config knows has a case here.
+#[test]
+fn every_adapter_has_a_case() {
+    for api in ["supportbee", "rt", "django-helpdesk", "http"] {
+        assert!(
+            CASES.iter().any(|c| c.api == api),
+            "{api} has no conformance case"
+        );
+    }
+}
