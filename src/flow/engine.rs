@@ -606,7 +606,15 @@ impl Engine {
             c.delivered_uid = Some(uid);
             c.delivered_uid_validity = Some(uid_validity);
             c.threaded = Some(threaded(&c.message_id));
-            c.observe(Stage::Delivery, seen_at)
+            let mut out = Vec::new();
+            // The agent's reply is in the mailbox, so it was posted: whatever the reply POST
+            // said (not yet returned, as RT mails inside the request; or failed in a way that
+            // may have taken effect, and was not sent again), the reply stage ends here.
+            if c.current() == Some(Stage::Reply) {
+                out.extend(c.observe(Stage::Reply, seen_at));
+            }
+            out.extend(c.observe(Stage::Delivery, seen_at));
+            out
         });
         match updated {
             Some(c) if c.delivered_uid == Some(uid) => Some(c),

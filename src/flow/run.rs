@@ -15,7 +15,7 @@ use super::{
 use crate::{
     canary::{
         Token,
-        life::{Canary, Stage},
+        life::{Canary, Reason, Stage},
         message::{self, CanaryMail},
     },
     config::ReplyMode,
@@ -74,6 +74,9 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
         return; // mail loop: only delivery is left, and the dispatcher sees it.
     };
     let poll = probe.poll_interval;
+    // A reply POST of this run failed in a way that may have taken effect (a timeout, a 5xx
+    // other than 503): it is never sent again unless the vendor says the reply is not there.
+    let mut reply_maybe_posted = false;
     // Woken early when something else (a webhook, the dispatcher) changes this canary.
     let mut changes = engine.subscribe();
     loop {
@@ -124,8 +127,18 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                         debug!(probe = %probe.name, canary = %id, "the reply is on the ticket already; not posting it again");
                         Ok(())
                     }
-                    Ok(_) => helpdesk.post_reply(&ticket, &body).await,
-                    Err(e) => Err(e),
+                    // This vendor cannot tell, and the last POST may have taken effect: never
+                    // a second reply. If it was posted, its arrival ends the reply stage (see
+                    // Engine::delivered); if not, the reply deadline says so.
+                    Ok(None) if reply_maybe_posted => Err((
+                        Reason::Api,
+                        "the last reply POST may have taken effect and the helpdesk cannot say; not posting again".to_string(),
+                    )),
+                    Ok(_) => helpdesk.post_reply(&ticket, &body).await.map_err(|e| {
+                        reply_maybe_posted |= e.maybe_applied();
+                        (e.reason(), e.to_string())
+                    }),
+                    Err(e) => Err((e.reason(), e.to_string())),
                 };
                 match posted {
                     Ok(()) => {
@@ -134,7 +147,7 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                         clean_up_if_finished(&probe, c);
                         continue;
                     }
-                    Err(e) => Err((e.reason(), e.to_string())),
+                    Err(e) => Err(e),
                 }
             }
             // Delivery (or nothing) left: the dispatcher takes it from here.

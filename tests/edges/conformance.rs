@@ -37,12 +37,12 @@ const CASES: &[Case] = &[
     Case {
         api: "supportbee",
         tables: "",
-        tells_replies: false,
+        tells_replies: true,
     },
     Case {
         api: "rt",
         tables: "[probe.helpdesk.rt]\nqueue = \"General\"\n",
-        tells_replies: false,
+        tells_replies: true,
     },
     Case {
         api: "django-helpdesk",

@@ -169,3 +169,94 @@ async fn every_vendor_adapter_runs_a_canary_life_past_the_acknowledgement() {
         sb.shutdown().await;
     }
 }
+
+/// A proxy to the sandbox's API whose answers to reply POSTs come `late` after the sandbox
+/// handled them: the reply is saved and mailed, the prober's request times out.
+async fn slow_reply_proxy(sb: &mailcanary::sandbox::Sandbox, late: Duration) -> String {
+    use axum::{body::Bytes, extract::Request, http::StatusCode, response::IntoResponse};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let upstream = sb.api_url();
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let (upstream, client) = (upstream.clone(), client.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body: Bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let reply =
+                parts.method == axum::http::Method::POST && parts.uri.path().ends_with("/replies");
+            let mut r = client.request(parts.method.clone(), format!("{upstream}{path}"));
+            if let Some(ct) = parts.headers.get(axum::http::header::CONTENT_TYPE) {
+                r = r.header(axum::http::header::CONTENT_TYPE, ct.as_bytes());
+            }
+            let answer = r.body(body).send().await.unwrap();
+            let status = StatusCode::from_u16(answer.status().as_u16()).unwrap();
+            let bytes = answer.bytes().await.unwrap();
+            if reply {
+                tokio::time::sleep(late).await;
+            }
+            (status, bytes).into_response()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}
+
+/// A reply POST that times out after the helpdesk saved (and mailed) the reply: the prober
+/// never posts a second reply. An adapter that can look (SupportBee) finds it on the ticket; one
+/// that cannot (the generic adapter without a replies request) waits, and the reply's arrival
+/// ends the reply stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_post_that_timed_out_is_never_sent_twice() {
+    for api in ["supportbee", "http"] {
+        // The reply mail takes longer than the POST's timeout: the prober decides whether to
+        // post again before the reply can arrive.
+        let sb = sandbox_with(|c| {
+            c.outbound_delay = mailcanary::sandbox::DelayRange::fixed(Duration::from_secs(3))
+        })
+        .await;
+        let proxy = slow_reply_proxy(&sb, Duration::from_secs(2)).await;
+        let k = Knobs {
+            interval: "1h",
+            ..Knobs::default()
+        };
+        let text = match api {
+            "http" => generic_text(&sb, &k),
+            _ => config_text(&sb, &k),
+        }
+        .replace(&sb.api_url(), &proxy)
+        .replace(
+            "cleanup = \"trash\"\ntimeout = \"5s\"",
+            "cleanup = \"none\"\ntimeout = \"1s\"",
+        );
+        let cfg = config::parse_str(&text, "slow.toml").unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(&cfg, dir.path()).await;
+        until(
+            d.addr,
+            Duration::from_secs(30),
+            "the canary completed",
+            |s| v(s, COMPLETED, &[]) >= 1.0,
+        )
+        .await;
+        // Long enough for a second POST to have been made and answered, had there been one.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let status: Value = status(d.addr.port()).await.expect("status");
+        let id = status["probes"][0]["recent"][0]["ticket_id"]
+            .as_str()
+            .expect("a ticket")
+            .to_string();
+        let t = get_json(&format!("{}/tickets/{id}?auth_token=sandbox", sb.api_url())).await;
+        assert_eq!(t["ticket"]["replies_count"], 1, "{api}: one reply: {t}");
+        d.stop().await;
+        sb.shutdown().await;
+    }
+}

@@ -184,6 +184,33 @@ async fn canary_life(d: &Daemon, probe: &str, n: f64, within: Duration) -> Vec<C
     );
     assert!(median(&mut import).is_some() && median(&mut delivery).is_some());
     assert!(median(&mut ack).is_some());
+    // The helpdesk says the reply is on the ticket (what the prober asks before it would post
+    // again), and that a reply never posted is not.
+    let p = d.prober.probes.iter().find(|p| p.name == probe).unwrap();
+    let hd = p.helpdesk.as_ref().unwrap();
+    let c = done.first().unwrap();
+    let ticket = mailcanary::edges::helpdesk::TicketRef {
+        id: c.ticket_id.clone().unwrap(),
+        created_at: None,
+    };
+    let mark = p
+        .key
+        .reply_mark(&mailcanary::canary::Token::parse(&c.token).unwrap());
+    let looked = hd.reply_posted(&ticket, &mark).await.unwrap();
+    if looked.is_some() {
+        assert_eq!(
+            looked,
+            Some(true),
+            "{probe}: the posted reply is found by its mark"
+        );
+        assert_eq!(
+            hd.reply_posted(&ticket, "mcreply-neverposted0000")
+                .await
+                .unwrap(),
+            Some(false),
+            "{probe}: a reply never posted is not found"
+        );
+    }
     done
 }
 

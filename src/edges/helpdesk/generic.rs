@@ -300,6 +300,7 @@ impl Generic {
                         reason: crate::canary::life::Reason::Api,
                         detail: format!("{name:?} is not an HTTP header name"),
                         attempts: 0,
+                        maybe_applied: false,
                     })?;
                 // The template around the secret: `Token {secret}` → prefix `Token `. A
                 // template with text after the secret is not supported (the config says so).

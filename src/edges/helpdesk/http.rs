@@ -125,6 +125,8 @@ struct Attempt {
     detail: String,
     retry: bool,
     retry_after: Option<Duration>,
+    /// Not retried only because the call must not run twice, and it may have run.
+    maybe_applied: bool,
 }
 
 /// An answer the adapter reads: any status but 401/403/429/5xx.
@@ -140,6 +142,7 @@ impl ApiClient {
             reason: Reason::Api,
             detail,
             attempts: 0,
+            maybe_applied: false,
         };
         let base = Url::parse(&params.base_url)
             .map_err(|e| config_error(format!("base URL {:?}: {e}", params.base_url)))?;
@@ -182,6 +185,7 @@ impl ApiClient {
                 snippet(&answer.body)
             )),
             attempts: 1,
+            maybe_applied: false,
         }
     }
 
@@ -208,6 +212,7 @@ impl ApiClient {
             reason: Reason::Api,
             detail: self.scrub(&format!("{what}: {problem}")),
             attempts: 1,
+            maybe_applied: false,
         }
     }
 
@@ -280,6 +285,7 @@ impl ApiClient {
                     reason: failure.reason,
                     detail: self.scrub(&failure.detail),
                     attempts: attempt,
+                    maybe_applied: failure.maybe_applied,
                 });
             }
             let delay = match failure.retry_after {
@@ -317,6 +323,7 @@ impl ApiClient {
                 detail: format!("{what}: {}", error_chain(&e.without_url())),
                 retry,
                 retry_after: None,
+                maybe_applied: !retry,
             }
         };
         let response = request.send().await.map_err(transport)?;
@@ -333,6 +340,7 @@ impl ApiClient {
                 detail: format!("{what}: {status}{}", snippet(&body)),
                 retry: false,
                 retry_after: None,
+                maybe_applied: false,
             });
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
@@ -346,6 +354,7 @@ impl ApiClient {
                 detail: format!("{what}: {status}{}", snippet(&body)),
                 retry: idempotent || refused,
                 retry_after,
+                maybe_applied: !idempotent && !refused,
             });
         }
         Ok(Answer { status, body })

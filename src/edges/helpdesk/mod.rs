@@ -70,6 +70,9 @@ pub struct HelpdeskError {
     pub(crate) reason: Reason,
     pub(crate) detail: String,
     pub(crate) attempts: u32,
+    /// A call that must not run twice failed in a way that may have come after the server
+    /// acted on it (a timeout, a connection lost after sending, a 5xx other than 503).
+    pub(crate) maybe_applied: bool,
 }
 
 impl HelpdeskError {
@@ -87,6 +90,12 @@ impl HelpdeskError {
     /// HTTP attempts made by the failing call (retries included).
     pub fn attempts(&self) -> u32 {
         self.attempts
+    }
+
+    /// Whether the failed call (a reply POST) may have taken effect anyway: then it must not be
+    /// sent again unless the vendor can say it did not ([`Vendor::reply_posted`]).
+    pub fn maybe_applied(&self) -> bool {
+        self.maybe_applied
     }
 }
 

@@ -122,6 +122,29 @@ fn created_bound(since: SystemTime) -> String {
         .to_string()
 }
 
+/// Standard base64 (RFC 4648, with padding; line breaks allowed, as Perl's MIME::Base64 writes
+/// them), as text; `None` if it is not base64 or not UTF-8.
+fn decode_base64(s: &str) -> Option<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for b in s.bytes().filter(|b| !b.is_ascii_whitespace()) {
+        if b == b'=' {
+            break;
+        }
+        let v = ALPHABET.iter().position(|&a| a == b)? as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// A TicketSQL string literal: RT takes `'…'` with `\'` and `\\` escaped. Tokens are letters,
 /// digits and `-` only, but a queue name is the operator's.
 fn sql_quote(s: &str) -> String {
@@ -208,6 +231,39 @@ impl Rt {
         )
     }
 
+    /// `GET /REST/2.0/ticket/{id}/attachments?fields=Content`: whether one of the ticket's
+    /// attachments (every correspondence is one) holds `mark`. RT gives `Content` base64
+    /// encoded; plain text is taken too.
+    async fn posted(&self, ticket: &TicketRef, mark: &str) -> Result<Option<bool>, HelpdeskError> {
+        #[derive(Deserialize)]
+        struct Attachments {
+            #[serde(default)]
+            items: Vec<Attachment>,
+        }
+        #[derive(Deserialize)]
+        struct Attachment {
+            #[serde(rename = "Content", default)]
+            content: Option<String>,
+        }
+        let what = format!("GET /REST/2.0/ticket/{}/attachments", ticket.id);
+        let answer = self
+            .api
+            .call(
+                Method::GET,
+                &["ticket", &ticket.id, "attachments"],
+                &[("fields", "Content"), ("per_page", "100")],
+                None,
+                Safety::Idempotent,
+            )
+            .await?;
+        let list: Attachments = self.api.json(&what, &answer)?;
+        Ok(Some(list.items.iter().any(|a| {
+            a.content.as_deref().is_some_and(|c| {
+                c.contains(mark) || decode_base64(c).is_some_and(|d| d.contains(mark))
+            })
+        })))
+    }
+
     async fn clean(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
         let (method, body) = match how {
             CleanupMode::None => return Ok(()),
@@ -231,11 +287,21 @@ impl Rt {
     }
 }
 
-super::impl_vendor!(Rt);
+super::impl_vendor!(Rt, posted = posted);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_content_decodes_with_line_breaks() {
+        assert_eq!(
+            decode_base64("aGVsbG8gbWNy\nZXBseS14\n").as_deref(),
+            Some("hello mcreply-x")
+        );
+        assert_eq!(decode_base64("aGk=").as_deref(), Some("hi"));
+        assert_eq!(decode_base64("not base64!"), None);
+    }
 
     #[test]
     fn ticketsql_literals_are_quoted_and_escaped() {

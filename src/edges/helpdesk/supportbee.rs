@@ -257,6 +257,18 @@ impl SupportBee {
             .success(&format!("POST /tickets/{}/replies", ticket.id), &answer)
     }
 
+    /// `GET /tickets/{id}/replies`: whether one of the ticket's replies holds `mark`.
+    async fn posted(&self, ticket: &TicketRef, mark: &str) -> Result<Option<bool>, HelpdeskError> {
+        #[derive(Deserialize)]
+        struct Replies {
+            replies: Vec<RawTicket>,
+        }
+        let what = format!("GET /tickets/{}/replies", ticket.id);
+        let answer = self.get(&["tickets", &ticket.id, "replies"], &[]).await?;
+        let list: Replies = self.api.json(&what, &answer)?;
+        Ok(Some(list.replies.iter().any(|r| r.carries(mark))))
+    }
+
     async fn clean(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
         match how {
             CleanupMode::None => Ok(()),
@@ -288,7 +300,7 @@ impl SupportBee {
     }
 }
 
-super::impl_vendor!(SupportBee);
+super::impl_vendor!(SupportBee, posted = posted);
 
 /// The tickets that carry the token.
 fn carrying<'a>(tickets: impl Iterator<Item = &'a RawTicket>, token: &str) -> Vec<TicketRef> {

@@ -9,6 +9,7 @@
 //! | POST | `/REST/2.0/ticket/{id}/correspond` | `{"Content": …}` → 201, mailed to the requester |
 //! | PUT | `/REST/2.0/ticket/{id}` | `{"Status": "resolved" \| "rejected"}` |
 //! | DELETE | `/REST/2.0/ticket/{id}` | status `deleted` → 204 |
+//! | GET | `/REST/2.0/ticket/{id}/attachments` | the mail and each correspondence, `Content` base64 |
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ pub fn routes(hub: Arc<Hub>) -> Router<Arc<Hub>> {
             "/REST/2.0/ticket/{id}/correspond",
             axum::routing::post(correspond),
         )
+        .route("/REST/2.0/ticket/{id}/attachments", get(attachments))
         .route_layer(middleware::from_fn_with_state(hub, require_token))
 }
 
@@ -221,6 +223,53 @@ async fn update(
     }
 }
 
+/// The ticket's attachments: the mail that made it and every correspondence, `Content` base64
+/// encoded as RT gives it.
+async fn attachments(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
+    let Some(t) = hub.get(id) else {
+        return not_found();
+    };
+    let items: Vec<Value> = std::iter::once(&t.body)
+        .chain(t.replies.iter().map(|r| &r.body))
+        .enumerate()
+        .map(|(i, body)| {
+            json!({
+                "type": "attachment",
+                "id": (t.id * 1000 + i as u64).to_string(),
+                "Content": base64(body.as_bytes()),
+            })
+        })
+        .collect();
+    Json(json!({ "count": items.len(), "page": 1, "per_page": 100, "total": items.len(), "items": items }))
+        .into_response()
+}
+
+/// Standard base64 with padding, lines of 76 as Perl's MIME::Base64 writes.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for (i, chunk) in data.chunks(3).enumerate() {
+        if i > 0 && i % 19 == 0 {
+            out.push('\n');
+        }
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out.push('\n');
+    out
+}
+
 /// RT's DELETE only sets the status `deleted`.
 async fn delete(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
     match hub.set_trashed(id, true) {
@@ -232,6 +281,13 @@ async fn delete(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_is_what_perl_writes() {
+        assert_eq!(base64(b"hello mcreply-x"), "aGVsbG8gbWNyZXBseS14\n");
+        assert_eq!(base64(b"hi"), "aGk=\n");
+        assert_eq!(base64(&[b'a'; 60]).lines().next().unwrap().len(), 76);
+    }
 
     #[test]
     fn the_subject_literal_is_read_from_ticketsql() {

@@ -28,7 +28,7 @@ pub fn routes(hub: Arc<Hub>) -> Router<Arc<Hub>> {
         .route("/tickets", get(list_tickets))
         .route("/tickets/search", get(search_tickets))
         .route("/tickets/{id}", get(show_ticket).delete(delete_ticket))
-        .route("/tickets/{id}/replies", post(post_reply))
+        .route("/tickets/{id}/replies", get(list_replies).post(post_reply))
         .route("/tickets/{id}/archive", post(archive).delete(unarchive))
         .route("/tickets/{id}/trash", post(trash).delete(untrash))
         .route_layer(middleware::from_fn_with_state(hub, require_token))
@@ -226,6 +226,20 @@ async fn post_reply(
         )
             .into_response(),
         Err(e) => ticket_error(e),
+    }
+}
+
+async fn list_replies(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
+    match hub.get(id) {
+        Some(t) => Json(json!({
+            "replies": t.replies.iter().map(|r| json!({
+                "id": r.id,
+                "created_at": r.created_at,
+                "content": { "body": r.body, "text": r.body, "html": "" },
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        None => ticket_error(TicketError::NotFound),
     }
 }
 
