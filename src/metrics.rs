@@ -22,6 +22,7 @@
 //! | `mailcanary_canaries_lost_total` | probe, stage | `Lost` |
 //! | `mailcanary_stage_in_flight` | probe, stage | [`Metrics::set_in_flight`] |
 //! | `mailcanary_stage_oldest_in_flight_seconds` | probe, stage | [`Metrics::set_in_flight`] |
+//! | `mailcanary_stage_overdue` | probe, stage | [`Metrics::set_in_flight`] |
 //! | `mailcanary_stage_last_success_timestamp_seconds` | probe, stage | `StageDone{late: false}` |
 //! | `mailcanary_probe_success` | probe | [`Metrics::set_probe_success`] |
 //! | `mailcanary_messages_ignored_total` | probe, reason | [`Metrics::ignored`] |
@@ -30,6 +31,7 @@
 //! | `mailcanary_ledger_errors_total` | op | [`Metrics::ledger_error`] |
 //! | `mailcanary_canaries_skipped_total` | probe, reason | [`Metrics::skipped`] |
 //! | `mailcanary_helpdesk_duplicate_tickets_total` | probe | [`Metrics::duplicate_tickets`] |
+//! | `mailcanary_heartbeat_errors_total` | probe | [`Metrics::heartbeat_error`] |
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -117,12 +119,14 @@ pub struct Metrics {
     late: IntCounterVec,
     lost: IntCounterVec,
     in_flight: IntGaugeVec,
+    overdue: IntGaugeVec,
     oldest: GaugeVec,
     last_success: GaugeVec,
     probe_success: IntGaugeVec,
     ignored: IntCounterVec,
     skipped: IntCounterVec,
     duplicate_tickets: IntCounterVec,
+    heartbeat_errors: IntCounterVec,
     ledger_errors: IntCounterVec,
     config_reload: IntGauge,
     /// Stages already registered per probe: registering again (a config reload) only adds the
@@ -186,6 +190,11 @@ impl Metrics {
             "Extra tickets the helpdesk made from one canary mail (a duplicate import), found when the canary was cleaned up.",
             &["probe"],
         );
+        let heartbeat_errors = counter(
+            "mailcanary_heartbeat_errors_total",
+            "Pings of the probe's heartbeat_url (dead man's switch) that failed or were refused.",
+            &["probe"],
+        );
         let ledger_errors = counter(
             "mailcanary_ledger_errors_total",
             "Failed operations on the ledger in the state dir, by operation (open, write, read, check).",
@@ -211,6 +220,16 @@ impl Metrics {
                 Opts::new(
                     "mailcanary_stage_in_flight",
                     "Canaries currently waiting in a stage.",
+                ),
+                &["probe", "stage"],
+            ),
+        );
+        let overdue = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "mailcanary_stage_overdue",
+                    "Canaries past the stage's deadline and still waiting in it.",
                 ),
                 &["probe", "stage"],
             ),
@@ -265,12 +284,14 @@ impl Metrics {
             late,
             lost,
             in_flight,
+            overdue,
             oldest,
             last_success,
             probe_success,
             ignored,
             skipped,
             duplicate_tickets,
+            heartbeat_errors,
             ledger_errors,
             config_reload,
             registered: Mutex::new(HashMap::new()),
@@ -304,6 +325,7 @@ impl Metrics {
                     self.skipped.with_label_values(&[probe, reason.as_str()]);
                 }
                 self.duplicate_tickets.with_label_values(&[probe]);
+                self.heartbeat_errors.with_label_values(&[probe]);
                 registered.entry(probe.to_string()).or_default()
             }
         };
@@ -320,6 +342,7 @@ impl Metrics {
             self.late.with_label_values(&ps);
             self.lost.with_label_values(&ps);
             self.in_flight.with_label_values(&ps).set(0);
+            self.overdue.with_label_values(&ps).set(0);
             self.oldest.with_label_values(&ps).set(0.0);
             self.last_success.with_label_values(&ps);
         }
@@ -415,17 +438,30 @@ impl Metrics {
             .inc_by(extra);
     }
 
+    /// A heartbeat ping of `probe` failed.
+    pub fn heartbeat_error(&self, probe: &str) {
+        self.heartbeat_errors.with_label_values(&[probe]).inc();
+    }
+
     /// An operation on the ledger failed; `op` is one of [`crate::ledger::OPS`].
     pub fn ledger_error(&self, op: &str) {
         self.ledger_errors.with_label_values(&[op]).inc();
     }
 
-    /// How many canaries wait in `stage`, and the age in the stage of the oldest (0 if none).
-    pub fn set_in_flight(&self, probe: &str, stage: Stage, count: usize, oldest_seconds: f64) {
+    /// How many canaries wait in `stage`, how many of them are past its deadline, and the age
+    /// in the stage of the oldest (0 if none).
+    pub fn set_in_flight(
+        &self,
+        probe: &str,
+        stage: Stage,
+        count: usize,
+        overdue: usize,
+        oldest_seconds: f64,
+    ) {
         let ps = [probe, stage.as_str()];
-        self.in_flight
-            .with_label_values(&ps)
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        let n = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
+        self.in_flight.with_label_values(&ps).set(n(count));
+        self.overdue.with_label_values(&ps).set(n(overdue));
         self.oldest.with_label_values(&ps).set(oldest_seconds);
     }
 
@@ -670,11 +706,12 @@ mod tests {
     }
 
     /// Families with a `stage` label, and whether they also take a `reason`.
-    const STAGE_FAMILIES: [&str; 6] = [
+    const STAGE_FAMILIES: [&str; 7] = [
         "mailcanary_stage_failures_total",
         "mailcanary_stage_late_total",
         "mailcanary_canaries_lost_total",
         "mailcanary_stage_in_flight",
+        "mailcanary_stage_overdue",
         "mailcanary_stage_oldest_in_flight_seconds",
         "mailcanary_stage_last_success_timestamp_seconds",
     ];
@@ -746,6 +783,7 @@ mod tests {
             ("mailcanary_canaries_sent_total", "counter"),
             ("mailcanary_canaries_skipped_total", "counter"),
             ("mailcanary_config_last_reload_successful", "gauge"),
+            ("mailcanary_heartbeat_errors_total", "counter"),
             ("mailcanary_helpdesk_duplicate_tickets_total", "counter"),
             ("mailcanary_ledger_errors_total", "counter"),
             ("mailcanary_messages_ignored_total", "counter"),
@@ -756,6 +794,7 @@ mod tests {
             ("mailcanary_stage_last_success_timestamp_seconds", "gauge"),
             ("mailcanary_stage_late_total", "counter"),
             ("mailcanary_stage_oldest_in_flight_seconds", "gauge"),
+            ("mailcanary_stage_overdue", "gauge"),
         ];
         let want: Vec<_> = want
             .iter()
@@ -925,7 +964,7 @@ mod tests {
             now_ms,
         );
         m.ignored("loop", Ignored::Duplicate);
-        m.set_in_flight("loop", Stage::Delivery, 3, 42.5);
+        m.set_in_flight("loop", Stage::Delivery, 3, 1, 42.5);
         m.set_probe_success("loop", false);
         m.set_config_reload(true);
         m.restore_last_success("loop", Stage::Submit, 1_000);
@@ -979,6 +1018,10 @@ mod tests {
         assert_eq!(
             s.value("mailcanary_stage_oldest_in_flight_seconds", &ps("delivery")),
             Some(42.5)
+        );
+        assert_eq!(
+            s.value("mailcanary_stage_overdue", &ps("delivery")),
+            Some(1.0)
         );
         assert_eq!(s.value("mailcanary_probe_success", &p), Some(0.0));
         assert_eq!(

@@ -91,6 +91,9 @@ pub struct ProbeConfig {
     /// Delete the canary's ticket and reply once it completes (master switch: when false,
     /// nothing is archived or deleted whatever `helpdesk.cleanup` says).
     pub cleanup: bool,
+    /// A dead man's switch (healthchecks.io style): GET after each on-time canary, GET
+    /// `…/fail` when the probe starts failing. A secret: whoever has it can ping it.
+    pub heartbeat_url: Option<Secret>,
     pub deadlines: Deadlines,
     pub smtp: SmtpConfig,
     /// `Some` exactly when `kind` is [`ProbeKind::Helpdesk`].

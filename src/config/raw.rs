@@ -49,6 +49,9 @@ pub struct RawProbe {
     pub max_in_flight: Option<Spanned<u32>>,
     pub lost_after: Option<Spanned<HumanDuration>>,
     pub cleanup: Option<bool>,
+    /// A dead man's switch URL (healthchecks.io style) pinged after each on-time canary.
+    pub heartbeat_url: Option<Spanned<String>>,
+    pub heartbeat_url_file: Option<Spanned<PathBuf>>,
     pub deadlines: Option<RawDeadlines>,
     pub smtp: Spanned<RawSmtp>,
     pub helpdesk: Option<Spanned<RawHelpdesk>>,

@@ -520,6 +520,7 @@ impl Ctx<'_> {
             max_in_flight,
             lost_after,
             cleanup: raw.cleanup.unwrap_or(true),
+            heartbeat_url: self.heartbeat_url(&pre, raw),
             deadlines,
             smtp: self.smtp(&key(&pre, "smtp"), &raw.smtp),
             helpdesk,
@@ -960,6 +961,40 @@ impl Ctx<'_> {
                 .map(|(k, v)| (k.clone(), v.get_ref().clone()))
                 .collect(),
             body,
+        }
+    }
+
+    /// `heartbeat_url` (or `_file`): an http(s) URL with a host. Its text is a secret (a
+    /// healthchecks.io check is pinged by whoever knows its URL): errors never quote it.
+    fn heartbeat_url(&mut self, pre: &str, raw: &RawProbe) -> Option<Secret> {
+        let url = self
+            .secret(
+                pre,
+                "heartbeat_url",
+                raw.heartbeat_url.as_ref(),
+                raw.heartbeat_url_file.as_ref(),
+            )
+            .ok()
+            .flatten()?;
+        if self.syntax_only {
+            return Some(url);
+        }
+        let span = raw
+            .heartbeat_url
+            .as_ref()
+            .map(|v| v.span())
+            .or_else(|| raw.heartbeat_url_file.as_ref().map(|f| f.span()))
+            .unwrap_or_default();
+        match reqwest::Url::parse(url.expose()) {
+            Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => Some(url),
+            _ => {
+                self.err(
+                    span,
+                    key(pre, "heartbeat_url"),
+                    "must be an http:// or https:// URL with a host",
+                );
+                None
+            }
         }
     }
 

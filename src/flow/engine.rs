@@ -573,10 +573,16 @@ impl Engine {
 
     fn set_gauges(&self, st: &State, probe: &str, ps: &ProbeState, mine: &[&Canary], now: u64) {
         for stage in &ps.stages {
-            let ages = mine.iter().filter_map(|c| age_in(c, *stage, now));
-            let (count, oldest) = ages.fold((0usize, 0u64), |(n, o), a| (n + 1, o.max(a)));
+            let (mut count, mut overdue, mut oldest) = (0usize, 0usize, 0u64);
+            for c in mine {
+                if let Some(age) = age_in(c, *stage, now) {
+                    count += 1;
+                    oldest = oldest.max(age);
+                    overdue += usize::from(c.record(*stage).is_some_and(|r| r.overdue));
+                }
+            }
             self.metrics
-                .set_in_flight(probe, *stage, count, oldest as f64 / 1000.0);
+                .set_in_flight(probe, *stage, count, overdue, oldest as f64 / 1000.0);
         }
         // The same verdict the status page shows: the gauge and the page cannot disagree.
         self.metrics

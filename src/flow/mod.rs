@@ -9,6 +9,7 @@
 //! All four report to the [`Engine`], the only thing that changes a canary.
 
 pub mod engine;
+pub mod heartbeat;
 pub mod run;
 pub mod webhook;
 
@@ -66,6 +67,8 @@ pub struct Probe {
     deleting: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
     /// The engine's metrics, for what the clean-up finds (duplicate tickets).
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
+    /// The dead man's switch this probe pings (`heartbeat_url`), if any.
+    pub heartbeat_url: Option<crate::config::Secret>,
 }
 
 impl Probe {
@@ -214,6 +217,7 @@ impl Probe {
             cleanups: Default::default(),
             deleting: Default::default(),
             metrics: std::sync::OnceLock::new(),
+            heartbeat_url: cfg.heartbeat_url.clone(),
         })
     }
 }
@@ -288,6 +292,30 @@ impl Prober {
         let mut tasks = JoinSet::new();
         for p in &self.probes {
             let _ = p.metrics.set(self.engine.metrics().clone());
+        }
+        // One heartbeat task per probe that has a dead man's switch.
+        let heartbeats: Vec<_> = self
+            .probes
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.heartbeat_url.clone()?)))
+            .collect();
+        if !heartbeats.is_empty() {
+            let mut tls = crate::edges::rustls_client_config(None).map_err(anyhow::Error::msg)?;
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let http = reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .connect_timeout(heartbeat::PING_TIMEOUT)
+                .user_agent(concat!("mailcanary/", env!("CARGO_PKG_VERSION")))
+                .build()?;
+            for (name, url) in heartbeats {
+                tasks.spawn(heartbeat::run(
+                    self.engine.clone(),
+                    name,
+                    url,
+                    http.clone(),
+                    shutdown.clone(),
+                ));
+            }
         }
         // One watcher per distinct mailbox, shared by the probes that read it.
         let mut by_mailbox: HashMap<String, Vec<Arc<Probe>>> = HashMap::new();

@@ -55,6 +55,38 @@ fn alertmanager_config_passes_amtool() {
     assert_succeeded(&out);
 }
 
+/// Which receiver Alertmanager picks for an alert with `labels` (`amtool config routes test`).
+fn receiver_for(labels: &[&str]) -> String {
+    let out = tool("amtool")
+        .arg("config")
+        .arg("routes")
+        .arg("test")
+        .arg(format!(
+            "--config.file={}",
+            repo("deploy/alertmanager/alertmanager.yml").display()
+        ))
+        .args(labels)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_watchdog_goes_to_the_dead_mans_switch_and_nothing_else_does() {
+    assert_eq!(
+        receiver_for(&["alertname=MailcanaryWatchdog", "severity=none"]),
+        "deadmansswitch"
+    );
+    assert_eq!(
+        receiver_for(&["alertname=MailcanaryStageStalled", "severity=page"]),
+        "pagerduty-oncall"
+    );
+    assert_eq!(
+        receiver_for(&["alertname=MailcanaryLedgerFailing", "severity=ticket"]),
+        "ops-tickets"
+    );
+}
+
 /// Every `expr` of the Grafana dashboard, with Grafana's variables replaced by what Grafana
 /// would substitute.
 fn grafana_exprs() -> Vec<String> {

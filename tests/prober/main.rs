@@ -9,6 +9,7 @@ mod common;
 mod dashboard;
 mod drills;
 mod generic;
+mod heartbeat;
 mod reload;
 mod restart;
 mod security;
