@@ -56,7 +56,7 @@ enum Command {
     /// Send one canary per probe, print each stage as it completes, exit 0 if all passed.
     Once(OnceArgs),
     /// Run only the sandbox helpdesk (SMTP in, tickets API, IMAP out) and print its addresses.
-    Sandbox(SandboxArgs),
+    Sandbox(Box<SandboxArgs>),
 }
 
 #[derive(Args)]
@@ -139,6 +139,10 @@ struct SandboxArgs {
     /// Import delay per mail: `2s` or a range `200ms..2s`.
     #[arg(long, default_value = "200ms..2s")]
     import_delay: DelayRange,
+    /// Tickets the import workers make per second at most, e.g. `5` (default: unbounded). A
+    /// cleared stall then drains at that speed, as a real worker pool's backlog does.
+    #[arg(long)]
+    import_rate: Option<f64>,
     /// Delivery delay per reply: `1s` or a range `100ms..500ms`.
     #[arg(long, default_value = "100ms..500ms")]
     outbound_delay: DelayRange,
@@ -191,7 +195,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Sandbox(args) => run_sandbox(args).await,
+            Command::Sandbox(args) => run_sandbox(*args).await,
             Command::Run(args) => run(args).await,
             Command::Check(args) => Ok(check(args)),
             Command::Once(args) => once(args).await,
@@ -333,6 +337,7 @@ async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         api_token: args.api_token,
         mailbox_password: args.mailbox_password,
         import_delay: args.import_delay,
+        import_rate: args.import_rate,
         outbound_delay: args.outbound_delay,
         max_message_size: args.max_message_size,
         event_capacity: args.event_capacity,

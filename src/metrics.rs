@@ -23,6 +23,8 @@
 //! | `mailcanary_stage_in_flight` | probe, stage | [`Metrics::set_in_flight`] |
 //! | `mailcanary_stage_oldest_in_flight_seconds` | probe, stage | [`Metrics::set_in_flight`] |
 //! | `mailcanary_stage_overdue` | probe, stage | [`Metrics::set_in_flight`] |
+//! | `mailcanary_stage_backlog_seconds` | probe, stage | [`Metrics::set_backlog`] |
+//! | `mailcanary_stage_drain_eta_seconds` | probe, stage | [`Metrics::set_backlog`] |
 //! | `mailcanary_stage_last_success_timestamp_seconds` | probe, stage | `StageDone{late: false}` |
 //! | `mailcanary_probe_success` | probe | [`Metrics::set_probe_success`] |
 //! | `mailcanary_messages_ignored_total` | probe, reason | [`Metrics::ignored`] |
@@ -121,6 +123,8 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     overdue: IntGaugeVec,
     oldest: GaugeVec,
+    backlog: GaugeVec,
+    drain_eta: GaugeVec,
     last_success: GaugeVec,
     probe_success: IntGaugeVec,
     ignored: IntCounterVec,
@@ -242,6 +246,16 @@ impl Metrics {
             "Age in the stage of the oldest canary waiting in it, 0 when none is.",
             &["probe", "stage"],
         );
+        let backlog = gauge(
+            "mailcanary_stage_backlog_seconds",
+            "How far behind the stage's backlog is: now minus the stage start of the newest held canary through it (0 when nothing is overdue).",
+            &["probe", "stage"],
+        );
+        let drain_eta = gauge(
+            "mailcanary_stage_drain_eta_seconds",
+            "Seconds until the stage's backlog is drained at its current pace: +Inf when not catching up, NaN when not draining.",
+            &["probe", "stage"],
+        );
         let last_success = gauge(
             "mailcanary_stage_last_success_timestamp_seconds",
             "Unix time the stage last completed within its deadline, 0 if never since start.",
@@ -286,6 +300,8 @@ impl Metrics {
             in_flight,
             overdue,
             oldest,
+            backlog,
+            drain_eta,
             last_success,
             probe_success,
             ignored,
@@ -344,6 +360,8 @@ impl Metrics {
             self.in_flight.with_label_values(&ps).set(0);
             self.overdue.with_label_values(&ps).set(0);
             self.oldest.with_label_values(&ps).set(0.0);
+            self.backlog.with_label_values(&ps).set(0.0);
+            self.drain_eta.with_label_values(&ps).set(f64::NAN);
             self.last_success.with_label_values(&ps);
         }
     }
@@ -463,6 +481,14 @@ impl Metrics {
         self.in_flight.with_label_values(&ps).set(n(count));
         self.overdue.with_label_values(&ps).set(n(overdue));
         self.oldest.with_label_values(&ps).set(oldest_seconds);
+    }
+
+    /// The stage's backlog (seconds behind) and the drain ETA (NaN: not draining; +Inf: not
+    /// catching up).
+    pub fn set_backlog(&self, probe: &str, stage: Stage, backlog_seconds: f64, eta_seconds: f64) {
+        let ps = [probe, stage.as_str()];
+        self.backlog.with_label_values(&ps).set(backlog_seconds);
+        self.drain_eta.with_label_values(&ps).set(eta_seconds);
     }
 
     pub fn set_probe_success(&self, probe: &str, ok: bool) {
@@ -706,7 +732,7 @@ mod tests {
     }
 
     /// Families with a `stage` label, and whether they also take a `reason`.
-    const STAGE_FAMILIES: [&str; 7] = [
+    const STAGE_FAMILIES: [&str; 9] = [
         "mailcanary_stage_failures_total",
         "mailcanary_stage_late_total",
         "mailcanary_canaries_lost_total",
@@ -714,6 +740,8 @@ mod tests {
         "mailcanary_stage_overdue",
         "mailcanary_stage_oldest_in_flight_seconds",
         "mailcanary_stage_last_success_timestamp_seconds",
+        "mailcanary_stage_backlog_seconds",
+        "mailcanary_stage_drain_eta_seconds",
     ];
 
     #[test]
@@ -736,7 +764,13 @@ mod tests {
         for stage in PLAN {
             let ps = [("probe", "helpdesk"), ("stage", stage.as_str())];
             for family in STAGE_FAMILIES.into_iter().skip(1) {
-                assert_eq!(s.value(family, &ps), Some(0.0), "{family} {stage}");
+                let v = s.value(family, &ps);
+                if family == "mailcanary_stage_drain_eta_seconds" {
+                    // Not draining: NaN, which no `> x` comparison in a rule matches.
+                    assert!(v.is_some_and(f64::is_nan), "{family} {stage}: {v:?}");
+                } else {
+                    assert_eq!(v, Some(0.0), "{family} {stage}");
+                }
             }
             for reason in Reason::ALL {
                 let l = [
@@ -788,6 +822,8 @@ mod tests {
             ("mailcanary_ledger_errors_total", "counter"),
             ("mailcanary_messages_ignored_total", "counter"),
             ("mailcanary_probe_success", "gauge"),
+            ("mailcanary_stage_backlog_seconds", "gauge"),
+            ("mailcanary_stage_drain_eta_seconds", "gauge"),
             ("mailcanary_stage_duration_seconds", "histogram"),
             ("mailcanary_stage_failures_total", "counter"),
             ("mailcanary_stage_in_flight", "gauge"),

@@ -54,6 +54,55 @@ struct ProbeState {
     /// The watched mailbox is failing (login refused, unreachable): the delivery stage cannot
     /// be observed, so the probe fails until it recovers.
     mailbox_error: Option<Failure>,
+    /// Per stage, the backlog draining after a stall (held canaries arriving late).
+    drains: HashMap<Stage, Drain>,
+}
+
+/// A stage's backlog draining: held canaries arrive late, oldest first (the stages a helpdesk
+/// runs are queues). How far it has got is the stage-start time of the newest held canary that
+/// arrived; how fast, that time's advance per second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Drain {
+    /// (arrival, stage start) of the first late arrival of the episode, canary time.
+    first: (u64, u64),
+    /// The same of the latest, with the furthest stage start reached so far.
+    last: (u64, u64),
+}
+
+impl Drain {
+    fn new(at: u64, started: u64) -> Drain {
+        Drain {
+            first: (at, started),
+            last: (at, started),
+        }
+    }
+
+    fn arrived(&mut self, at: u64, started: u64) {
+        self.last = (at.max(self.last.0), started.max(self.last.1));
+    }
+
+    /// The stage-start time the drain has reached.
+    pub fn reached_ms(&self) -> u64 {
+        self.last.1
+    }
+
+    /// Seconds of backlog drained per second, once two arrivals a second apart were seen.
+    pub fn rate(&self) -> Option<f64> {
+        let wall = self.last.0.saturating_sub(self.first.0);
+        (wall >= 1_000).then(|| self.last.1.saturating_sub(self.first.1) as f64 / wall as f64)
+    }
+
+    /// Seconds until the backlog is drained at `now`: the unreached part (`now - reached`)
+    /// shrinks by `rate - 1` a second. `+Inf` when it does not shrink; `None` before a rate.
+    pub fn eta_seconds(&self, now: u64) -> Option<f64> {
+        let rate = self.rate()?;
+        let behind = now.saturating_sub(self.reached_ms()) as f64 / 1000.0;
+        Some(if rate > 1.0 {
+            behind / (rate - 1.0)
+        } else {
+            f64::INFINITY
+        })
+    }
 }
 
 #[derive(Default)]
@@ -217,6 +266,7 @@ impl Engine {
                 recent,
                 newest_result,
                 mailbox_error: None,
+                drains: HashMap::new(),
             },
         );
     }
@@ -343,6 +393,20 @@ impl Engine {
             canary: canary.clone(),
             transitions: transitions.to_vec(),
         });
+        for t in transitions {
+            if let Transition::StageDone {
+                stage, late: true, ..
+            } = t
+                && let Some(r) = canary.record(*stage)
+                && let (Some(started), Some(done)) = (r.started_ms, r.done_ms)
+                && let Some(ps) = st.probes.get_mut(&canary.probe)
+            {
+                ps.drains
+                    .entry(*stage)
+                    .and_modify(|d| d.arrived(done, started))
+                    .or_insert_with(|| Drain::new(done, started));
+            }
+        }
         if canary.is_finished() {
             st.in_flight
                 .remove(&(canary.probe.clone(), canary.id.clone()));
@@ -549,6 +613,19 @@ impl Engine {
                 self.commit(&mut st, snapshot, &transitions);
             }
         }
+        // A drain ends when no canary in its stage is past the deadline any more.
+        let State {
+            in_flight, probes, ..
+        } = &mut *st;
+        for (name, ps) in probes.iter_mut() {
+            ps.drains.retain(|stage, _| {
+                in_flight.values().any(|c| {
+                    c.probe == *name
+                        && c.current() == Some(*stage)
+                        && c.record(*stage).is_some_and(|r| r.overdue)
+                })
+            });
+        }
         self.refresh_gauges(&st, now);
         finished
     }
@@ -583,6 +660,8 @@ impl Engine {
             }
             self.metrics
                 .set_in_flight(probe, *stage, count, overdue, oldest as f64 / 1000.0);
+            let (backlog, eta) = backlog(overdue, oldest, ps.drains.get(stage), now);
+            self.metrics.set_backlog(probe, *stage, backlog, eta);
         }
         // The same verdict the status page shows: the gauge and the page cannot disagree.
         self.metrics
@@ -733,9 +812,25 @@ impl Engine {
                             .filter_map(|c| stage_duration(c, *s))
                             .collect();
                         durations.sort_unstable();
+                        let overdue = in_flight
+                            .iter()
+                            .filter(|c| {
+                                age_in(c, *s, now).is_some()
+                                    && c.record(*s).is_some_and(|r| r.overdue)
+                            })
+                            .count();
+                        let oldest_ms = ages.iter().copied().max().unwrap_or(0);
+                        let drain = ps.drains.get(s);
+                        let (behind_s, eta_s) = backlog(overdue, oldest_ms, drain, now);
                         StageStatus {
                             stage: *s,
                             in_flight: ages.len(),
+                            overdue,
+                            backlog: (overdue > 0).then(|| BacklogView {
+                                behind_ms: (behind_s * 1000.0) as u64,
+                                reached_ms: drain.map(Drain::reached_ms),
+                                eta_ms: eta_s.is_finite().then_some((eta_s * 1000.0) as u64),
+                            }),
                             oldest_in_flight_ms: ages.iter().copied().max(),
                             p50_ms: quantile(&durations, 0.50),
                             p95_ms: quantile(&durations, 0.95),
@@ -838,6 +933,23 @@ fn write_loop(engine: Weak<Engine>, jobs: mpsc::Receiver<Job>) {
 }
 
 /// How long `c` has been in `stage` at `now`, if it is in it (`end_to_end`: since it was sent).
+/// `(backlog seconds, drain ETA seconds)` of a stage: how far behind the part of the backlog
+/// not yet reached is, and when it will be reached at the current pace (`+Inf`: not catching
+/// up; NaN: not draining). Nothing overdue in the stage: no backlog.
+fn backlog(overdue: usize, oldest_ms: u64, drain: Option<&Drain>, now: u64) -> (f64, f64) {
+    if overdue == 0 {
+        return (0.0, f64::NAN);
+    }
+    match drain {
+        Some(d) => (
+            now.saturating_sub(d.reached_ms()) as f64 / 1000.0,
+            d.eta_seconds(now).unwrap_or(f64::NAN),
+        ),
+        // Held and nothing arriving: stalled.
+        None => (oldest_ms as f64 / 1000.0, f64::INFINITY),
+    }
+}
+
 fn age_in(c: &Canary, stage: Stage, now: u64) -> Option<u64> {
     if stage == Stage::EndToEnd {
         (!c.is_finished()).then(|| now.saturating_sub(c.created_ms))
@@ -928,12 +1040,27 @@ fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
 pub struct StageStatus {
     pub stage: Stage,
     pub in_flight: usize,
+    /// Of those, past the stage's deadline.
+    pub overdue: usize,
+    /// While canaries are held past the deadline: how far behind, and the drain.
+    pub backlog: Option<BacklogView>,
     pub oldest_in_flight_ms: Option<u64>,
     /// Over the recent finished canaries (up to [`RECENT_PER_PROBE`]), late ones included.
     pub p50_ms: Option<u64>,
     pub p95_ms: Option<u64>,
     /// When a recent canary last finished this stage on time.
     pub last_success_ms: Option<u64>,
+}
+
+/// A stage's backlog, for the status page.
+#[derive(Serialize)]
+pub struct BacklogView {
+    /// How far behind the unreached part of the backlog is.
+    pub behind_ms: u64,
+    /// The stage start (canary time) of the newest held canary through, once one arrived.
+    pub reached_ms: Option<u64>,
+    /// Time left at the current pace; `None` while not catching up (or not yet measured).
+    pub eta_ms: Option<u64>,
 }
 
 /// One failure, for the status page: a hard failure, an error met while retrying, or a

@@ -42,6 +42,9 @@ pub struct SandboxConfig {
     pub mailbox_password: String,
     /// Range the import delay of each mail is drawn from.
     pub import_delay: DelayRange,
+    /// Tickets the import workers make per second at most (`None`: unbounded). A cleared
+    /// backlog then drains at a finite speed, as a real worker pool's does.
+    pub import_rate: Option<f64>,
     /// Range the delivery delay of each reply is drawn from.
     pub outbound_delay: DelayRange,
     /// Largest message the MX takes (552 past it).
@@ -70,6 +73,7 @@ impl Default for SandboxConfig {
             api_token: "sandbox".into(),
             mailbox_password: "sandbox".into(),
             import_delay: DelayRange::new(Duration::from_millis(200), Duration::from_secs(2)),
+            import_rate: None,
             outbound_delay: DelayRange::new(Duration::from_millis(100), Duration::from_millis(500)),
             max_message_size: 10 * 1024 * 1024,
             event_capacity: 10_000,

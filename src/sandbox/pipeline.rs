@@ -52,7 +52,14 @@ pub async fn run_import(
     shutdown: CancellationToken,
 ) {
     let delay = hub.config.import_delay;
-    run_queue(hub, rx, Stage::Import, delay, shutdown, |hub, mail| {
+    // At most `import_rate` tickets a second (a worker pool's throughput), whatever the queue
+    // holds.
+    let gap = hub
+        .config
+        .import_rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    run_queue(hub, rx, Stage::Import, delay, gap, shutdown, |hub, mail| {
         let seq = mail.seq;
         let id = hub.create_ticket(mail);
         debug!(seq, ticket = id, "imported");
@@ -66,18 +73,21 @@ pub async fn run_outbound(
     shutdown: CancellationToken,
 ) {
     let delay = hub.config.outbound_delay;
-    run_queue(hub, rx, Stage::Outbound, delay, shutdown, deliver).await
+    run_queue(hub, rx, Stage::Outbound, delay, None, shutdown, deliver).await
 }
 
-/// The single consumer of one queue. Returns on shutdown or when the queue closes.
+/// The single consumer of one queue. Returns on shutdown or when the queue closes. With a
+/// `gap`, two jobs complete at least that far apart.
 async fn run_queue<J: Job>(
     hub: Arc<Hub>,
     mut rx: mpsc::UnboundedReceiver<J>,
     stage: Stage,
     delay: DelayRange,
+    gap: Option<Duration>,
     shutdown: CancellationToken,
     complete: impl Fn(&Hub, J),
 ) {
+    let mut next_free = Instant::now();
     loop {
         let job = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -105,6 +115,15 @@ async fn run_queue<J: Job>(
             match fault {
                 // Throttle and garbage are the api's only (refused when set elsewhere).
                 Fault::Ok | Fault::Delay(_) | Fault::Stall | Fault::Throttle | Fault::Garbage => {
+                    if let Some(gap) = gap {
+                        if Instant::now() < next_free {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep_until(next_free) => {}
+                            }
+                        }
+                        next_free = Instant::now() + gap;
+                    }
                     complete(&hub, job);
                     break;
                 }

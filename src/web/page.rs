@@ -106,6 +106,41 @@ fn stage_table(out: &mut String, p: &ProbeStatus, now: u64) {
         );
     }
     out.push_str("</table>");
+    // A held backlog, said in words: how far the drain has got and how long it has left.
+    for s in &p.stages {
+        let Some(b) = &s.backlog else { continue };
+        let line = match (b.reached_ms, b.eta_ms) {
+            (Some(reached), Some(eta)) => format!(
+                "draining: caught up to {} ({} behind), about {} left",
+                clock_time(reached),
+                dur(b.behind_ms),
+                dur(eta)
+            ),
+            (Some(reached), None) => format!(
+                "draining: caught up to {} ({} behind), not catching up yet",
+                clock_time(reached),
+                dur(b.behind_ms)
+            ),
+            (None, _) => format!(
+                "stalled: {} canaries past the deadline, {} behind, nothing getting through",
+                s.overdue,
+                dur(b.behind_ms)
+            ),
+        };
+        let _ = write!(
+            out,
+            "<p class=\"backlog\" data-stage=\"{st}\"><strong>{st}</strong> {line}</p>",
+            st = s.stage
+        );
+    }
+}
+
+/// A canary time as the wall clock's time of day, UTC.
+fn clock_time(canary_ms: u64) -> String {
+    let wall = crate::clock::to_wall_ms(canary_ms);
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(wall as i64)
+        .map(|t| t.format("%H:%M:%S UTC").to_string())
+        .unwrap_or_default()
 }
 
 /// One waterfall row: a bar per stage, positioned on a shared time scale.

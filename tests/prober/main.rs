@@ -7,6 +7,7 @@ mod blind;
 mod cli;
 mod common;
 mod dashboard;
+mod drain;
 mod drills;
 mod generic;
 mod heartbeat;
