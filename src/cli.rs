@@ -55,6 +55,9 @@ enum Command {
     Check(CheckArgs),
     /// Send one canary per probe, print each stage as it completes, exit 0 if all passed.
     Once(OnceArgs),
+    /// Print the recorded incidents (the outage's story, in numbers): from a running prober
+    /// over HTTP, or from a stopped one's state dir.
+    Incidents(IncidentsArgs),
     /// Run only the sandbox helpdesk (SMTP in, tickets API, IMAP out) and print its addresses.
     Sandbox(Box<SandboxArgs>),
 }
@@ -105,6 +108,29 @@ struct OnceArgs {
     /// exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (monitoring-plugins guidelines).
     #[arg(long, value_enum, default_value_t = OnceFormat::Text)]
     format: OnceFormat,
+}
+
+#[derive(Args)]
+struct IncidentsArgs {
+    /// Only incidents detected within this long before now (`7d`, `12h`). Default: all kept.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// `text`: a line each. `markdown`: a section each, for a postmortem. `json`: as served.
+    #[arg(long, value_enum, default_value_t = IncidentsFormat::Text)]
+    format: IncidentsFormat,
+    /// A running prober's address (`http://127.0.0.1:9725`); it holds its ledger open.
+    #[arg(long, conflicts_with = "state_dir")]
+    url: Option<String>,
+    /// A stopped prober's state dir (default: ./.mailcanary when --url is not given).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IncidentsFormat {
+    Text,
+    Markdown,
+    Json,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -199,6 +225,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Check(args) => Ok(check(args)),
             Command::Once(args) => once(args).await,
+            Command::Incidents(args) => incidents(args).await,
         }
     });
     match result {
@@ -482,6 +509,80 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     daemon.stop().await;
     if let Some(sb) = sandbox {
         let _ = tokio::time::timeout(Duration::from_millis(500), sb.shutdown()).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mailcanary incidents`: from `/api/v1/incidents` of a running prober, or the ledger of a
+/// stopped one (the daemon holds its ledger exclusively while it runs).
+async fn incidents(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
+    use mailcanary::flow::incident::{self, Incident};
+    let (list, now, offset): (Vec<Incident>, u64, i64) = match &args.url {
+        Some(url) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let url = format!("{}/api/v1/incidents", url.trim_end_matches('/'));
+            let answer: serde_json::Value = reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
+                .json()
+                .await
+                .map_err(|e| anyhow::anyhow!("{url}: not an incidents answer: {e}"))?;
+            let list = serde_json::from_value(answer["incidents"].clone())
+                .map_err(|e| anyhow::anyhow!("{url}: not an incidents answer: {e}"))?;
+            (
+                list,
+                answer["now_ms"].as_u64().unwrap_or_default(),
+                answer["wall_offset_ms"].as_i64().unwrap_or_default(),
+            )
+        }
+        None => {
+            let dir = args
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(".mailcanary"));
+            let ledger = mailcanary::ledger::Ledger::open(&dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}\n(a running prober holds its ledger: ask it with --url http://ADDRESS)"
+                )
+            })?;
+            let mut list = Vec::new();
+            for probe in ledger.incident_probes()? {
+                list.extend(ledger.incidents(&probe)?);
+            }
+            list.sort_by_key(|i| (!i.is_open(), std::cmp::Reverse(i.detected_ms)));
+            (list, mailcanary::clock::wall_ms(), 0)
+        }
+    };
+    let list: Vec<Incident> = list
+        .into_iter()
+        .filter(|i| {
+            args.since
+                .is_none_or(|s| i.detected_ms + s.as_millis() as u64 >= now)
+        })
+        .collect();
+    match args.format {
+        IncidentsFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        IncidentsFormat::Markdown => {
+            println!("## Incidents recorded by mailcanary\n");
+            if list.is_empty() {
+                println!("None.");
+            }
+            for i in &list {
+                println!("{}", incident::markdown(i, offset));
+            }
+        }
+        IncidentsFormat::Text => {
+            if list.is_empty() {
+                println!("no incidents");
+            }
+            for i in &list {
+                println!("{}", incident::text_line(i, offset));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -56,6 +56,9 @@ const FINISHED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("fini
 const FINISHED_ORDER: TableDefinition<(&str, u64), &str> = TableDefinition::new("finished_order");
 const CURSORS: TableDefinition<&str, (u32, u32)> = TableDefinition::new("imap_cursors");
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+/// Incidents (`crate::flow::incident`), JSON, by (probe, id); the newest `incident::KEEP` per
+/// probe. Added without a format change: an older ledger simply has none.
+const INCIDENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("incidents");
 
 /// What went wrong, with the file and the operation it happened in.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +162,8 @@ pub enum Write {
         uidvalidity: u32,
         last_uid: u32,
     },
+    /// An incident, new or changed; the oldest beyond `incident::KEEP` of its probe go.
+    Incident(crate::flow::incident::Incident),
 }
 
 /// The embedded store. One per process and state dir; `Send + Sync`, share it with an `Arc`.
@@ -298,6 +303,7 @@ impl Ledger {
             txn.open_table(FINISHED).map_err(self.db_err(OP))?;
             txn.open_table(FINISHED_ORDER).map_err(self.db_err(OP))?;
             txn.open_table(CURSORS).map_err(self.db_err(OP))?;
+            txn.open_table(INCIDENTS).map_err(self.db_err(OP))?;
         }
         txn.commit().map_err(self.db_err(OP))
     }
@@ -333,6 +339,26 @@ impl Ledger {
                         table
                             .insert(mailbox_key.as_str(), (*uidvalidity, *last_uid))
                             .map_err(self.db_err(OP))?;
+                    }
+                    Write::Incident(i) => {
+                        self.check_probe(OP, &i.probe)?;
+                        let bytes = serde_json::to_vec(i).map_err(|e| LedgerError::Encode {
+                            path: self.path.clone(),
+                            operation: OP,
+                            key: format!("incident {} of {}", i.id, i.probe),
+                            source: e,
+                        })?;
+                        let mut table = txn.open_table(INCIDENTS).map_err(self.db_err(OP))?;
+                        table
+                            .insert((i.probe.as_str(), i.id), bytes.as_slice())
+                            .map_err(self.db_err(OP))?;
+                        let keep = crate::flow::incident::KEEP as u64;
+                        if i.id > keep {
+                            let old = (i.probe.as_str(), 0u64)..(i.probe.as_str(), i.id - keep);
+                            table
+                                .retain_in(old, |_, _| false)
+                                .map_err(self.db_err(OP))?;
+                        }
                     }
                 }
             }
@@ -484,6 +510,53 @@ impl Ledger {
             }
         }
         Ok(out)
+    }
+
+    /// The incidents of `probe`, oldest first (an open one last, if any).
+    pub fn incidents(
+        &self,
+        probe: &str,
+    ) -> Result<Vec<crate::flow::incident::Incident>, LedgerError> {
+        const OP: &str = "read incidents";
+        self.check_probe(OP, probe)?;
+        let txn = self.begin_read(OP)?;
+        let table = match txn.open_table(INCIDENTS) {
+            Ok(t) => t,
+            // A ledger written before incidents existed, opened read-only.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.db_err(OP)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in table
+            .range((probe, 0u64)..=(probe, u64::MAX))
+            .map_err(self.db_err(OP))?
+        {
+            let (_, v) = entry.map_err(self.db_err(OP))?;
+            if let Ok(i) = serde_json::from_slice(v.value()) {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every probe that has incidents recorded.
+    pub fn incident_probes(&self) -> Result<Vec<String>, LedgerError> {
+        const OP: &str = "read incidents";
+        let txn = self.begin_read(OP)?;
+        let table = match txn.open_table(INCIDENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.db_err(OP)(e)),
+        };
+        let mut probes: Vec<String> = Vec::new();
+        for entry in table.iter().map_err(self.db_err(OP))? {
+            let (k, _) = entry.map_err(self.db_err(OP))?;
+            let p = k.value().0.to_string();
+            if probes.last() != Some(&p) {
+                probes.push(p);
+            }
+        }
+        Ok(probes)
     }
 
     /// The IMAP cursor of a mailbox: `(uidvalidity, last uid seen)`, for UID catch-up after a

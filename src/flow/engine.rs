@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 use tracing::{error, info, warn};
 
+use super::incident::{self, Incident};
 pub use crate::clock::now_ms;
 use crate::{
     canary::life::{Canary, Failure, Outcome, Reason, Stage, Transition},
@@ -56,6 +57,11 @@ struct ProbeState {
     mailbox_error: Option<Failure>,
     /// Per stage, the backlog draining after a stall (held canaries arriving late).
     drains: HashMap<Stage, Drain>,
+    /// The open incident, if the probe is in one.
+    incident: Option<Incident>,
+    /// Closed incidents, newest first (at most `incident::KEEP`).
+    incidents: VecDeque<Incident>,
+    next_incident: u64,
 }
 
 /// A stage's backlog draining: held canaries arrive late, oldest first (the stages a helpdesk
@@ -116,6 +122,8 @@ struct State {
 
 /// Work for the ledger writer thread, in the order it happened.
 enum Job {
+    /// An incident opened, changed or closed.
+    Incident(Incident),
     /// A new canary: acknowledged once durable (or not), before its DATA may be sent.
     Begin {
         canary: Canary,
@@ -259,6 +267,18 @@ impl Engine {
             .iter()
             .filter_map(|c| c.outcome.map(|o| (c.created_ms, o)))
             .max_by_key(|(t, _)| *t);
+        // Incidents survive restarts: an open one goes on.
+        let mut stored = self.ledger.incidents(probe).unwrap_or_else(|e| {
+            self.metrics.ledger_error(e.op());
+            warn!(%probe, error = %e, "cannot read the probe's incidents; starting without them");
+            Vec::new()
+        });
+        let next_incident = stored.iter().map(|i| i.id).max().unwrap_or(0) + 1;
+        let incident = match stored.last() {
+            Some(i) if i.is_open() => stored.pop(),
+            _ => None,
+        };
+        let incidents: VecDeque<Incident> = stored.into_iter().rev().take(incident::KEEP).collect();
         lock(&self.state).probes.insert(
             probe.to_string(),
             ProbeState {
@@ -267,6 +287,9 @@ impl Engine {
                 newest_result,
                 mailbox_error: None,
                 drains: HashMap::new(),
+                incident,
+                incidents,
+                next_incident,
             },
         );
     }
@@ -393,6 +416,31 @@ impl Engine {
             canary: canary.clone(),
             transitions: transitions.to_vec(),
         });
+        if let Some(ps) = st.probes.get_mut(&canary.probe) {
+            let ProbeState {
+                incident: open,
+                recent,
+                next_incident,
+                ..
+            } = ps;
+            let recent: Vec<&Canary> = recent.iter().collect();
+            let was_open = open.is_some();
+            if incident::observe(
+                open,
+                *next_incident,
+                &canary,
+                transitions,
+                &recent,
+                now_ms(),
+            ) && let Some(i) = open
+            {
+                if !was_open {
+                    *next_incident += 1;
+                    warn!(probe = %i.probe, incident = i.id, stage = %i.stage, reason = %i.reason, "incident opened");
+                }
+                let _ = self.writer.send(Job::Incident(i.clone()));
+            }
+        }
         for t in transitions {
             if let Transition::StageDone {
                 stage, late: true, ..
@@ -482,6 +530,12 @@ impl Engine {
                         },
                     );
                 }
+                Job::Incident(i) => {
+                    w.dirty.insert(
+                        format!("incident\0{}\0{}", i.probe, i.id),
+                        Write::Incident(i.clone()),
+                    );
+                }
                 Job::Flush(_) => {}
             }
         }
@@ -557,7 +611,7 @@ impl Engine {
                     canary,
                     transitions,
                 } => self.publish(&canary, &transitions),
-                Job::Cursor { .. } => {}
+                Job::Cursor { .. } | Job::Incident(_) => {}
                 Job::Flush(done) => {
                     let _ = done.send(());
                 }
@@ -594,6 +648,18 @@ impl Engine {
         });
     }
 
+    /// Every probe's incidents, the open ones first, then newest first by detection.
+    pub fn incidents(&self) -> Vec<Incident> {
+        let st = lock(&self.state);
+        let mut all: Vec<Incident> = st
+            .probes
+            .values()
+            .flat_map(|ps| ps.incident.iter().chain(ps.incidents.iter()).cloned())
+            .collect();
+        all.sort_by_key(|i| (!i.is_open(), std::cmp::Reverse(i.detected_ms)));
+        all
+    }
+
     /// Time passes for every in-flight canary: deadlines and the lost horizon. Then refreshes
     /// the gauges. Returns the canaries this tick finished (lost), for their clean-up.
     pub fn tick(&self, now: u64) -> Vec<Canary> {
@@ -618,6 +684,13 @@ impl Engine {
             in_flight, probes, ..
         } = &mut *st;
         for (name, ps) in probes.iter_mut() {
+            let held = |id: &str| in_flight.contains_key(&(name.clone(), id.to_string()));
+            if let Some(done) = incident::close_if_drained(&mut ps.incident, held, now) {
+                info!(probe = %name, incident = done.id, "incident closed: cleared and drained");
+                let _ = self.writer.send(Job::Incident(done.clone()));
+                ps.incidents.push_front(done);
+                ps.incidents.truncate(incident::KEEP);
+            }
             ps.drains.retain(|stage, _| {
                 in_flight.values().any(|c| {
                     c.probe == *name

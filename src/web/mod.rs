@@ -45,6 +45,7 @@ pub fn router(state: WebState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/incidents", get(incidents))
         .route("/", get(page))
         .route("/webhooks/{probe}", post(webhook))
         .with_state(state)
@@ -99,9 +100,25 @@ async fn status(State(s): State<WebState>) -> Response {
     Json(json!({ "now_ms": now, "probes": s.engine.status(now) })).into_response()
 }
 
+/// Every probe's incidents, open first, then newest first. Times are canary times
+/// (`now_ms` is the same clock); `wall_offset_ms` moves them onto the wall clock.
+async fn incidents(State(s): State<WebState>) -> Response {
+    let now = now_ms();
+    Json(json!({
+        "now_ms": now,
+        "wall_offset_ms": crate::clock::to_wall_ms(now) as i64 - now as i64,
+        "incidents": s.engine.incidents(),
+    }))
+    .into_response()
+}
+
 async fn page(State(s): State<WebState>) -> Html<String> {
     let now = now_ms();
-    Html(page::render(&s.engine.status(now), now))
+    Html(page::render(
+        &s.engine.status(now),
+        &s.engine.incidents(),
+        now,
+    ))
 }
 
 #[derive(serde::Deserialize)]

@@ -70,6 +70,9 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .out-on_time { color: var(--ok); } .out-late { color: var(--warn); }
 .out-failed, .out-lost { color: var(--bad); } .out-in_flight { color: var(--muted); }
 footer { color: var(--muted); }
+div.track { position: relative; height: 20px; min-width: 12rem; background: #f6f8fa; }
+.bar.held { background: var(--bad); } .bar.draining { background: var(--warn); }
+.bar.clearing { background: var(--ok); opacity: .5; }
 "#;
 
 fn outcome(c: &Canary) -> (&'static str, &'static str) {
@@ -133,6 +136,62 @@ fn stage_table(out: &mut String, p: &ProbeStatus, now: u64) {
             st = s.stage
         );
     }
+}
+
+/// The recorded incidents, newest first, each with a timeline bar: held (from the latest
+/// possible onset to the stage resuming), draining (to the last held canary through), and
+/// clearing (to the first on-time canary).
+fn incident_table(out: &mut String, incidents: &[crate::flow::incident::Incident], now: u64) {
+    out.push_str("<section class=\"incidents\"><h2>Incidents</h2>");
+    if incidents.is_empty() {
+        out.push_str("<p>None recorded.</p></section>");
+        return;
+    }
+    out.push_str(
+        "<table class=\"incidents\"><tr><th>probe</th><th>#</th><th>stage</th><th>detected</th>\
+         <th>state</th><th>held / late / lost</th><th>largest delay</th><th>timeline</th></tr>",
+    );
+    for i in incidents.iter().take(20) {
+        let start = i.onset_before_ms.min(i.detected_ms);
+        let end = i.cleared_ms.or(i.drained_ms).unwrap_or(now).max(start + 1);
+        let pct = |t: u64| (t.clamp(start, end) - start) as f64 * 100.0 / (end - start) as f64;
+        let resumed = i.resumed_ms.unwrap_or(end);
+        let drained = i.drained_ms.unwrap_or(end);
+        let state = match (i.resumed_ms, i.drained_ms) {
+            (_, Some(_)) => "closed",
+            (Some(_), None) => "draining",
+            (None, None) => "open",
+        };
+        let _ = write!(
+            out,
+            "<tr class=\"incident\" data-state=\"{state}\"><td>{probe}</td><td>{id}</td>\
+             <td>{stage} ({reason})</td><td>{det}</td><td>{state}</td>\
+             <td class=\"num\">{held} / {late} / {lost}</td><td class=\"num\">{max}</td>\
+             <td><div class=\"track\" title=\"held, draining, clearing\">\
+             <span class=\"bar held\" style=\"left:0%;width:{w1:.1}%\"></span>\
+             <span class=\"bar draining\" style=\"left:{l2:.1}%;width:{w2:.1}%\"></span>\
+             <span class=\"bar clearing\" style=\"left:{l3:.1}%;width:{w3:.1}%\"></span>\
+             </div></td></tr>",
+            probe = esc(&i.probe),
+            id = i.id,
+            stage = i.stage,
+            reason = i.reason,
+            det = ago(now, i.detected_ms),
+            held = i.held,
+            late = i.late,
+            lost = i.lost,
+            max = dur(i.max_delay_ms),
+            w1 = pct(resumed),
+            l2 = pct(resumed),
+            w2 = pct(drained) - pct(resumed),
+            l3 = pct(drained),
+            w3 = 100.0 - pct(drained),
+        );
+    }
+    out.push_str(
+        "</table><p class=\"muted\">Postmortem notes: <code>mailcanary incidents --format markdown \
+         --url http://THIS-ADDRESS</code>; JSON at <a href=\"/api/v1/incidents\">/api/v1/incidents</a>.</p></section>",
+    );
 }
 
 /// A canary time as the wall clock's time of day, UTC.
@@ -265,7 +324,11 @@ fn failures(out: &mut String, p: &ProbeStatus, now: u64) {
 }
 
 /// The whole page.
-pub fn render(probes: &[ProbeStatus], now: u64) -> String {
+pub fn render(
+    probes: &[ProbeStatus],
+    incidents: &[crate::flow::incident::Incident],
+    now: u64,
+) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let worst = if probes.iter().any(|p| p.state == "failing") {
         "FAILING"
@@ -300,6 +363,7 @@ pub fn render(probes: &[ProbeStatus], now: u64) -> String {
         failures(&mut out, p, now);
         out.push_str("</section>");
     }
+    incident_table(&mut out, incidents, now);
     out.push_str(
         "<footer>Refreshes every 5 s · <a href=\"/api/v1/status\">status JSON</a> · \
          <a href=\"/metrics\">metrics</a></footer></body></html>",
@@ -329,7 +393,7 @@ mod tests {
 
     #[test]
     fn an_empty_prober_still_renders() {
-        let html = render(&[], 0);
+        let html = render(&[], &[], 0);
         assert!(html.contains("No probe configured"));
         assert!(html.ends_with("</html>"));
     }

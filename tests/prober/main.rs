@@ -11,6 +11,7 @@ mod drain;
 mod drills;
 mod generic;
 mod heartbeat;
+mod incident;
 mod reload;
 mod restart;
 mod security;
