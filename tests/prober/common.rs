@@ -58,6 +58,24 @@ pub async fn sandbox_with(f: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
     Sandbox::start(cfg).await.expect("sandbox starts")
 }
 
+/// A sandbox whose import makes 4 tickets a second (50 ms each), and the probe knobs that send
+/// a canary every 500 ms with a 2 s import deadline: a stall then drains at twice the send
+/// rate, slowly enough to watch (the drain and incident drills).
+pub async fn slow_drain() -> (Sandbox, Knobs) {
+    let sb = sandbox_with(|c| {
+        c.import_rate = Some(4.0);
+        c.import_delay = DelayRange::fixed(Duration::from_millis(50));
+    })
+    .await;
+    let k = Knobs {
+        interval: "500ms",
+        import_deadline: "2s",
+        end_to_end: "2m",
+        ..Knobs::default()
+    };
+    (sb, k)
+}
+
 /// A helpdesk probe of `sb`, as TOML text.
 pub fn config_text(sb: &Sandbox, k: &Knobs) -> String {
     format!(

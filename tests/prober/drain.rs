@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mailcanary::{
     config,
-    sandbox::{DelayRange, Fault, Stage},
+    sandbox::{Fault, Stage},
 };
 use serde_json::Value;
 
@@ -31,17 +31,7 @@ fn secs(v: &Value) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_eta_predicts_when_the_import_catches_up() {
-    let sb = sandbox_with(|c| {
-        c.import_rate = Some(4.0);
-        c.import_delay = DelayRange::fixed(Duration::from_millis(50));
-    })
-    .await;
-    let k = Knobs {
-        interval: "500ms",
-        import_deadline: "2s",
-        end_to_end: "2m",
-        ..Knobs::default()
-    };
+    let (sb, k) = slow_drain().await;
     let text = config_text(&sb, &k).replace("max_in_flight = 50", "max_in_flight = 200");
     let cfg = config::parse_str(&text, "drain.toml").unwrap();
     let dir = tempfile::tempdir().unwrap();

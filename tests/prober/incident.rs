@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mailcanary::{
     config,
-    sandbox::{DelayRange, Fault, Stage},
+    sandbox::{Fault, Stage},
 };
 use serde_json::Value;
 
@@ -40,17 +40,7 @@ async fn incidents(addr: std::net::SocketAddr) -> (Vec<Value>, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_stall_becomes_an_incident_that_matches_the_ground_truth() {
-    let sb = sandbox_with(|c| {
-        c.import_rate = Some(4.0);
-        c.import_delay = DelayRange::fixed(Duration::from_millis(50));
-    })
-    .await;
-    let k = Knobs {
-        interval: "500ms",
-        import_deadline: "2s",
-        end_to_end: "2m",
-        ..Knobs::default()
-    };
+    let (sb, k) = slow_drain().await;
     let cfg = config::parse_str(&config_text(&sb, &k), "incident.toml").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;
