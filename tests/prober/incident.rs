@@ -216,3 +216,57 @@ async fn an_import_stall_becomes_an_incident_that_matches_the_ground_truth() {
     assert_eq!(stored[0]["held"], i["held"]);
     assert_eq!(stored[0]["drained_ms"], i["drained_ms"]);
 }
+
+/// An incident open when the prober stops is resumed by the next one on the same state dir,
+/// and closes there: the same incident, its held canaries counted across the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_incident_survives_a_restart_and_closes_after_it() {
+    let (sb, k) = slow_drain().await;
+    let cfg = config::parse_str(&config_text(&sb, &k), "incident.toml").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(&cfg, dir.path()).await;
+    until(d.addr, Duration::from_secs(20), "canaries flowing", |s| {
+        v(s, "mailcanary_canaries_completed_total", &[]) >= 2.0
+    })
+    .await;
+    sb.faults().set(Stage::Import, Fault::Stall);
+    let mut before = Value::Null;
+    for _ in 0..100 {
+        let (all, _) = incidents(d.addr).await;
+        if let Some(i) = all.first().filter(|i| i["held"].as_u64() >= Some(3)) {
+            before = i.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!before.is_null(), "an open incident with held canaries");
+    d.stop().await;
+
+    let d = daemon(&cfg, dir.path()).await;
+    let (all, _) = incidents(d.addr).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["id"], before["id"]);
+    assert_eq!(
+        all[0]["detected_ms"], before["detected_ms"],
+        "the same incident, resumed"
+    );
+    assert!(all[0]["drained_ms"].is_null(), "still open");
+    sb.faults().set(Stage::Import, Fault::Ok);
+    let mut closed = None;
+    for _ in 0..200 {
+        let (all, _) = incidents(d.addr).await;
+        if let Some(i) = all.into_iter().find(|i| !i["drained_ms"].is_null()) {
+            closed = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let i = closed.expect("closed after the restart");
+    assert_eq!(i["id"], before["id"]);
+    assert!(i["held"].as_u64() >= before["held"].as_u64(), "{i}");
+    assert_eq!(
+        i["late"], i["held"],
+        "the held canaries of both processes came through: {i}"
+    );
+    d.stop().await;
+}
