@@ -24,6 +24,7 @@
 //! | `mailcanary_stage_oldest_in_flight_seconds` | probe, stage | [`Metrics::set_in_flight`] |
 //! | `mailcanary_stage_overdue` | probe, stage | [`Metrics::set_in_flight`] |
 //! | `mailcanary_stage_backlog_seconds` | probe, stage | [`Metrics::set_backlog`] |
+//! | `mailcanary_stage_deadline_seconds` | probe, stage | [`Metrics::set_deadline`] |
 //! | `mailcanary_stage_drain_eta_seconds` | probe, stage | [`Metrics::set_backlog`] |
 //! | `mailcanary_stage_last_success_timestamp_seconds` | probe, stage | `StageDone{late: false}` |
 //! | `mailcanary_probe_success` | probe | [`Metrics::set_probe_success`] |
@@ -125,6 +126,7 @@ pub struct Metrics {
     oldest: GaugeVec,
     backlog: GaugeVec,
     drain_eta: GaugeVec,
+    deadline: GaugeVec,
     last_success: GaugeVec,
     probe_success: IntGaugeVec,
     ignored: IntCounterVec,
@@ -256,6 +258,11 @@ impl Metrics {
             "Seconds until the stage's backlog is drained at its current pace: +Inf when not catching up, NaN when not draining.",
             &["probe", "stage"],
         );
+        let deadline = gauge(
+            "mailcanary_stage_deadline_seconds",
+            "The deadline a new canary gets in the stage: fixed, or learned (\"auto\").",
+            &["probe", "stage"],
+        );
         let last_success = gauge(
             "mailcanary_stage_last_success_timestamp_seconds",
             "Unix time the stage last completed within its deadline, 0 if never since start.",
@@ -302,6 +309,7 @@ impl Metrics {
             oldest,
             backlog,
             drain_eta,
+            deadline,
             last_success,
             probe_success,
             ignored,
@@ -489,6 +497,13 @@ impl Metrics {
         let ps = [probe, stage.as_str()];
         self.backlog.with_label_values(&ps).set(backlog_seconds);
         self.drain_eta.with_label_values(&ps).set(eta_seconds);
+    }
+
+    /// The deadline new canaries of `probe` get in `stage`.
+    pub fn set_deadline(&self, probe: &str, stage: Stage, seconds: f64) {
+        self.deadline
+            .with_label_values(&[probe, stage.as_str()])
+            .set(seconds);
     }
 
     pub fn set_probe_success(&self, probe: &str, ok: bool) {
@@ -823,6 +838,7 @@ mod tests {
             ("mailcanary_messages_ignored_total", "counter"),
             ("mailcanary_probe_success", "gauge"),
             ("mailcanary_stage_backlog_seconds", "gauge"),
+            ("mailcanary_stage_deadline_seconds", "gauge"),
             ("mailcanary_stage_drain_eta_seconds", "gauge"),
             ("mailcanary_stage_duration_seconds", "histogram"),
             ("mailcanary_stage_failures_total", "counter"),

@@ -126,6 +126,17 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Sets one stage's deadline (a learned one).
+    pub fn set_deadline(&mut self, stage: Stage, ms: u64) {
+        match stage {
+            Stage::Submit => self.submit_ms = ms,
+            Stage::Import => self.import_ms = ms,
+            Stage::Reply => self.reply_ms = ms,
+            Stage::Delivery => self.delivery_ms = ms,
+            Stage::EndToEnd => self.end_to_end_ms = ms,
+        }
+    }
+
     pub fn deadline(&self, stage: Stage) -> u64 {
         match stage {
             Stage::Submit => self.submit_ms,

@@ -124,7 +124,7 @@ impl ProbeKind {
 pub use crate::canary::life::Stage as StageName;
 
 /// Per-stage deadlines. Past its deadline a stage is overdue (a failure), not yet lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deadlines {
     pub submit: Duration,
     pub import: Duration,
@@ -132,6 +132,14 @@ pub struct Deadlines {
     pub delivery: Duration,
     /// Defaults to the sum of the deadlines of the stages the probe uses.
     pub end_to_end: Duration,
+    /// Stages whose deadline is `"auto"`: learned from recent on-time durations, between
+    /// `auto_min` and `auto_max` (their fixed value above is `auto_max`, the deadline until
+    /// enough has been seen).
+    pub auto: Vec<StageName>,
+    pub auto_min: Duration,
+    pub auto_max: Duration,
+    /// `end_to_end` was not given: it follows the sum of the stage deadlines, learned ones too.
+    pub end_to_end_is_sum: bool,
 }
 
 impl Deadlines {
@@ -139,6 +147,8 @@ impl Deadlines {
     pub const DEFAULT_IMPORT: Duration = Duration::from_secs(60);
     pub const DEFAULT_REPLY: Duration = Duration::from_secs(30);
     pub const DEFAULT_DELIVERY: Duration = Duration::from_secs(60);
+    pub const DEFAULT_AUTO_MIN: Duration = Duration::from_secs(10);
+    pub const DEFAULT_AUTO_MAX: Duration = Duration::from_secs(600);
 
     pub fn get(&self, stage: StageName) -> Duration {
         match stage {

@@ -61,11 +61,42 @@ pub struct RawProbe {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDeadlines {
-    pub submit: Option<Spanned<HumanDuration>>,
-    pub import: Option<Spanned<HumanDuration>>,
-    pub reply: Option<Spanned<HumanDuration>>,
-    pub delivery: Option<Spanned<HumanDuration>>,
+    pub submit: Option<Spanned<RawDeadline>>,
+    pub import: Option<Spanned<RawDeadline>>,
+    pub reply: Option<Spanned<RawDeadline>>,
+    pub delivery: Option<Spanned<RawDeadline>>,
     pub end_to_end: Option<Spanned<HumanDuration>>,
+    /// Bounds of every `"auto"` deadline of the probe.
+    pub auto_min: Option<Spanned<HumanDuration>>,
+    pub auto_max: Option<Spanned<HumanDuration>>,
+}
+
+/// A stage deadline: a duration, or `"auto"` (learned from the recent on-time durations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawDeadline {
+    Fixed(HumanDuration),
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for RawDeadline {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDeadline;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration string such as \"30s\", or \"auto\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDeadline, E> {
+                if v.trim() == "auto" {
+                    return Ok(RawDeadline::Auto);
+                }
+                humantime::parse_duration(v)
+                    .map(|d| RawDeadline::Fixed(HumanDuration(d)))
+                    .map_err(|e| E::custom(format!("invalid duration {v:?} (or \"auto\"): {e}")))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -548,9 +548,44 @@ impl Ctx<'_> {
                 Deadlines::DEFAULT_DELIVERY,
             ),
         ];
+        let auto_min = self.duration(
+            raw.auto_min.as_ref(),
+            key(&pre, "auto_min"),
+            Deadlines::DEFAULT_AUTO_MIN,
+        );
+        let auto_max = self.duration(
+            raw.auto_max.as_ref(),
+            key(&pre, "auto_max"),
+            Deadlines::DEFAULT_AUTO_MAX,
+        );
+        if auto_min > auto_max
+            && let Some(v) = raw.auto_min.as_ref().or(raw.auto_max.as_ref())
+        {
+            self.err(
+                v.span(),
+                key(&pre, "auto_min"),
+                format!(
+                    "auto_min ({}) is above auto_max ({})",
+                    humantime::format_duration(auto_min),
+                    humantime::format_duration(auto_max)
+                ),
+            );
+        }
         let mut values = [Duration::ZERO; 4];
+        let mut auto = Vec::new();
         for (i, (stage, value, default)) in fields.into_iter().enumerate() {
-            values[i] = self.duration(value.as_ref(), key(&pre, stage.as_str()), default);
+            values[i] = match value.as_ref().map(|v| (v.span(), *v.get_ref())) {
+                None => default,
+                Some((_, raw::RawDeadline::Auto)) => {
+                    auto.push(stage);
+                    auto_max
+                }
+                Some((span, raw::RawDeadline::Fixed(h))) => self.duration(
+                    Some(&Spanned::new(span, h)),
+                    key(&pre, stage.as_str()),
+                    default,
+                ),
+            };
             if let Some(v) = value
                 && !stages.contains(&stage)
             {
@@ -576,6 +611,10 @@ impl Ctx<'_> {
             reply,
             delivery,
             end_to_end: Duration::ZERO,
+            auto,
+            auto_min,
+            auto_max,
+            end_to_end_is_sum: raw.end_to_end.is_none(),
         };
         let sum = stages
             .iter()

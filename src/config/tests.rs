@@ -823,3 +823,32 @@ fn generic_http_is_checked_strictly_with_file_line_and_key() {
         ConfigErrors(errs.clone())
     );
 }
+
+#[test]
+fn a_stage_deadline_can_be_auto_within_bounds() {
+    let text = helpdesk("post").replace(
+        "[probe.smtp]",
+        "[probe.deadlines]\nimport = \"auto\"\nauto_min = \"20s\"\nauto_max = \"5m\"\n\n[probe.smtp]",
+    );
+    let c = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let d = &c.probes[0].deadlines;
+    assert_eq!(d.auto, vec![StageName::Import]);
+    assert_eq!(d.import, Duration::from_secs(300), "auto_max until learned");
+    assert_eq!(
+        (d.auto_min, d.auto_max),
+        (Duration::from_secs(20), Duration::from_secs(300))
+    );
+    assert!(d.end_to_end_is_sum);
+    let e = single_error(
+        &text.replace("\"auto\"", "\"autoo\""),
+        6,
+        "probe[0].deadlines.import",
+    );
+    assert!(e.message.contains("or \"auto\""), "{e}");
+    let e = single_error(
+        &text.replace("auto_min = \"20s\"", "auto_min = \"10m\""),
+        7,
+        "probe[0].deadlines.auto_min",
+    );
+    assert!(e.message.contains("above auto_max"), "{e}");
+}

@@ -57,6 +57,8 @@ struct ProbeState {
     mailbox_error: Option<Failure>,
     /// Per stage, the backlog draining after a stall (held canaries arriving late).
     drains: HashMap<Stage, Drain>,
+    /// The learned (`"auto"`) deadlines in use, frozen while the probe is failing.
+    learned: HashMap<Stage, u64>,
     /// The open incident, if the probe is in one.
     incident: Option<Incident>,
     /// Closed incidents, newest first (at most `incident::KEEP`).
@@ -287,6 +289,7 @@ impl Engine {
                 newest_result,
                 mailbox_error: None,
                 drains: HashMap::new(),
+                learned: HashMap::new(),
                 incident,
                 incidents,
                 next_incident,
@@ -648,6 +651,72 @@ impl Engine {
         });
     }
 
+    /// The deadlines a new canary of `probe` gets: `base`, with every `"auto"` stage of
+    /// `auto` learned from the recent on-time durations of that stage ([`learn`]), frozen
+    /// while the probe is failing (an outage is never learned as normal), and end_to_end the
+    /// sum when it follows the stages. Exports `mailcanary_stage_deadline_seconds`.
+    pub fn limits_for(
+        &self,
+        probe: &str,
+        base: &crate::canary::life::Limits,
+        auto: Option<&AutoDeadlines>,
+    ) -> crate::canary::life::Limits {
+        let mut limits = base.clone();
+        if let Some(auto) = auto {
+            let mut st = lock(&self.state);
+            let State {
+                probes,
+                in_flight,
+                ledger_error,
+            } = &mut *st;
+            if let Some(ps) = probes.get_mut(probe) {
+                let mine: Vec<&Canary> = in_flight.values().filter(|c| c.probe == probe).collect();
+                let failing = verdict(ps, ledger_error.as_ref(), &mine).0 == "failing";
+                // Durations seen around an incident are not normal either: a canary held by
+                // a stall that cleared just before its deadline came through "on time", slow.
+                let outages: Vec<(u64, u64)> = ps
+                    .incidents
+                    .iter()
+                    .take(10)
+                    .map(|i| {
+                        (
+                            i.onset_after_ms.unwrap_or(i.onset_before_ms),
+                            i.cleared_ms.or(i.drained_ms).unwrap_or(u64::MAX),
+                        )
+                    })
+                    .collect();
+                for (stage, floor) in &auto.stages {
+                    let current = ps.learned.get(stage).copied();
+                    let value = if failing || ps.incident.is_some() {
+                        current
+                    } else {
+                        let normal = ps.recent.iter().filter(|c| {
+                            let started = c.record(*stage).and_then(|r| r.started_ms).unwrap_or(0);
+                            !outages.iter().any(|(a, b)| (*a..=*b).contains(&started))
+                        });
+                        learn(normal, *stage, (*floor).max(auto.min_ms), auto.max_ms).or(current)
+                    };
+                    let value = value.unwrap_or(auto.max_ms);
+                    ps.learned.insert(*stage, value);
+                    limits.set_deadline(*stage, value);
+                }
+            }
+            if auto.end_to_end_is_sum {
+                limits.end_to_end_ms = auto.plan.iter().map(|s| limits.deadline(*s)).sum();
+            }
+        }
+        let stages = lock(&self.state)
+            .probes
+            .get(probe)
+            .map(|ps| ps.stages.clone())
+            .unwrap_or_default();
+        for stage in stages {
+            self.metrics
+                .set_deadline(probe, stage, limits.deadline(stage) as f64 / 1000.0);
+        }
+        limits
+    }
+
     /// Every probe's incidents, the open ones first, then newest first by detection.
     pub fn incidents(&self) -> Vec<Incident> {
         let st = lock(&self.state);
@@ -915,6 +984,7 @@ impl Engine {
                                     (!r.overdue && !r.unknown).then_some(r.done_ms?)
                                 })
                                 .max(),
+                            learned_deadline_ms: ps.learned.get(s).copied(),
                         }
                     })
                     .collect();
@@ -1006,6 +1076,54 @@ fn write_loop(engine: Weak<Engine>, jobs: mpsc::Receiver<Job>) {
 }
 
 /// How long `c` has been in `stage` at `now`, if it is in it (`end_to_end`: since it was sent).
+/// Which stages of a probe learn their deadline, and within what.
+#[derive(Clone, Debug)]
+pub struct AutoDeadlines {
+    /// Each `"auto"` stage with its floor: never tighter than what the probe can see (twice
+    /// its helpdesk poll for import, twice its IMAP poll for delivery without IDLE).
+    pub stages: Vec<(Stage, u64)>,
+    pub min_ms: u64,
+    pub max_ms: u64,
+    /// Every stage of the probe but end_to_end (for the sum and the gauges).
+    pub plan: Vec<Stage>,
+    pub end_to_end_is_sum: bool,
+}
+
+/// On-time durations of a stage needed before its deadline is learned; the newest this many
+/// times [`LEARN_WINDOW_FACTOR`] are looked at.
+pub const LEARN_MIN_SAMPLES: usize = 10;
+const LEARN_WINDOW: usize = 50;
+/// The learned deadline is this many times the 99th percentile of the recent on-time
+/// durations: room for the tail, tight enough to detect a stall in a few typical durations.
+pub const LEARN_FACTOR: u64 = 3;
+
+/// A learned deadline: `LEARN_FACTOR` times the p99 of the newest `LEARN_WINDOW` on-time
+/// durations of `stage`, clamped to `[min, max]`; `None` with fewer than
+/// `LEARN_MIN_SAMPLES`.
+pub fn learn<'a>(
+    recent: impl Iterator<Item = &'a Canary>,
+    stage: Stage,
+    min: u64,
+    max: u64,
+) -> Option<u64> {
+    let mut d: Vec<u64> = recent
+        .filter_map(|c| {
+            let r = c.record(stage)?;
+            if r.overdue || r.unknown {
+                return None;
+            }
+            Some(r.done_ms?.saturating_sub(r.started_ms?))
+        })
+        .take(LEARN_WINDOW)
+        .collect();
+    if d.len() < LEARN_MIN_SAMPLES {
+        return None;
+    }
+    d.sort_unstable();
+    let p99 = quantile(&d, 0.99)?;
+    Some((p99.max(1) * LEARN_FACTOR).clamp(min, max.max(min)))
+}
+
 /// `(backlog seconds, drain ETA seconds)` of a stage: how far behind the part of the backlog
 /// not yet reached is, and when it will be reached at the current pace (`+Inf`: not catching
 /// up; NaN: not draining). Nothing overdue in the stage: no backlog.
@@ -1123,6 +1241,8 @@ pub struct StageStatus {
     pub p95_ms: Option<u64>,
     /// When a recent canary last finished this stage on time.
     pub last_success_ms: Option<u64>,
+    /// The learned deadline new canaries get, for an `"auto"` stage.
+    pub learned_deadline_ms: Option<u64>,
 }
 
 /// A stage's backlog, for the status page.
@@ -1160,4 +1280,69 @@ pub struct ProbeStatus {
     pub failures: Vec<FailureView>,
     pub in_flight: Vec<Canary>,
     pub recent: Vec<Canary>,
+}
+
+#[cfg(test)]
+mod learn_tests {
+    use super::*;
+    use crate::canary::life::Limits;
+
+    fn canary(import_ms: u64, overdue: bool) -> Canary {
+        let limits = Limits {
+            submit_ms: 1_000,
+            import_ms: 60_000,
+            reply_ms: 1_000,
+            delivery_ms: 1_000,
+            end_to_end_ms: 100_000,
+            lost_after_ms: 1_000_000,
+        };
+        let mut c = Canary::new(
+            "p",
+            "id",
+            "tok",
+            "mid",
+            vec![Stage::Submit, Stage::Import],
+            limits,
+            0,
+        );
+        c.observe(Stage::Submit, 10);
+        if overdue {
+            c.tick(10 + 60_001);
+        }
+        c.observe(Stage::Import, 10 + import_ms);
+        c
+    }
+
+    #[test]
+    fn a_deadline_is_learned_from_enough_on_time_durations_and_clamped() {
+        let few: Vec<Canary> = (0..9).map(|i| canary(100 + i, false)).collect();
+        assert_eq!(
+            learn(few.iter(), Stage::Import, 1_000, 30_000),
+            None,
+            "too few"
+        );
+        let many: Vec<Canary> = (0..20).map(|i| canary(1_000 + i * 10, false)).collect();
+        // p99 of 1000..1190 is 1190: three times that.
+        assert_eq!(
+            learn(many.iter(), Stage::Import, 1_000, 30_000),
+            Some(3_570)
+        );
+        assert_eq!(
+            learn(many.iter(), Stage::Import, 5_000, 30_000),
+            Some(5_000),
+            "floor"
+        );
+        assert_eq!(
+            learn(many.iter(), Stage::Import, 1_000, 2_000),
+            Some(2_000),
+            "ceiling"
+        );
+        // Late ones (an outage) never teach it.
+        let mut with_outage = many.clone();
+        with_outage.extend((0..30).map(|_| canary(90_000, true)));
+        assert_eq!(
+            learn(with_outage.iter(), Stage::Import, 1_000, 300_000),
+            Some(3_570)
+        );
+    }
 }

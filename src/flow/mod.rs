@@ -46,6 +46,8 @@ pub struct Probe {
     pub to: Mailbox,
     pub plan: Vec<Stage>,
     pub limits: Limits,
+    /// The stages whose deadline is learned (`"auto"`), if any.
+    pub auto: Option<engine::AutoDeadlines>,
     pub interval: Duration,
     pub jitter: Duration,
     pub max_in_flight: usize,
@@ -144,6 +146,28 @@ impl Probe {
             .into_iter()
             .filter(|s| *s != Stage::EndToEnd)
             .collect();
+        // Learned deadlines are never tighter than what the probe can see: twice the helpdesk
+        // poll for import, twice the IMAP poll for delivery when IDLE is off.
+        let auto = (!d.auto.is_empty()).then(|| engine::AutoDeadlines {
+            stages: d
+                .auto
+                .iter()
+                .map(|s| {
+                    let floor = match s {
+                        Stage::Import => {
+                            cfg.helpdesk.as_ref().map_or(0, |h| 2 * ms(h.poll_interval))
+                        }
+                        Stage::Delivery if !cfg.imap.idle => 2 * ms(cfg.imap.poll_interval),
+                        _ => 0,
+                    };
+                    (*s, floor)
+                })
+                .collect(),
+            min_ms: ms(d.auto_min),
+            max_ms: ms(d.auto_max),
+            plan: plan.clone(),
+            end_to_end_is_sum: d.end_to_end_is_sum,
+        });
         let smtp = &cfg.smtp;
         let submitter = Submitter::new(SmtpTarget {
             host: smtp.host.clone(),
@@ -199,6 +223,7 @@ impl Probe {
                 .map_err(|e| anyhow::anyhow!("probe {}: smtp.to: {e}", cfg.name))?,
             plan,
             limits,
+            auto,
             interval: cfg.interval,
             jitter: cfg.jitter,
             max_in_flight: cfg.max_in_flight,
@@ -293,6 +318,8 @@ impl Prober {
         let mut tasks = JoinSet::new();
         for p in &self.probes {
             let _ = p.metrics.set(self.engine.metrics().clone());
+            // The deadlines new canaries get (learned ones from the history the ledger kept).
+            self.engine.limits_for(&p.name, &p.limits, p.auto.as_ref());
         }
         // One heartbeat task per probe that has a dead man's switch.
         let heartbeats: Vec<_> = self

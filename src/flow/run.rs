@@ -42,7 +42,7 @@ pub async fn start_canary(engine: Arc<Engine>, probe: Arc<Probe>) {
         token.as_str(),
         &message::message_id(&token, &probe.hostname),
         probe.plan.clone(),
-        probe.limits.clone(),
+        engine.limits_for(&probe.name, &probe.limits, probe.auto.as_ref()),
         created,
     );
     let id = canary.id.clone();

@@ -12,6 +12,7 @@ mod drills;
 mod generic;
 mod heartbeat;
 mod incident;
+mod learned;
 mod reload;
 mod restart;
 mod security;
