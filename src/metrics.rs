@@ -370,6 +370,8 @@ impl Metrics {
             self.oldest.with_label_values(&ps).set(0.0);
             self.backlog.with_label_values(&ps).set(0.0);
             self.drain_eta.with_label_values(&ps).set(f64::NAN);
+            // Set by the flow before the first canary (0 only in between).
+            self.deadline.with_label_values(&ps);
             self.last_success.with_label_values(&ps);
         }
     }
@@ -747,7 +749,7 @@ mod tests {
     }
 
     /// Families with a `stage` label, and whether they also take a `reason`.
-    const STAGE_FAMILIES: [&str; 9] = [
+    const STAGE_FAMILIES: [&str; 10] = [
         "mailcanary_stage_failures_total",
         "mailcanary_stage_late_total",
         "mailcanary_canaries_lost_total",
@@ -757,6 +759,7 @@ mod tests {
         "mailcanary_stage_last_success_timestamp_seconds",
         "mailcanary_stage_backlog_seconds",
         "mailcanary_stage_drain_eta_seconds",
+        "mailcanary_stage_deadline_seconds",
     ];
 
     #[test]
