@@ -6,7 +6,7 @@
 //! ledger and the metrics can never disagree about what happened.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard, Weak, mpsc},
     time::{Duration, Instant},
 };
@@ -426,16 +426,9 @@ impl Engine {
                 next_incident,
                 ..
             } = ps;
-            let recent: Vec<&Canary> = recent.iter().collect();
             let was_open = open.is_some();
-            if incident::observe(
-                open,
-                *next_incident,
-                &canary,
-                transitions,
-                &recent,
-                now_ms(),
-            ) && let Some(i) = open
+            if incident::observe(open, *next_incident, &canary, transitions, recent, now_ms())
+                && let Some(i) = open
             {
                 if !was_open {
                     *next_incident += 1;
@@ -662,57 +655,53 @@ impl Engine {
         auto: Option<&AutoDeadlines>,
     ) -> crate::canary::life::Limits {
         let mut limits = base.clone();
+        let mut st = lock(&self.state);
+        let State {
+            probes,
+            in_flight,
+            ledger_error,
+        } = &mut *st;
+        let Some(ps) = probes.get_mut(probe) else {
+            return limits;
+        };
         if let Some(auto) = auto {
-            let mut st = lock(&self.state);
-            let State {
-                probes,
-                in_flight,
-                ledger_error,
-            } = &mut *st;
-            if let Some(ps) = probes.get_mut(probe) {
-                let mine: Vec<&Canary> = in_flight.values().filter(|c| c.probe == probe).collect();
-                let failing = verdict(ps, ledger_error.as_ref(), &mine).0 == "failing";
-                // Durations seen around an incident are not normal either: a canary held by
-                // a stall that cleared just before its deadline came through "on time", slow.
-                let outages: Vec<(u64, u64)> = ps
-                    .incidents
-                    .iter()
-                    .take(10)
-                    .map(|i| {
-                        (
-                            i.onset_after_ms.unwrap_or(i.onset_before_ms),
-                            i.cleared_ms.or(i.drained_ms).unwrap_or(u64::MAX),
-                        )
-                    })
-                    .collect();
-                for (stage, floor) in &auto.stages {
-                    let current = ps.learned.get(stage).copied();
-                    let value = if failing || ps.incident.is_some() {
-                        current
-                    } else {
-                        let normal = ps.recent.iter().filter(|c| {
-                            let started = c.record(*stage).and_then(|r| r.started_ms).unwrap_or(0);
-                            !outages.iter().any(|(a, b)| (*a..=*b).contains(&started))
-                        });
-                        learn(normal, *stage, (*floor).max(auto.min_ms), auto.max_ms).or(current)
-                    };
-                    let value = value.unwrap_or(auto.max_ms);
-                    ps.learned.insert(*stage, value);
-                    limits.set_deadline(*stage, value);
-                }
+            let mine: Vec<&Canary> = in_flight.values().filter(|c| c.probe == probe).collect();
+            let failing = verdict(ps, ledger_error.as_ref(), &mine).0 == "failing";
+            // Durations seen around an incident are not normal either: a canary held by a
+            // stall that cleared just before its deadline came through "on time", slow.
+            let outages: Vec<(u64, u64)> = ps
+                .incidents
+                .iter()
+                .take(10)
+                .map(|i| {
+                    (
+                        i.onset_after_ms.unwrap_or(i.onset_before_ms),
+                        i.cleared_ms.or(i.drained_ms).unwrap_or(u64::MAX),
+                    )
+                })
+                .collect();
+            for (stage, floor) in &auto.stages {
+                let current = ps.learned.get(stage).copied();
+                let value = if failing || ps.incident.is_some() {
+                    current
+                } else {
+                    let normal = ps.recent.iter().filter(|c| {
+                        let started = c.record(*stage).and_then(|r| r.started_ms).unwrap_or(0);
+                        !outages.iter().any(|(a, b)| (*a..=*b).contains(&started))
+                    });
+                    learn(normal, *stage, (*floor).max(auto.min_ms), auto.max_ms).or(current)
+                };
+                let value = value.unwrap_or(auto.max_ms);
+                ps.learned.insert(*stage, value);
+                limits.set_deadline(*stage, value);
             }
             if auto.end_to_end_is_sum {
                 limits.end_to_end_ms = auto.plan.iter().map(|s| limits.deadline(*s)).sum();
             }
         }
-        let stages = lock(&self.state)
-            .probes
-            .get(probe)
-            .map(|ps| ps.stages.clone())
-            .unwrap_or_default();
-        for stage in stages {
+        for stage in &ps.stages {
             self.metrics
-                .set_deadline(probe, stage, limits.deadline(stage) as f64 / 1000.0);
+                .set_deadline(probe, *stage, limits.deadline(*stage) as f64 / 1000.0);
         }
         limits
     }
@@ -748,10 +737,20 @@ impl Engine {
                 self.commit(&mut st, snapshot, &transitions);
             }
         }
-        // A drain ends when no canary in its stage is past the deadline any more.
+        // A drain ends when no canary in its stage is past the deadline any more. One pass
+        // over the canaries in flight, not one per probe and stage.
         let State {
             in_flight, probes, ..
         } = &mut *st;
+        let overdue: HashSet<(&str, Stage)> = in_flight
+            .values()
+            .filter_map(|c| {
+                let stage = c.current()?;
+                c.record(stage)
+                    .is_some_and(|r| r.overdue)
+                    .then_some((c.probe.as_str(), stage))
+            })
+            .collect();
         for (name, ps) in probes.iter_mut() {
             let held = |id: &str| in_flight.contains_key(&(name.clone(), id.to_string()));
             if let Some(done) = incident::close_if_drained(&mut ps.incident, held, now) {
@@ -760,13 +759,8 @@ impl Engine {
                 ps.incidents.push_front(done);
                 ps.incidents.truncate(incident::KEEP);
             }
-            ps.drains.retain(|stage, _| {
-                in_flight.values().any(|c| {
-                    c.probe == *name
-                        && c.current() == Some(*stage)
-                        && c.record(*stage).is_some_and(|r| r.overdue)
-                })
-            });
+            ps.drains
+                .retain(|stage, _| overdue.contains(&(name.as_str(), *stage)));
         }
         self.refresh_gauges(&st, now);
         finished

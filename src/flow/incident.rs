@@ -83,7 +83,11 @@ fn failing(t: &Transition) -> Option<(Stage, Reason)> {
 
 /// What recent finished canaries say about a stage: the last on-time completion before `at`,
 /// and the 95th percentile of its on-time durations.
-fn stage_history(recent: &[&Canary], stage: Stage, at: u64) -> (Option<u64>, Option<u64>) {
+fn stage_history<'a>(
+    recent: impl Iterator<Item = &'a Canary>,
+    stage: Stage,
+    at: u64,
+) -> (Option<u64>, Option<u64>) {
     let mut last_ok = None;
     let mut durations = Vec::new();
     for c in recent {
@@ -114,7 +118,7 @@ pub fn observe(
     next_id: u64,
     canary: &Canary,
     transitions: &[Transition],
-    recent: &[&Canary],
+    recent: &std::collections::VecDeque<Canary>,
     now: u64,
 ) -> bool {
     let mut changed = false;
@@ -126,7 +130,7 @@ pub fn observe(
                         .record(stage)
                         .and_then(|r| r.started_ms)
                         .unwrap_or(canary.created_ms);
-                    let (after, p95) = stage_history(recent, stage, started);
+                    let (after, p95) = stage_history(recent.iter(), stage, started);
                     let before = started
                         .saturating_add(p95.unwrap_or(canary.limits.deadline(stage)))
                         .min(now);

@@ -105,16 +105,13 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                     id: c.ticket_id.clone().unwrap_or_default(),
                     created_at: None,
                 };
-                let mark = Token::parse(&c.token)
-                    .ok()
-                    .map(|t| probe.key.reply_mark(&t));
-                let body = match (Token::parse(&c.token), &probe.reply_body) {
-                    (Ok(t), Some(text)) => {
-                        message::custom_reply_body(text, &t, &probe.key.reply_mark(&t))
-                    }
-                    (Ok(t), None) => message::reply_body(&t, &probe.key.reply_mark(&t)),
+                let token = Token::parse(&c.token).ok();
+                let mark = token.as_ref().map(|t| probe.key.reply_mark(t));
+                let body = match (&token, &mark, &probe.reply_body) {
+                    (Some(t), Some(m), Some(text)) => message::custom_reply_body(text, t, m),
+                    (Some(t), Some(m), None) => message::reply_body(t, m),
                     // Our own token always parses; keep the canary recognisable regardless.
-                    (Err(_), _) => c.token.clone(),
+                    _ => c.token.clone(),
                 };
                 // Look before posting: an earlier POST (this run's, or one before a restart)
                 // may have failed with the reply kept (django-helpdesk: 500, reply saved).

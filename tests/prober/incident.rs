@@ -38,6 +38,18 @@ async fn incidents(addr: std::net::SocketAddr) -> (Vec<Value>, i64) {
     )
 }
 
+/// The first closed incident, waiting up to 50 s for one.
+async fn closed_incident(addr: std::net::SocketAddr) -> Option<Value> {
+    for _ in 0..200 {
+        let (all, _) = incidents(addr).await;
+        if let Some(i) = all.into_iter().find(|i| !i["drained_ms"].is_null()) {
+            return Some(i);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_stall_becomes_an_incident_that_matches_the_ground_truth() {
     let (sb, k) = slow_drain().await;
@@ -71,16 +83,7 @@ async fn an_import_stall_becomes_an_incident_that_matches_the_ground_truth() {
     sb.faults().set(Stage::Import, Fault::Ok);
 
     // Closed once cleared and drained.
-    let mut closed = None;
-    for _ in 0..200 {
-        let (all, _) = incidents(d.addr).await;
-        if let Some(i) = all.into_iter().find(|i| !i["drained_ms"].is_null()) {
-            closed = Some(i);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let i = closed.expect("the incident closed");
+    let i = closed_incident(d.addr).await.expect("the incident closed");
     let wall = |k: &str| i[k].as_i64().map(|t| t + offset);
     let (after, before) = (
         wall("onset_after_ms").unwrap(),
@@ -252,16 +255,9 @@ async fn an_open_incident_survives_a_restart_and_closes_after_it() {
     );
     assert!(all[0]["drained_ms"].is_null(), "still open");
     sb.faults().set(Stage::Import, Fault::Ok);
-    let mut closed = None;
-    for _ in 0..200 {
-        let (all, _) = incidents(d.addr).await;
-        if let Some(i) = all.into_iter().find(|i| !i["drained_ms"].is_null()) {
-            closed = Some(i);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let i = closed.expect("closed after the restart");
+    let i = closed_incident(d.addr)
+        .await
+        .expect("closed after the restart");
     assert_eq!(i["id"], before["id"]);
     assert!(i["held"].as_u64() >= before["held"].as_u64(), "{i}");
     assert_eq!(

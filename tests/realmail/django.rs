@@ -11,15 +11,14 @@
 
 use std::{
     fs,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use crate::{
     harness::{Servers, address, password},
-    process::{free_port, stop_group, tail, wait_http},
+    process::{free_port, get_json_authorized, spawn_group, stop_group, tail, wait_http},
 };
 
 /// The support mailbox the import job reads.
@@ -118,19 +117,15 @@ impl Django {
 
         let port = free_port();
         d.url = format!("http://127.0.0.1:{port}");
-        let log = fs::File::create(dir.join("server.log")).unwrap();
-        let server = d
-            .command(&venv.join("bin/waitress-serve"))
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .arg("--threads=4")
-            .arg("mcsite.wsgi:application")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("waitress starts");
-        fs::write(dir.join("server.pgid"), server.id().to_string()).unwrap();
+        let server = spawn_group(
+            d.command(&venv.join("bin/waitress-serve"))
+                .arg(format!("--listen=127.0.0.1:{port}"))
+                .arg("--threads=4")
+                .arg("mcsite.wsgi:application"),
+            &dir.join("server.log"),
+            &dir.join("server.pgid"),
+            "waitress",
+        );
         d.server = Some(server);
         d.wait_ready();
         d.start_import();
@@ -156,22 +151,14 @@ impl Django {
     /// Starts the import job's loop (`get_email` every [`IMPORT_PERIOD`] s).
     pub fn start_import(&mut self) {
         assert!(self.import.is_none(), "the import loop runs already");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("import.log"))
-            .unwrap();
-        let child = self
-            .command(Path::new(&format!("{FILES}/import-loop.sh")))
-            .arg(venv())
-            .arg(IMPORT_PERIOD)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("import loop starts");
-        fs::write(self.dir.join("import.pgid"), child.id().to_string()).unwrap();
+        let child = spawn_group(
+            self.command(Path::new(&format!("{FILES}/import-loop.sh")))
+                .arg(venv())
+                .arg(IMPORT_PERIOD),
+            &self.dir.join("import.log"),
+            &self.dir.join("import.pgid"),
+            "the import loop",
+        );
         self.import = Some(child);
     }
 
@@ -227,14 +214,8 @@ impl Django {
 
     /// One ticket as the API shows it.
     pub async fn ticket(&self, http: &reqwest::Client, id: &str) -> serde_json::Value {
-        http.get(format!("{}/api/tickets/{id}/", self.url))
-            .header("Authorization", format!("Token {}", self.token))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default()
+        let url = format!("{}/api/tickets/{id}/", self.url);
+        get_json_authorized(http, &url, &format!("Token {}", self.token)).await
     }
 
     /// Every ticket (any status), as the API lists them.
@@ -242,15 +223,7 @@ impl Django {
         let mut all = Vec::new();
         let mut url = Some(format!("{}/api/tickets/?page_size=100", self.url));
         while let Some(u) = url {
-            let page: serde_json::Value = http
-                .get(&u)
-                .header("Authorization", format!("Token {}", self.token))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page = get_json_authorized(http, &u, &format!("Token {}", self.token)).await;
             all.extend(page["results"].as_array().cloned().unwrap_or_default());
             url = page["next"].as_str().map(str::to_string);
         }

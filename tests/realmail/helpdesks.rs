@@ -19,6 +19,7 @@ use crate::{
     common::*,
     django::{Django, SUPPORT_USER},
     harness::{Servers, Setup, address, password},
+    process::get_json_authorized,
     rt::{Rt, SUPPORT},
 };
 
@@ -319,15 +320,12 @@ async fn request_tracker_canary_life_then_the_seed_outage() {
     let status = {
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
-            let j: serde_json::Value = http
-                .get(format!("{}/REST/2.0/ticket/{ticket}", rt.url))
-                .header("Authorization", format!("token {}", rt.token))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let j = get_json_authorized(
+                &http,
+                &format!("{}/REST/2.0/ticket/{ticket}", rt.url),
+                &format!("token {}", rt.token),
+            )
+            .await;
             let st = j["Status"].as_str().unwrap_or_default().to_string();
             if st == "resolved" || Instant::now() > deadline {
                 break format!("{st} ({j})");
@@ -366,6 +364,25 @@ async fn request_tracker_canary_life_then_the_seed_outage() {
 const DJANGO: &str = "django";
 
 fn django_config(s: &Servers, dh: &Django, lost_after: &str, end_to_end: &str) -> String {
+    django_probe(
+        s,
+        dh,
+        lost_after,
+        end_to_end,
+        "django-helpdesk",
+        &format!("[probe.helpdesk.django-helpdesk]\nqueue = {}", dh.queue),
+    )
+}
+
+/// A probe of `dh` through adapter `api`, its vendor tables given.
+fn django_probe(
+    s: &Servers,
+    dh: &Django,
+    lost_after: &str,
+    end_to_end: &str,
+    api: &str,
+    tables: &str,
+) -> String {
     helpdesk_config(
         s,
         DJANGO,
@@ -379,7 +396,7 @@ delivery = "20s"
 end_to_end = "{end_to_end}""#
         ),
         &format!(
-            r#"api = "django-helpdesk"
+            r#"api = "{api}"
 base_url = "{url}"
 token = "{token}"
 poll_interval = "1s"
@@ -387,11 +404,9 @@ reply = "post"
 cleanup = "archive"
 timeout = "15s"
 
-[probe.helpdesk.django-helpdesk]
-queue = {queue}"#,
+{tables}"#,
             url = dh.url,
             token = dh.token,
-            queue = dh.queue,
         ),
     )
 }
@@ -588,31 +603,7 @@ fn generic_example_tables() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_helpdesk_probed_by_the_generic_http_adapter_from_the_shipped_example() {
     let (servers, dh) = start_django().await;
-    let text = helpdesk_config(
-        &servers,
-        DJANGO,
-        &address(SUPPORT_USER),
-        "1h",
-        r#"submit = "15s"
-import = "15s"
-reply = "15s"
-delivery = "20s"
-end_to_end = "1m""#,
-        &format!(
-            r#"api = "http"
-base_url = "{url}"
-token = "{token}"
-poll_interval = "1s"
-reply = "post"
-cleanup = "archive"
-timeout = "15s"
-
-{tables}"#,
-            url = dh.url,
-            token = dh.token,
-            tables = generic_example_tables(),
-        ),
-    );
+    let text = django_probe(&servers, &dh, "1h", "1m", "http", &generic_example_tables());
     let (d, _state) = daemon(&text, "generic-django.toml").await;
     let done = canary_life(&d, DJANGO, 2.0, Duration::from_secs(90)).await;
     let http = reqwest::Client::new();

@@ -42,6 +42,27 @@ pub fn wait_http(url: &str, path: &str, within: Duration, log: &Path) {
     }
 }
 
+/// Starts `cmd` as the leader of a process group of its own (its workers are stopped with
+/// it, by [`stop_group`]), stdin closed, stdout and stderr appended to `log`, and records the
+/// group in `pgid` for the harness's sweep of a test process that died without cleaning up.
+pub fn spawn_group(cmd: &mut Command, log: &Path, pgid: &Path, what: &str) -> Child {
+    use std::os::unix::process::CommandExt;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    fs::write(pgid, child.id().to_string()).unwrap();
+    child
+}
+
 /// Stops a child that leads its own process group: TERM to the group, KILL after 3 s.
 pub fn stop_group(child: &mut Child) {
     let group = format!("-{}", child.id());
@@ -59,4 +80,20 @@ pub fn tail(p: &Path, n: usize) -> String {
     let text = fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `GET url` with an `Authorization` header, as JSON (`Null` if the body is not JSON).
+pub async fn get_json_authorized(
+    http: &reqwest::Client,
+    url: &str,
+    authorization: &str,
+) -> serde_json::Value {
+    http.get(url)
+        .header("Authorization", authorization)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or_default()
 }

@@ -9,15 +9,14 @@
 
 use std::{
     fs,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::Duration,
 };
 
 use crate::{
     harness::Servers,
-    process::{free_port, stop_group, tail, wait_http},
+    process::{free_port, spawn_group, stop_group, tail, wait_http},
 };
 
 /// The domain RT takes mail for (Postfix relays it to the RT pipe transport).
@@ -100,19 +99,14 @@ Set($SendmailArguments, '-oi -C {etc}');
             })
             .to_string();
 
-        let server_log = fs::File::create(dir.join("server.log")).unwrap();
-        let server = rt_command(&dir, SERVER)
-            .args(["--server", "Starlet", "--host", "127.0.0.1"])
-            .args(["--port", &port.to_string(), "--max-workers", "2"])
-            .stdin(Stdio::null())
-            .stdout(server_log.try_clone().unwrap())
-            .stderr(server_log)
-            // Its own process group: Starlet's workers are stopped with it.
-            .process_group(0)
-            .spawn()
-            .expect("rt-server starts");
-        // For the harness's sweep of a test process that died without dropping us.
-        fs::write(dir.join("server.pgid"), server.id().to_string()).unwrap();
+        let server = spawn_group(
+            rt_command(&dir, SERVER)
+                .args(["--server", "Starlet", "--host", "127.0.0.1"])
+                .args(["--port", &port.to_string(), "--max-workers", "2"]),
+            &dir.join("server.log"),
+            &dir.join("server.pgid"),
+            "rt-server",
+        );
         let rt = Rt {
             url,
             token,
