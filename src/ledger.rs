@@ -55,6 +55,10 @@ const IN_FLIGHT: TableDefinition<&str, &[u8]> = TableDefinition::new("in_flight"
 const FINISHED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("finished");
 const FINISHED_ORDER: TableDefinition<(&str, u64), &str> = TableDefinition::new("finished_order");
 const CURSORS: TableDefinition<&str, (u32, u32)> = TableDefinition::new("imap_cursors");
+/// The free space under which the ledger is called full ([`Ledger::check`]): redb grows its
+/// file in steps of many pages, so a few KiB left are as good as none.
+pub const SPACE_FLOOR: u64 = 64 * 1024;
+
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 /// Incidents (`crate::flow::incident`), JSON, by (probe, id); the newest `incident::KEEP` per
 /// probe. Added without a format change: an older ledger simply has none.
@@ -109,6 +113,12 @@ pub enum LedgerError {
         path.display()
     )]
     Gone { path: PathBuf },
+    #[error(
+        "ledger {}: its file system has {available} bytes free, under the {SPACE_FLOOR} the \
+         ledger needs to grow: free space in the state dir",
+        path.display()
+    )]
+    Full { path: PathBuf, available: u64 },
 }
 
 impl LedgerError {
@@ -117,7 +127,7 @@ impl LedgerError {
     pub fn op(&self) -> &'static str {
         match self {
             LedgerError::InUse { .. } | LedgerError::NewerFormat { .. } => "open",
-            LedgerError::Gone { .. } => "check",
+            LedgerError::Gone { .. } | LedgerError::Full { .. } => "check",
             LedgerError::Io { operation, .. }
             | LedgerError::Db { operation, .. }
             | LedgerError::Encode { operation, .. }
@@ -129,7 +139,7 @@ impl LedgerError {
 
 /// The operations `mailcanary_ledger_errors_total{op}` counts: opening (and reopening) the
 /// file, writing canaries and cursors, reading them, and the periodic check that the file on
-/// disk is still the one open.
+/// disk is still the one open and its file system has room ([`SPACE_FLOOR`]).
 pub const OPS: [&str; 4] = ["open", "write", "read", "check"];
 
 fn op_of(operation: &str) -> &'static str {
@@ -247,12 +257,28 @@ impl Ledger {
     /// Fails if the file the ledger has open is no longer the one its path names (deleted,
     /// its state dir removed, or replaced): writes would go to an unlinked file and be gone at
     /// the next start.
+    ///
+    /// Also fails while the file system holding it has less than [`SPACE_FLOOR`] free. On a
+    /// full disk redb goes on committing into pages its file already has and fails only when
+    /// it must grow, so a full disk alone would make the ledger flap between writable and
+    /// broken, and the probe between green and red, with every other canary skipped; a full
+    /// state dir is one steady failure instead, until space is freed.
     pub fn check(&self) -> Result<(), LedgerError> {
         let open = *self.identity.lock().unwrap_or_else(|p| p.into_inner());
         if open.is_some() && identity(&self.path) != open {
             return Err(LedgerError::Gone {
                 path: self.path.clone(),
             });
+        }
+        // A file system that cannot say (statvfs failing) is not called full.
+        if let Ok(fs) = rustix::fs::statvfs(&self.state_dir) {
+            let available = fs.f_bavail.saturating_mul(fs.f_frsize);
+            if available < SPACE_FLOOR {
+                return Err(LedgerError::Full {
+                    path: self.path.clone(),
+                    available,
+                });
+            }
         }
         Ok(())
     }

@@ -545,7 +545,9 @@ impl Engine {
         if let Some((retry_at, _)) = w.broken
             && now >= retry_at
         {
-            match self.ledger.reopen() {
+            // A reopen proves the file opens, not that the disk has room again: the check
+            // must pass too, or a full disk would look mended at every retry.
+            match self.ledger.reopen().and_then(|()| self.ledger.check()) {
                 // The file may be new (deleted, or its dir removed) and writes since the error
                 // are missing: write again every canary in flight, as memory has it (it is at
                 // least as new as anything queued for it).
