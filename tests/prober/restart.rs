@@ -126,7 +126,10 @@ async fn kill_9_and_restart_loses_and_double_counts_nothing() {
     }
     // None counted twice: the new process's completed counter equals the canaries it finished.
     // It keeps sending meanwhile, so compare only a scrape taken between two identical status
-    // reads (nothing finished in between).
+    // reads (nothing finished in between). The status shows a canary finished as soon as it
+    // ends, the counter after its ledger write a moment later, so a scrape may lag the status
+    // by one for a moment: retry until they agree. A canary counted twice would keep the
+    // counter above the status for good, and time out.
     let finished_here = |st: &Value| -> usize {
         ids(st, "recent")
             .iter()
@@ -137,14 +140,21 @@ async fn kill_9_and_restart_loses_and_double_counts_nothing() {
             .count()
     };
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t2 = Instant::now();
     let s = loop {
         let a = finished_here(&status(port).await.unwrap());
         let s = scrape(addr).await;
         let b = finished_here(&status(port).await.unwrap());
-        if a == b {
-            assert_eq!(v(&s, "mailcanary_canaries_completed_total", &[]), a as f64);
+        let counted = v(&s, "mailcanary_canaries_completed_total", &[]);
+        if a == b && counted == a as f64 {
             break s;
         }
+        assert!(
+            t2.elapsed() < Duration::from_secs(20),
+            "completed counter {counted} never agreed with the {a}..{b} canaries the status \
+             shows finished since the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     for stage in ["submit", "import", "reply", "delivery", "end_to_end"] {
         assert_eq!(
