@@ -62,6 +62,8 @@ pub const SPACE_FLOOR: u64 = 64 * 1024;
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 /// Incidents (`crate::flow::incident`), JSON, by (probe, id); the newest `incident::KEEP` per
 /// probe. Added without a format change: an older ledger simply has none.
+/// Per probe, stage and hour: `flow::history::Hour` as JSON, keyed `(probe, history::key)`.
+const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const INCIDENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("incidents");
 
 /// What went wrong, with the file and the operation it happened in.
@@ -174,6 +176,13 @@ pub enum Write {
     },
     /// An incident, new or changed; the oldest beyond `incident::KEEP` of its probe go.
     Incident(crate::flow::incident::Incident),
+    /// A stage's hour of history, new or changed; `None` deletes it.
+    History {
+        probe: String,
+        stage: crate::canary::life::Stage,
+        hour: u64,
+        bucket: Option<crate::flow::history::Hour>,
+    },
 }
 
 /// The embedded store. One per process and state dir; `Send + Sync`, share it with an `Arc`.
@@ -330,6 +339,7 @@ impl Ledger {
             txn.open_table(FINISHED_ORDER).map_err(self.db_err(OP))?;
             txn.open_table(CURSORS).map_err(self.db_err(OP))?;
             txn.open_table(INCIDENTS).map_err(self.db_err(OP))?;
+            txn.open_table(HISTORY).map_err(self.db_err(OP))?;
         }
         txn.commit().map_err(self.db_err(OP))
     }
@@ -365,6 +375,33 @@ impl Ledger {
                         table
                             .insert(mailbox_key.as_str(), (*uidvalidity, *last_uid))
                             .map_err(self.db_err(OP))?;
+                    }
+                    Write::History {
+                        probe,
+                        stage,
+                        hour,
+                        bucket,
+                    } => {
+                        self.check_probe(OP, probe)?;
+                        let key = (probe.as_str(), crate::flow::history::key(*stage, *hour));
+                        let mut table = txn.open_table(HISTORY).map_err(self.db_err(OP))?;
+                        match bucket {
+                            Some(b) => {
+                                let bytes =
+                                    serde_json::to_vec(b).map_err(|e| LedgerError::Encode {
+                                        path: self.path.clone(),
+                                        operation: OP,
+                                        key: format!("history {stage} {hour} of {probe}"),
+                                        source: e,
+                                    })?;
+                                table
+                                    .insert(key, bytes.as_slice())
+                                    .map_err(self.db_err(OP))?;
+                            }
+                            None => {
+                                table.remove(key).map_err(self.db_err(OP))?;
+                            }
+                        }
                     }
                     Write::Incident(i) => {
                         self.check_probe(OP, &i.probe)?;
@@ -538,31 +575,59 @@ impl Ledger {
         Ok(out)
     }
 
+    /// The raw records of `probe` in a table keyed `(probe, n)`, in key order. A table
+    /// missing from a ledger written before it existed (opened read-only) has none.
+    fn probe_records(
+        &self,
+        op: &'static str,
+        def: TableDefinition<'static, (&'static str, u64), &'static [u8]>,
+        probe: &str,
+    ) -> Result<Vec<(u64, Vec<u8>)>, LedgerError> {
+        self.check_probe(op, probe)?;
+        let txn = self.begin_read(op)?;
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.db_err(op)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in table
+            .range((probe, 0u64)..=(probe, u64::MAX))
+            .map_err(self.db_err(op))?
+        {
+            let (k, v) = entry.map_err(self.db_err(op))?;
+            out.push((k.value().1, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The incidents of `probe`, oldest first (an open one last, if any).
     pub fn incidents(
         &self,
         probe: &str,
     ) -> Result<Vec<crate::flow::incident::Incident>, LedgerError> {
-        const OP: &str = "read incidents";
-        self.check_probe(OP, probe)?;
-        let txn = self.begin_read(OP)?;
-        let table = match txn.open_table(INCIDENTS) {
-            Ok(t) => t,
-            // A ledger written before incidents existed, opened read-only.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.db_err(OP)(e)),
-        };
-        let mut out = Vec::new();
-        for entry in table
-            .range((probe, 0u64)..=(probe, u64::MAX))
-            .map_err(self.db_err(OP))?
-        {
-            let (_, v) = entry.map_err(self.db_err(OP))?;
-            if let Ok(i) = serde_json::from_slice(v.value()) {
-                out.push(i);
-            }
-        }
-        Ok(out)
+        let records = self.probe_records("read incidents", INCIDENTS, probe)?;
+        Ok(records
+            .iter()
+            .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+            .collect())
+    }
+
+    /// The history of `probe`: per stage, its stored hours. A record this build cannot
+    /// decode (a stage it does not know, a damaged value) is skipped.
+    pub fn history(
+        &self,
+        probe: &str,
+    ) -> Result<Vec<(crate::canary::life::Stage, u64, crate::flow::history::Hour)>, LedgerError>
+    {
+        let records = self.probe_records("read history", HISTORY, probe)?;
+        Ok(records
+            .iter()
+            .filter_map(|(k, v)| {
+                let (stage, hour) = crate::flow::history::from_key(*k)?;
+                Some((stage, hour, serde_json::from_slice(v).ok()?))
+            })
+            .collect())
     }
 
     /// Every probe that has incidents recorded.
@@ -772,6 +837,43 @@ mod tests {
             ledger.put(&canary("p\0x", "six", 6)),
             Err(LedgerError::InvalidProbe { .. })
         ));
+    }
+
+    #[test]
+    fn history_hours_round_trip_per_probe_and_a_none_deletes() {
+        use crate::flow::history::Hour;
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let hour = |ok| Hour {
+            ok,
+            ..Hour::default()
+        };
+        let put = |probe: &str, stage, h, b: Option<Hour>| Write::History {
+            probe: probe.into(),
+            stage,
+            hour: h,
+            bucket: b,
+        };
+        ledger
+            .write(&[
+                put("p", Stage::Import, 10, Some(hour(1))),
+                put("p", Stage::EndToEnd, 10, Some(hour(2))),
+                put("p", Stage::Import, 11, Some(hour(3))),
+                put("p2", Stage::Import, 10, Some(hour(4))),
+            ])
+            .unwrap();
+        ledger.write(&[put("p", Stage::Import, 10, None)]).unwrap();
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(
+            ledger.history("p").unwrap(),
+            vec![(Stage::EndToEnd, 10, hour(2)), (Stage::Import, 11, hour(3))]
+        );
+        assert_eq!(
+            ledger.history("p2").unwrap(),
+            vec![(Stage::Import, 10, hour(4))]
+        );
+        assert_eq!(ledger.history("q").unwrap(), vec![]);
     }
 
     #[test]

@@ -15,7 +15,10 @@ use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 use tracing::{error, info, warn};
 
-use super::incident::{self, Incident};
+use super::{
+    history::{Series, StageHistory},
+    incident::{self, Incident},
+};
 pub use crate::clock::now_ms;
 use crate::{
     canary::life::{Canary, Failure, Outcome, Reason, Stage, Transition},
@@ -64,6 +67,8 @@ struct ProbeState {
     /// Closed incidents, newest first (at most `incident::KEEP`).
     incidents: VecDeque<Incident>,
     next_incident: u64,
+    /// Per stage, per minute and hour: on time, failed, durations (the dashboard's charts).
+    history: HashMap<Stage, Series>,
 }
 
 /// A stage's backlog draining: held canaries arrive late, oldest first (the stages a helpdesk
@@ -131,10 +136,12 @@ enum Job {
         canary: Canary,
         done: oneshot::Sender<Result<(), String>>,
     },
-    /// A changed canary and the transitions to count once it is written.
+    /// A changed canary and the transitions to count once it is written, with the history
+    /// records they changed (written in the same transaction as the canary).
     Commit {
         canary: Canary,
         transitions: Vec<Transition>,
+        history: Vec<Write>,
     },
     Cursor {
         mailbox_key: String,
@@ -212,6 +219,26 @@ impl Engine {
         *self.on_reopen.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(f));
     }
 
+    /// Every probe's charts as of `now_wall` (wall-clock ms), by probe name.
+    pub fn history(&self, now_wall: u64) -> Vec<(String, Vec<StageHistory>)> {
+        let st = lock(&self.state);
+        let mut out: Vec<(String, Vec<StageHistory>)> = st
+            .probes
+            .iter()
+            .map(|(name, ps)| {
+                let empty = Series::default();
+                let stages = ps
+                    .stages
+                    .iter()
+                    .map(|s| StageHistory::of(*s, ps.history.get(s).unwrap_or(&empty), now_wall))
+                    .collect();
+                (name.clone(), stages)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Why the ledger cannot be written now, if it cannot (for `/readyz`).
     pub fn ledger_error(&self) -> Option<String> {
         lock(&self.state)
@@ -281,6 +308,18 @@ impl Engine {
             _ => None,
         };
         let incidents: VecDeque<Incident> = stored.into_iter().rev().take(incident::KEEP).collect();
+        let mut history: HashMap<Stage, Series> = HashMap::new();
+        match self.ledger.history(probe) {
+            Ok(hours) => {
+                for (stage, hour, h) in hours {
+                    history.entry(stage).or_default().insert(hour, h);
+                }
+            }
+            Err(e) => {
+                self.metrics.ledger_error(e.op());
+                warn!(%probe, error = %e, "cannot read the probe's history; its charts start empty");
+            }
+        }
         lock(&self.state).probes.insert(
             probe.to_string(),
             ProbeState {
@@ -293,6 +332,7 @@ impl Engine {
                 incident,
                 incidents,
                 next_incident,
+                history,
             },
         );
     }
@@ -415,9 +455,27 @@ impl Engine {
     /// and updates the in-memory state. Called with the state locked so that two changes to
     /// the same canary reach the writer in the order they happened.
     fn commit(&self, st: &mut State, canary: Canary, transitions: &[Transition]) {
+        let mut history = Vec::new();
+        if let Some(ps) = st.probes.get_mut(&canary.probe) {
+            let wall = clock::to_wall_ms(now_ms());
+            for (stage, mark) in super::history::marks(&canary, transitions) {
+                let changed = ps.history.entry(stage).or_default().add(stage, wall, mark);
+                history.extend(
+                    changed
+                        .into_iter()
+                        .map(|(stage, hour, bucket)| Write::History {
+                            probe: canary.probe.clone(),
+                            stage,
+                            hour,
+                            bucket,
+                        }),
+                );
+            }
+        }
         let _ = self.writer.send(Job::Commit {
             canary: canary.clone(),
             transitions: transitions.to_vec(),
+            history,
         });
         if let Some(ps) = st.probes.get_mut(&canary.probe) {
             let ProbeState {
@@ -504,13 +562,24 @@ impl Engine {
                     w.dirty
                         .insert(canary_key(canary), Write::Put(canary.clone()));
                 }
-                Job::Commit { canary, .. } => {
+                Job::Commit {
+                    canary, history, ..
+                } => {
                     let write = if canary.is_finished() {
                         Write::Finish(canary.clone())
                     } else {
                         Write::Put(canary.clone())
                     };
                     w.dirty.insert(canary_key(canary), write);
+                    for h in history {
+                        if let Write::History {
+                            probe, stage, hour, ..
+                        } = h
+                        {
+                            w.dirty
+                                .insert(format!("history\0{probe}\0{stage}\0{hour}"), h.clone());
+                        }
+                    }
                 }
                 Job::Cursor {
                     mailbox_key,
@@ -608,6 +677,7 @@ impl Engine {
                 Job::Commit {
                     canary,
                     transitions,
+                    ..
                 } => self.publish(&canary, &transitions),
                 Job::Cursor { .. } | Job::Incident(_) => {}
                 Job::Flush(done) => {

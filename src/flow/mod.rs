@@ -10,6 +10,7 @@
 
 pub mod engine;
 pub mod heartbeat;
+pub mod history;
 pub mod incident;
 pub mod run;
 pub mod webhook;

@@ -6,6 +6,7 @@
 //! | GET | `/healthz` | the process is alive (always 200) |
 //! | GET | `/readyz` | 200 once config is loaded and while the ledger can be written, else 503 with why |
 //! | GET | `/api/v1/status` | probes, stages, in-flight and recent canaries, as JSON |
+//! | GET | `/api/v1/history` | per probe and stage: latency over 24 h, on-time share over 24 h and 7 d |
 //! | GET | `/` | the dashboard: the same data, for humans (`page.rs`) |
 //! | POST | `/webhooks/{probe}` | a ticket-created webhook; `Authorization: Bearer SECRET` or `?secret=SECRET` |
 //!
@@ -46,6 +47,7 @@ pub fn router(state: WebState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .route("/api/v1/incidents", get(incidents))
+        .route("/api/v1/history", get(history))
         .route("/", get(page))
         .route("/webhooks/{probe}", post(webhook))
         .with_state(state)
@@ -112,11 +114,25 @@ async fn incidents(State(s): State<WebState>) -> Response {
     .into_response()
 }
 
+/// Per probe and stage: latency over the last 24 h (10-minute bins) and the share on time
+/// over 24 h and 7 d, with the last 7 days by the hour. Times are wall-clock ms.
+async fn history(State(s): State<WebState>) -> Response {
+    let now = crate::clock::to_wall_ms(now_ms());
+    let probes: Vec<serde_json::Value> = s
+        .engine
+        .history(now)
+        .into_iter()
+        .map(|(name, stages)| json!({ "name": name, "stages": stages }))
+        .collect();
+    Json(json!({ "now_wall_ms": now, "probes": probes })).into_response()
+}
+
 async fn page(State(s): State<WebState>) -> Html<String> {
     let now = now_ms();
     Html(page::render(
         &s.engine.status(now),
         &s.engine.incidents(),
+        &s.engine.history(crate::clock::to_wall_ms(now)),
         now,
     ))
 }

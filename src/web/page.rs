@@ -9,7 +9,10 @@ use std::fmt::Write;
 
 use crate::{
     canary::life::{Canary, Outcome, Stage},
-    flow::engine::ProbeStatus,
+    flow::{
+        engine::ProbeStatus,
+        history::{self, Counts, StageHistory},
+    },
 };
 
 /// Escapes text for HTML element content and attribute values.
@@ -56,7 +59,7 @@ section.probe { border: 1px solid var(--line); border-radius: 8px; padding: 1rem
 table { border-collapse: collapse; }
 td, th { padding: .2rem .7rem .2rem 0; text-align: left; border-bottom: 1px solid var(--line); vertical-align: top; }
 th { color: var(--muted); font-weight: 500; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .overdue { color: var(--bad); font-weight: 600; }
 .wf { width: 100%; }
 .wf td.track { width: 70%; position: relative; }
@@ -73,6 +76,15 @@ footer { color: var(--muted); }
 div.track { position: relative; height: 20px; min-width: 12rem; background: #f6f8fa; }
 .bar.held { background: var(--bad); } .bar.draining { background: var(--warn); }
 .bar.clearing { background: var(--ok); opacity: .5; }
+svg.latency { background: #f6f8fa; }
+svg.latency text, svg.hourly text { font: 10px system-ui, sans-serif; fill: var(--muted); }
+svg.latency .grid { stroke: var(--line); stroke-width: 1; }
+svg.latency polyline { fill: none; stroke-width: 1.5; }
+svg.latency .p50 { stroke: #0969da; fill: #0969da; } svg.latency .p95 { stroke: #bf8700; fill: #bf8700; }
+svg.latency polyline.p95 { stroke-dasharray: 4 2; fill: none; } svg.latency polyline.p50 { fill: none; }
+svg.hourly rect.none { fill: #eaeef2; } svg.hourly rect.good { fill: var(--ok); }
+svg.hourly rect.fair { fill: #d4a72c; } svg.hourly rect.poor { fill: var(--bad); }
+.k50 { color: #0969da; } .k95 { color: #bf8700; }
 "#;
 
 fn outcome(c: &Canary) -> (&'static str, &'static str) {
@@ -136,6 +148,210 @@ fn stage_table(out: &mut String, p: &ProbeStatus, now: u64) {
             st = s.stage
         );
     }
+}
+
+const CHART_W: f64 = 480.0;
+const CHART_H: f64 = 84.0;
+const DAY_MS: u64 = 24 * 3_600_000;
+
+/// `99.31 % of 1234`, or a dash with nothing measured.
+fn availability(c: &Counts) -> String {
+    match c.availability() {
+        None => "–".into(),
+        Some(a) => format!("{:.2} % of {}", a * 100.0, c.ok + c.bad),
+    }
+}
+
+/// A wall-clock time, UTC, in `fmt`.
+fn wall_time(wall_ms: u64, fmt: &str) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(wall_ms as i64)
+        .map(|t| t.format(fmt).to_string())
+        .unwrap_or_default()
+}
+
+/// The smallest round duration (1, 2, 5 in ms steps; 1, 2, 5, 10, 15, 30 s and min; 1, 2, 3,
+/// 6, 12, 24 h; then whole days) that is at least `ms`: the top of a latency chart.
+fn round_up(ms: u64) -> u64 {
+    const S: u64 = 1_000;
+    const M: u64 = 60 * S;
+    const H: u64 = 60 * M;
+    const STEPS: [u64; 27] = [
+        1,
+        2,
+        5,
+        10,
+        20,
+        50,
+        100,
+        200,
+        500,
+        S,
+        2 * S,
+        5 * S,
+        10 * S,
+        15 * S,
+        30 * S,
+        M,
+        2 * M,
+        5 * M,
+        10 * M,
+        15 * M,
+        30 * M,
+        H,
+        2 * H,
+        3 * H,
+        6 * H,
+        12 * H,
+        24 * H,
+    ];
+    STEPS
+        .into_iter()
+        .find(|s| *s >= ms)
+        .unwrap_or_else(|| ms.div_ceil(24 * H) * 24 * H)
+}
+
+/// The last 24 h of a stage's latency as an SVG line chart: p50 solid, p95 dashed, a point
+/// per 10-minute bin with a measurement (its tooltip says the figures), a line between
+/// neighbouring bins only, so a gap in the data is a gap in the line.
+fn latency_svg(out: &mut String, h: &StageHistory, now_wall: u64) {
+    let from = (now_wall + 1).saturating_sub(DAY_MS);
+    let scale = round_up(
+        h.latency_24h
+            .iter()
+            .map(|p| p.p95_ms)
+            .max()
+            .unwrap_or(0)
+            .max(1),
+    );
+    let (left, bottom) = (44.0, CHART_H - 14.0);
+    let span = CHART_W - left;
+    let x = |t: u64| {
+        left + (t.saturating_sub(from) as f64 + history::BIN_MS as f64 / 2.0) * span / DAY_MS as f64
+    };
+    let y = |ms: u64| bottom - ms as f64 * (bottom - 4.0) / scale as f64;
+    let _ = write!(
+        out,
+        r#"<svg class="latency" data-stage="{st}" width="{CHART_W}" height="{CHART_H}" viewBox="0 0 {CHART_W} {CHART_H}" role="img" aria-label="{st} latency, last 24 h"><line class="grid" x1="{left}" y1="{bottom}" x2="{CHART_W}" y2="{bottom}"/><line class="grid" x1="{left}" y1="4" x2="{CHART_W}" y2="4"/><text x="{tx}" y="12" text-anchor="end">{max}</text><text x="{tx}" y="{bottom}" text-anchor="end">0</text>"#,
+        st = h.stage,
+        tx = left - 4.0,
+        max = dur(scale),
+    );
+    // A tick every 6 hours of the wall clock.
+    let six = 6 * 3_600_000;
+    let mut tick = from.div_ceil(six) * six;
+    while tick <= now_wall {
+        let tx = left + (tick - from) as f64 * span / DAY_MS as f64;
+        let _ = write!(
+            out,
+            r#"<line class="grid" x1="{tx:.1}" y1="4" x2="{tx:.1}" y2="{bottom}"/><text x="{tx:.1}" y="{ly}" text-anchor="middle">{label}</text>"#,
+            ly = CHART_H - 2.0,
+            label = wall_time(tick, "%H:%M"),
+        );
+        tick += six;
+    }
+    for class in ["p95", "p50"] {
+        let value = |p: &history::Point| if class == "p50" { p.p50_ms } else { p.p95_ms };
+        let mut run: Vec<String> = Vec::new();
+        let flush = |run: &mut Vec<String>, out: &mut String| {
+            if run.len() > 1 {
+                let _ = write!(
+                    out,
+                    r#"<polyline class="{class}" points="{}"/>"#,
+                    run.join(" ")
+                );
+            }
+            run.clear();
+        };
+        let mut prev: Option<u64> = None;
+        for p in &h.latency_24h {
+            if prev.is_some_and(|t| p.start_ms != t + history::BIN_MS) {
+                flush(&mut run, out);
+            }
+            run.push(format!("{:.1},{:.1}", x(p.start_ms), y(value(p))));
+            prev = Some(p.start_ms);
+        }
+        flush(&mut run, out);
+    }
+    for p in &h.latency_24h {
+        let tip = format!(
+            "{} UTC: p50 {}, p95 {}, {} measured",
+            wall_time(p.start_ms, "%H:%M"),
+            dur(p.p50_ms),
+            dur(p.p95_ms),
+            p.n
+        );
+        for (class, v) in [("p95", p.p95_ms), ("p50", p.p50_ms)] {
+            let _ = write!(
+                out,
+                r#"<circle class="point {class}" cx="{:.1}" cy="{:.1}" r="2.2"><title>{}</title></circle>"#,
+                x(p.start_ms),
+                y(v),
+                esc(&tip)
+            );
+        }
+    }
+    if h.latency_24h.is_empty() {
+        let _ = write!(
+            out,
+            r#"<text x="{:.0}" y="{:.0}" text-anchor="middle">nothing measured in 24 h</text>"#,
+            left + span / 2.0,
+            CHART_H / 2.0
+        );
+    }
+    out.push_str("</svg>");
+}
+
+/// The last 7 days by the hour: one cell per hour, green when every canary passed the stage
+/// on time, amber from 99 %, red below, grey with nothing measured.
+fn hourly_svg(out: &mut String, h: &StageHistory) {
+    let w = 2.0;
+    let width = h.hourly_7d.len() as f64 * w;
+    let _ = write!(
+        out,
+        r#"<svg class="hourly" data-stage="{st}" width="{width}" height="16" viewBox="0 0 {width} 16" role="img" aria-label="{st} on time by the hour, last 7 d">"#,
+        st = h.stage,
+    );
+    for (i, (start, c)) in h.hourly_7d.iter().enumerate() {
+        let class = match c.availability() {
+            None => "none",
+            Some(a) if a >= 1.0 => "good",
+            Some(a) if a >= 0.99 => "fair",
+            Some(_) => "poor",
+        };
+        let _ = write!(
+            out,
+            r#"<rect class="{class}" x="{:.0}" y="0" width="{w}" height="16"><title>{} UTC: {}</title></rect>"#,
+            i as f64 * w,
+            wall_time(*start, "%a %H:00"),
+            availability(c)
+        );
+    }
+    out.push_str("</svg>");
+}
+
+/// Per stage: latency over 24 h, and the share of canaries that passed it on time over
+/// 24 h and 7 d, from the history kept in the ledger.
+fn history_table(out: &mut String, stages: &[StageHistory], now_wall: u64) {
+    out.push_str(
+        r#"<h3>History</h3><table class="history"><tr><th>stage</th><th>latency, last 24 h (<span class="k50">p50</span>, <span class="k95">p95</span> dashed; per 10 min)</th><th>on time, 24 h</th><th>on time, 7 d</th><th>by the hour, 7 d</th></tr>"#,
+    );
+    for h in stages {
+        let _ = write!(
+            out,
+            r#"<tr class="history" data-stage="{st}"><td>{st}</td><td>"#,
+            st = h.stage
+        );
+        latency_svg(out, h, now_wall);
+        let _ = write!(
+            out,
+            r#"</td><td class="num avail-24h">{}</td><td class="num avail-7d">{}</td><td>"#,
+            availability(&h.counts_24h),
+            availability(&h.counts_7d)
+        );
+        hourly_svg(out, h);
+        out.push_str("</td></tr>");
+    }
+    out.push_str("</table>");
 }
 
 /// The recorded incidents, newest first, each with a timeline bar: held (from the latest
@@ -327,8 +543,10 @@ fn failures(out: &mut String, p: &ProbeStatus, now: u64) {
 pub fn render(
     probes: &[ProbeStatus],
     incidents: &[crate::flow::incident::Incident],
+    history: &[(String, Vec<StageHistory>)],
     now: u64,
 ) -> String {
+    let now_wall = crate::clock::to_wall_ms(now);
     let mut out = String::with_capacity(16 * 1024);
     let worst = if probes.iter().any(|p| p.state == "failing") {
         "FAILING"
@@ -359,6 +577,9 @@ pub fn render(
             let _ = write!(out, "<p class=\"why\">{}</p>", esc(&p.why));
         }
         stage_table(&mut out, p, now);
+        if let Some((_, h)) = history.iter().find(|(name, _)| *name == p.name) {
+            history_table(&mut out, h, now_wall);
+        }
         waterfall(&mut out, p, now);
         failures(&mut out, p, now);
         out.push_str("</section>");
@@ -384,6 +605,47 @@ mod tests {
     }
 
     #[test]
+    fn chart_tops_are_round() {
+        assert_eq!(
+            [1, 2, 3, 7, 10, 11, 450, 1_234, 20_001].map(round_up),
+            [1, 2, 5, 10, 10, 20, 500, 2_000, 30_000]
+        );
+    }
+
+    #[test]
+    fn a_day_of_history_draws_points_lines_gaps_and_hours() {
+        use crate::flow::history::{Mark, Series};
+        let now = 1_780_000_000_000u64;
+        let mut s = Series::default();
+        // Two runs of bins 12 h apart: two line segments each for p50 and p95.
+        for start in [now - 20 * 3_600_000, now - 8 * 3_600_000] {
+            for i in 0..30u64 {
+                s.add(
+                    Stage::Import,
+                    start + i * 60_000,
+                    Mark::OnTime(1_000 + i * 10),
+                );
+            }
+        }
+        let h = StageHistory::of(Stage::Import, &s, now);
+        let mut out = String::new();
+        latency_svg(&mut out, &h, now);
+        assert_eq!(
+            h.latency_24h.len(),
+            out.matches("circle class=\"point p50\"").count()
+        );
+        assert!(h.latency_24h.len() >= 6, "{:?}", h.latency_24h);
+        assert_eq!(out.matches("<polyline class=\"p50\"").count(), 2, "{out}");
+        assert_eq!(out.matches("<polyline class=\"p95\"").count(), 2);
+        assert!(out.contains(">2.00 s</text>"), "{out}");
+        let mut cells = String::new();
+        hourly_svg(&mut cells, &h);
+        assert_eq!(cells.matches("<rect").count(), 168);
+        assert!(cells.matches("class=\"good\"").count() >= 2);
+        assert_eq!(availability(&h.counts_24h), "100.00 % of 60");
+    }
+
+    #[test]
     fn durations_read_well() {
         assert_eq!(dur(450), "450 ms");
         assert_eq!(dur(1_234), "1.23 s");
@@ -393,7 +655,7 @@ mod tests {
 
     #[test]
     fn an_empty_prober_still_renders() {
-        let html = render(&[], &[], 0);
+        let html = render(&[], &[], &[], 0);
         assert!(html.contains("No probe configured"));
         assert!(html.ends_with("</html>"));
     }
