@@ -16,6 +16,8 @@ pub const FAILURES: &str = "mailcanary_stage_failures_total";
 pub const COMPLETED: &str = "mailcanary_canaries_completed_total";
 pub const LATE: &str = "mailcanary_stage_late_total";
 pub const OLDEST: &str = "mailcanary_stage_oldest_in_flight_seconds";
+/// The deadline the newest canary of a probe got, per stage (a learned one for `"auto"`).
+pub const DEADLINE: &str = "mailcanary_stage_deadline_seconds";
 
 /// Fails the benchmark loudly: a figure that cannot be measured is never made up.
 #[macro_export]
@@ -116,6 +118,25 @@ pub async fn until(
     }
 }
 
+/// Waits (at most `within`) until the `"auto"` deadline of `probe`'s `stage` is learned: below
+/// `auto_max`, which it is until enough canaries went through on time. Returns it, in seconds.
+pub async fn until_learned(
+    c: &reqwest::Client,
+    addr: SocketAddr,
+    probe: &str,
+    stage: &str,
+    auto_max: Duration,
+    within: Duration,
+) -> f64 {
+    let learned = |s: &Samples| {
+        // Absent (0) until the probe's first canary got its deadlines.
+        let d = val(s, probe, DEADLINE, &[("stage", stage)]);
+        (d > 0.0 && d < auto_max.as_secs_f64()).then_some(d)
+    };
+    let what = format!("the learned {stage} deadline of {probe} (below auto_max {auto_max:?})");
+    learned(&until(c, addr, within, &what, |s| learned(s).is_some()).await).unwrap_or_default()
+}
+
 /// Where a sandbox listens.
 #[derive(Clone, Debug)]
 pub struct SbAddrs {
@@ -138,6 +159,8 @@ pub struct ProbeSpec {
     pub helpdesk_poll: Duration,
     pub idle: bool,
     pub imap_poll: Duration,
+    /// `Some((auto_min, auto_max))`: the import deadline is `"auto"` (learned) within them.
+    pub auto_import: Option<(Duration, Duration)>,
 }
 
 impl ProbeSpec {
@@ -153,6 +176,7 @@ impl ProbeSpec {
             helpdesk_poll: Duration::from_millis(200),
             idle: true,
             imap_poll: Duration::from_millis(250),
+            auto_import: None,
         }
     }
 }
@@ -167,6 +191,14 @@ pub fn config_text(sb: &SbAddrs, probes: &[ProbeSpec]) -> String {
         "[prober]\nlisten = \"127.0.0.1:0\"\nsecret = \"bench-secret\"\nhostname = \"prober.test\"\n",
     );
     for p in probes {
+        let import = match p.auto_import {
+            Some((min, max)) => format!(
+                "\"auto\"\nauto_min = \"{}\"\nauto_max = \"{}\"",
+                hd(min),
+                hd(max)
+            ),
+            None => format!("\"{}\"", hd(p.deadline)),
+        };
         out.push_str(&format!(
             r#"
 [[probe]]
@@ -180,7 +212,7 @@ cleanup = true
 
 [probe.deadlines]
 submit = "{dl}"
-import = "{dl}"
+import = {import}
 reply = "{dl}"
 delivery = "{dl}"
 end_to_end = "{e2e}"
@@ -217,6 +249,7 @@ timeout = "5s"
             jitter = hd(p.jitter),
             mif = p.max_in_flight,
             dl = hd(p.deadline),
+            import = import,
             e2e = hd(p.end_to_end),
             smtp = sb.smtp.port(),
             mailbox = p.mailbox,
