@@ -402,10 +402,10 @@ fn markdown(r: &Results) -> String {
     if let Some(p) = &r.peer {
         let _ = writeln!(
             s,
-            "**Side by side with a peer** on one real mail loop (Postfix {}, Dovecot {}; SMTP port 25 without TLS, then IMAPS), one tool after the other, each on its own mailbox. Truth = when Dovecot logged the mail stored. Held queue = Postfix `defer_transports = lmtp`, both tools given a {} s threshold.\n",
+            "**Side by side with a peer** on one real mail loop (Postfix {}, Dovecot {}; SMTP port 25 without TLS, then IMAPS), one tool after the other, each on its own mailbox. Truth = when Dovecot logged the mail stored. Held queue = Postfix `defer_transports = lmtp`, both tools given a {} s threshold (the learned mailcanary deadline at most that).\n",
             p.postfix, p.dovecot, p.threshold_s
         );
-        s.push_str("| tool | round trips | CPU per round trip | wall per round trip median (max) | reported round trip median | stored after median | reported − stored median (max) | held queue reported after median (max) | settings |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        s.push_str("| tool | round trips | CPU per round trip | wall per round trip median (max) | reported round trip median | stored after median | reported − stored median (max) | held queue reported after median (min–max) | settings |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for row in &p.rows {
             let _ = writeln!(
                 s,
@@ -420,8 +420,8 @@ fn markdown(r: &Results) -> String {
                 row.error_ms.median,
                 row.error_ms.max,
                 row.held_s.map_or("not measured".to_string(), |h| format!(
-                    "{:.1} s ({:.1} s), {} trials",
-                    h.median, h.max, h.n
+                    "{:.1} s ({:.1}–{:.1} s), {} trials",
+                    h.median, h.min, h.max, h.n
                 )),
                 row.settings
             );

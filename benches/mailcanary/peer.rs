@@ -9,7 +9,8 @@
 //! reports and the truth: when Dovecot logged the mail as stored (`saved mail to INBOX`, µs).
 //! Then a held Postfix queue (`defer_transports = lmtp`): time from the hold to the tool's first
 //! report of it, both tools given the same 10 s threshold, the peer run back to back (its best
-//! case; under Nagios the check interval adds to it).
+//! case; under Nagios the check interval adds to it); and the prober once more with a learned
+//! delivery deadline (`"auto"`, at most that threshold), learned on the loop before the hold.
 
 use std::{
     path::{Path, PathBuf},
@@ -35,6 +36,8 @@ const THRESHOLD_S: u64 = 10;
 /// The peer's tightest settings (its options take whole seconds; its defaults are 5 s and 5 s).
 const PEER_WAIT_S: u64 = 1;
 const PEER_IMAP_INTERVAL_S: u64 = 1;
+/// The floor of the prober's learned (`"auto"`) delivery deadline; its ceiling is the threshold.
+const AUTO_MIN_S: u64 = 1;
 
 #[derive(Serialize)]
 pub struct PeerReport {
@@ -62,6 +65,8 @@ pub struct PeerRow {
     pub error_ms: Summary,
     /// Postfix queue held → the tool's first report of it (not measured for every setting).
     pub held_s: Option<Summary>,
+    /// With a learned delivery deadline: the one in effect at each held-queue trial.
+    pub learned_deadline_s: Option<Summary>,
 }
 
 pub async fn side_by_side(round_trips: usize, held_trials: usize) -> PeerReport {
@@ -75,13 +80,28 @@ pub async fn side_by_side(round_trips: usize, held_trials: usize) -> PeerReport 
             .await
             .unwrap_or_else(|e| crate::impossible!("peer: {e}"))
     };
-    let idle = run_mailcanary(&servers, round_trips, held_trials, Watch::Idle).await;
-    let poll = run_mailcanary(&servers, round_trips, 0, Watch::Poll).await;
+    let idle = run_mailcanary(
+        &servers,
+        round_trips,
+        held_trials,
+        Watch::Idle,
+        Deadline::Fixed,
+    )
+    .await;
+    let auto = run_mailcanary(
+        &servers,
+        round_trips,
+        held_trials,
+        Watch::Idle,
+        Deadline::Auto,
+    )
+    .await;
+    let poll = run_mailcanary(&servers, round_trips, 0, Watch::Poll, Deadline::Fixed).await;
     PeerReport {
         postfix: version("/usr/sbin/postconf", &["-h", "mail_version"]),
         dovecot: version("/usr/sbin/dovecot", &["--version"]),
         threshold_s: THRESHOLD_S,
-        rows: vec![peer, idle, poll],
+        rows: vec![peer, idle, auto, poll],
     }
 }
 
@@ -313,6 +333,7 @@ fn run_peer(servers: &Arc<Servers>, round_trips: usize, held_trials: usize) -> P
         stored_ms: summary(&stored),
         error_ms: summary(&error),
         held_s: Some(summary(&held)),
+        learned_deadline_s: None,
     }
 }
 
@@ -327,29 +348,50 @@ enum Watch {
     Poll,
 }
 
+/// The prober's delivery deadline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    /// The threshold, as the peer's.
+    Fixed,
+    /// `"auto"`: learned on the loop, between `AUTO_MIN_S` and the threshold.
+    Auto,
+}
+
 async fn run_mailcanary(
     servers: &Arc<Servers>,
     round_trips: usize,
     held_trials: usize,
     watch: Watch,
+    deadline: Deadline,
 ) -> PeerRow {
-    let probe = match watch {
-        Watch::Idle => "loop-idle",
-        Watch::Poll => "loop-poll",
+    let probe = match (watch, deadline) {
+        (Watch::Idle, Deadline::Fixed) => "loop-idle",
+        (Watch::Idle, Deadline::Auto) => "loop-auto",
+        (Watch::Poll, _) => "loop-poll",
     };
     let mut spec =
         crate::realmail::ProbeSpec::new(probe, SmtpMode::Plain25, ImapMode::Tls993, "canary");
     spec.interval = "1s";
-    spec.delivery_deadline = "10s";
+    spec.delivery_deadline = match deadline {
+        Deadline::Fixed => "10s",
+        Deadline::Auto => "auto",
+    };
     spec.idle = watch == Watch::Idle;
     spec.poll_interval = "100ms";
+    let mut text = crate::realmail::config_text(servers, &[spec]);
+    if deadline == Deadline::Auto {
+        let line = "delivery = \"auto\"\n";
+        if !text.contains(line) {
+            crate::impossible!("no {line:?} in the generated config:\n{text}");
+        }
+        text = text.replace(
+            line,
+            &format!("{line}auto_min = \"{AUTO_MIN_S}s\"\nauto_max = \"{THRESHOLD_S}s\"\n"),
+        );
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
-    std::fs::write(
-        dir.path().join("config/loop.toml"),
-        crate::realmail::config_text(servers, &[spec]),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config/loop.toml"), text).unwrap();
     let log: PathBuf = dir.path().join("prober.log");
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_mailcanary"));
     let prober = Proc::spawn(
@@ -436,7 +478,20 @@ async fn run_mailcanary(
         summary(&stored).median
     );
 
-    let mut held = Vec::new();
+    if deadline == Deadline::Auto {
+        let learned = until_learned(
+            &http,
+            addr,
+            probe,
+            "delivery",
+            Duration::from_secs(THRESHOLD_S),
+            Duration::from_secs(60),
+        )
+        .await;
+        eprintln!("  mailcanary ({probe}): learned delivery deadline {learned:.2} s");
+    }
+
+    let (mut held, mut deadlines) = (Vec::new(), Vec::new());
     let deadline_failures = |s: &mailcanary::metrics::testing::Samples| {
         val(
             s,
@@ -455,6 +510,12 @@ async fn run_mailcanary(
         )
         .await;
         let f0 = deadline_failures(&s);
+        // The delivery deadline the newest canary got, and so those sent into the hold.
+        let d = val(&s, probe, DEADLINE, &[("stage", "delivery")]);
+        if deadline == Deadline::Auto && !(d > 0.0 && d < THRESHOLD_S as f64) {
+            crate::impossible!("{probe} held trial {trial}: delivery deadline {d} s, not learned");
+        }
+        deadlines.push(d);
         let sv = servers.clone();
         tokio::task::spawn_blocking(move || hold(&sv))
             .await
@@ -469,7 +530,9 @@ async fn run_mailcanary(
         )
         .await;
         let secs = t0.elapsed().as_secs_f64();
-        eprintln!("  mailcanary ({probe}) held queue trial {trial}: {secs:.1} s");
+        eprintln!(
+            "  mailcanary ({probe}) held queue trial {trial}: {secs:.1} s (delivery deadline {d:.2} s)"
+        );
         held.push(secs);
         let sv = servers.clone();
         tokio::task::spawn_blocking(move || release(&sv))
@@ -477,13 +540,26 @@ async fn run_mailcanary(
             .unwrap();
     }
     drop(prober);
+    let learned =
+        (deadline == Deadline::Auto && !deadlines.is_empty()).then(|| summary(&deadlines));
     PeerRow {
         tool: format!("mailcanary {}", env!("CARGO_PKG_VERSION")),
         settings: format!(
-            "`mailcanary run`, interval 1 s, {}, delivery deadline {THRESHOLD_S} s; IMAPS verified against the test CA",
+            "`mailcanary run`, interval 1 s, {}, delivery deadline {}; IMAPS verified against the test CA",
             match watch {
                 Watch::Idle => "IMAP IDLE (its default)",
                 Watch::Poll => "IMAP polled every 100 ms",
+            },
+            match (deadline, learned) {
+                (Deadline::Fixed, _) => format!("{THRESHOLD_S} s"),
+                (Deadline::Auto, l) => format!(
+                    "`auto` (auto_min {AUTO_MIN_S} s, auto_max {THRESHOLD_S} s){}",
+                    match l {
+                        Some(l) if l.min == l.max => format!(": learned {:.2} s", l.median),
+                        Some(l) => format!(": learned {:.2}–{:.2} s", l.min, l.max),
+                        None => String::new(),
+                    }
+                ),
             }
         ),
         round_trips: done as usize,
@@ -493,5 +569,6 @@ async fn run_mailcanary(
         stored_ms: summary(&stored),
         error_ms: summary(&error),
         held_s: (!held.is_empty()).then(|| summary(&held)),
+        learned_deadline_s: learned,
     }
 }
