@@ -198,6 +198,33 @@ struct SandboxArgs {
     /// threaded to it), as RT and django-helpdesk do, ahead of any reply.
     #[arg(long)]
     auto_ack: bool,
+    /// The vendor dialect whose webhooks are sent and which serves paths vendors share
+    /// (every dialect is served; see the README's Helpdesks table).
+    #[arg(long, default_value = "supportbee", value_parser = parse_dialect)]
+    api: String,
+    /// Hide a new ticket from search endpoints this long, as a vendor's search index lags
+    /// (list endpoints see it at once), e.g. `60s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    search_lag: Option<Duration>,
+    /// Answer 429, with the vendor's rate-limit headers, past this many API requests a minute.
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// POST a ticket-created webhook here for every new ticket, signed as the `--api` vendor
+    /// signs (or with `Authorization: Bearer SECRET` where it does not sign).
+    #[arg(long)]
+    webhook_url: Option<String>,
+    /// The secret webhooks are signed with.
+    #[arg(long, default_value = "sandbox")]
+    webhook_secret: String,
+}
+
+fn parse_dialect(s: &str) -> Result<String, String> {
+    sandbox::api::dialect(s)
+        .map(|d| d.name.to_string())
+        .ok_or_else(|| {
+            let names: Vec<&str> = sandbox::api::DIALECTS.iter().map(|d| d.name).collect();
+            format!("unknown helpdesk API {s:?}; one of {}", names.join(", "))
+        })
 }
 
 fn parse_fault(s: &str) -> Result<(Stage, Fault), String> {
@@ -371,6 +398,11 @@ async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         idle_push_delay: args.idle_delay.unwrap_or_default(),
         faults: args.faults,
         auto_ack: args.auto_ack,
+        api: args.api,
+        search_lag: args.search_lag.unwrap_or_default(),
+        rate_limit: args.rate_limit,
+        webhook_url: args.webhook_url,
+        webhook_secret: args.webhook_secret,
         ..SandboxConfig::default()
     };
     let sb = Sandbox::start(config.clone())

@@ -35,8 +35,14 @@
 //! | `mailcanary_canaries_skipped_total` | probe, reason | [`Metrics::skipped`] |
 //! | `mailcanary_helpdesk_duplicate_tickets_total` | probe | [`Metrics::duplicate_tickets`] |
 //! | `mailcanary_heartbeat_errors_total` | probe | [`Metrics::heartbeat_error`] |
+//! | `mailcanary_webhooks_total` | probe, result | [`Metrics::webhook`] |
+//! | `mailcanary_helpdesk_rate_limit_remaining` | probe | [`Metrics::set_rate_limit_remaining`] |
 
 use std::collections::{HashMap, HashSet};
+
+/// The `result` label of `mailcanary_webhooks_total`.
+pub const WEBHOOK_RESULTS: [&str; 3] = ["authentic", "refused", "challenge"];
+
 use std::sync::Mutex;
 
 use prometheus::core::Collector;
@@ -133,6 +139,8 @@ pub struct Metrics {
     skipped: IntCounterVec,
     duplicate_tickets: IntCounterVec,
     heartbeat_errors: IntCounterVec,
+    webhooks: IntCounterVec,
+    rate_limit_remaining: GaugeVec,
     ledger_errors: IntCounterVec,
     config_reload: IntGauge,
     /// Stages already registered per probe: registering again (a config reload) only adds the
@@ -201,6 +209,11 @@ impl Metrics {
             "Pings of the probe's heartbeat_url (dead man's switch) that failed or were refused.",
             &["probe"],
         );
+        let webhooks = counter(
+            "mailcanary_webhooks_total",
+            "Ticket-created webhooks received for the probe, by result: authentic (signed or carrying the secret as its vendor does), refused (401), challenge (a subscription handshake answered).",
+            &["probe", "result"],
+        );
         let ledger_errors = counter(
             "mailcanary_ledger_errors_total",
             "Failed operations on the ledger in the state dir, by operation (open, write, read, check).",
@@ -257,6 +270,11 @@ impl Metrics {
             "mailcanary_stage_drain_eta_seconds",
             "Seconds until the stage's backlog is drained at its current pace: +Inf when not catching up, NaN when not draining.",
             &["probe", "stage"],
+        );
+        let rate_limit_remaining = gauge(
+            "mailcanary_helpdesk_rate_limit_remaining",
+            "Requests left in the helpdesk account's rate limit, as the vendor's last answer to this probe said (NaN until one says, or where the vendor does not).",
+            &["probe"],
         );
         let deadline = gauge(
             "mailcanary_stage_deadline_seconds",
@@ -316,6 +334,8 @@ impl Metrics {
             skipped,
             duplicate_tickets,
             heartbeat_errors,
+            webhooks,
+            rate_limit_remaining,
             ledger_errors,
             config_reload,
             registered: Mutex::new(HashMap::new()),
@@ -350,6 +370,12 @@ impl Metrics {
                 }
                 self.duplicate_tickets.with_label_values(&[probe]);
                 self.heartbeat_errors.with_label_values(&[probe]);
+                for result in WEBHOOK_RESULTS {
+                    self.webhooks.with_label_values(&[probe, result]);
+                }
+                self.rate_limit_remaining
+                    .with_label_values(&[probe])
+                    .set(f64::NAN);
                 registered.entry(probe.to_string()).or_default()
             }
         };
@@ -467,6 +493,18 @@ impl Metrics {
     }
 
     /// A heartbeat ping of `probe` failed.
+    /// A webhook for `probe` arrived: `result` is one of [`WEBHOOK_RESULTS`].
+    pub fn webhook(&self, probe: &str, result: &str) {
+        self.webhooks.with_label_values(&[probe, result]).inc();
+    }
+
+    /// What the helpdesk last said about the account's rate limit.
+    pub fn set_rate_limit_remaining(&self, probe: &str, remaining: u64) {
+        self.rate_limit_remaining
+            .with_label_values(&[probe])
+            .set(remaining as f64);
+    }
+
     pub fn heartbeat_error(&self, probe: &str) {
         self.heartbeat_errors.with_label_values(&[probe]).inc();
     }
@@ -837,6 +875,7 @@ mod tests {
             ("mailcanary_config_last_reload_successful", "gauge"),
             ("mailcanary_heartbeat_errors_total", "counter"),
             ("mailcanary_helpdesk_duplicate_tickets_total", "counter"),
+            ("mailcanary_helpdesk_rate_limit_remaining", "gauge"),
             ("mailcanary_ledger_errors_total", "counter"),
             ("mailcanary_messages_ignored_total", "counter"),
             ("mailcanary_probe_success", "gauge"),
@@ -850,6 +889,7 @@ mod tests {
             ("mailcanary_stage_late_total", "counter"),
             ("mailcanary_stage_oldest_in_flight_seconds", "gauge"),
             ("mailcanary_stage_overdue", "gauge"),
+            ("mailcanary_webhooks_total", "counter"),
         ];
         let want: Vec<_> = want
             .iter()
@@ -919,6 +959,7 @@ mod tests {
                     "revision" => v == "abc1234",
                     "le" => buckets.contains(v),
                     "op" => crate::ledger::OPS.contains(&v.as_str()),
+                    "result" => WEBHOOK_RESULTS.contains(&v.as_str()),
                     _ => false,
                 };
                 assert!(ok, "label {k}={v:?} in {sample:?}");

@@ -168,6 +168,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
+    /// Canaries a webhook named, `(probe, id)`: their runs look at the helpdesk now.
+    hints: broadcast::Sender<(String, String)>,
     /// To the ledger writer thread. Disk work never happens under `state`'s lock, so a scrape
     /// or the status page never waits on an fsync.
     writer: mpsc::Sender<Job>,
@@ -196,6 +198,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Engine {
     pub fn new(ledger: Ledger, metrics: Arc<Metrics>) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
+        let (hints, _) = broadcast::channel(256);
         Arc::new_cyclic(|weak: &Weak<Engine>| {
             let (writer, jobs) = mpsc::channel();
             let weak = weak.clone();
@@ -208,6 +211,7 @@ impl Engine {
                 metrics,
                 state: Mutex::new(State::default()),
                 events,
+                hints,
                 writer,
                 on_reopen: Mutex::new(None),
             }
@@ -280,6 +284,23 @@ impl Engine {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// A webhook named canary `id` of `probe`: if it is waiting for its import, its run asks
+    /// the helpdesk now instead of at the next poll (the API confirms; a webhook only hints).
+    /// True if the canary is waiting for its import.
+    pub fn hint(&self, probe: &str, id: &str) -> bool {
+        let waiting = self
+            .get(probe, id)
+            .is_some_and(|c| c.current() == Some(Stage::Import));
+        if waiting {
+            let _ = self.hints.send((probe.to_string(), id.to_string()));
+        }
+        waiting
+    }
+
+    pub fn subscribe_hints(&self) -> broadcast::Receiver<(String, String)> {
+        self.hints.subscribe()
     }
 
     /// Registers a probe (every metric series at 0) and loads its recent history.

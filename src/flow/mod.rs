@@ -59,6 +59,8 @@ pub struct Probe {
     pub reply_body: Option<String>,
     /// Shared secret of `POST /webhooks/{probe}`; webhooks are refused without one.
     pub webhook_secret: Option<String>,
+    /// How that webhook is authenticated: the vendor's signature scheme, or the bearer secret.
+    pub webhook_verify: crate::edges::helpdesk::webhook::Verifier,
     pub poll_interval: Duration,
     pub submitter: Submitter,
     pub helpdesk: Option<Arc<Helpdesk>>,
@@ -233,6 +235,12 @@ impl Probe {
             reply,
             reply_body,
             webhook_secret,
+            webhook_verify: cfg
+                .helpdesk
+                .as_ref()
+                .map_or(crate::edges::helpdesk::webhook::bearer, |h| {
+                    helpdesk::webhook_verifier(h.api)
+                }),
             poll_interval,
             submitter,
             helpdesk,

@@ -79,6 +79,7 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
     let mut reply_maybe_posted = false;
     // Woken early when something else (a webhook, the dispatcher) changes this canary.
     let mut changes = engine.subscribe();
+    let mut hints = engine.subscribe_hints();
     loop {
         let Some(c) = engine.get(&probe.name, &id) else {
             return; // finished meanwhile (lost, or delivered early and completed)
@@ -150,6 +151,9 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
             // Delivery (or nothing) left: the dispatcher takes it from here.
             _ => return,
         };
+        if let Some(left) = helpdesk.rate_limit_remaining() {
+            engine.metrics().set_rate_limit_remaining(&probe.name, left);
+        }
         if let Err((reason, detail)) = result {
             debug!(probe = %probe.name, canary = %id, %reason, %detail, "helpdesk call failed; retrying");
             engine.update(&probe.name, &id, |c| {
@@ -159,6 +163,7 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
             _ = changed(&mut changes, &probe.name, &id) => {}
+            _ = hinted(&mut hints, &probe.name, &id) => {}
         }
     }
 }
@@ -177,6 +182,21 @@ async fn changed(rx: &mut tokio::sync::broadcast::Receiver<super::Event>, probe:
     loop {
         match rx.recv().await {
             Ok(e) if e.probe == probe && e.canary == id => return,
+            Ok(_) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Resolves when a webhook names this canary (or hints were missed: look again).
+async fn hinted(
+    rx: &mut tokio::sync::broadcast::Receiver<(String, String)>,
+    probe: &str,
+    id: &str,
+) {
+    loop {
+        match rx.recv().await {
+            Ok((p, i)) if p == probe && i == id => return,
             Ok(_) => continue,
             Err(_) => return,
         }

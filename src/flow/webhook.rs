@@ -1,23 +1,31 @@
-//! Ticket-created webhooks: a helpdesk pushes the new ticket, and the import stage ends at
-//! once instead of at the next poll. Polling goes on regardless (a webhook can be lost), and
-//! whichever sees the ticket first ends the stage; the other then finds nothing to do.
+//! Ticket-created webhooks: a helpdesk pushes the new ticket, and the canary's run asks the
+//! helpdesk's API at once instead of at the next poll. A webhook only hints: the import stage
+//! ends when the API shows the ticket, so a forged or premature webhook cannot end it, and a
+//! lost one costs nothing (polling goes on regardless).
+//!
+//! A vendor's webhook is account-wide: the one configured for this probe may carry the token
+//! of a sibling probe on the same helpdesk. Such a token is that probe's, not a forgery: its
+//! canary is hinted the same way, as mailbox recognition classifies tokens against every
+//! probe.
 
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{Engine, Probe, now_ms};
+use super::{Engine, Probe};
 use crate::{
-    canary::{Token, find_tokens, life::Stage},
+    canary::{Token, find_tokens},
     metrics::Ignored,
 };
 
 /// What a webhook delivery did.
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Matched {
-    /// Canaries of this probe whose import stage it ended.
-    pub imported: usize,
-    /// Tokens that failed authentication (counted as forged).
+    /// Canaries of this probe waiting for their import, whose runs now look for the ticket.
+    pub hinted: usize,
+    /// Canaries of other probes (an account-wide webhook) hinted the same way.
+    pub siblings: usize,
+    /// Tokens no probe signed (counted as forged on the probe the webhook came for).
     pub forged: usize,
 }
 
@@ -32,52 +40,44 @@ fn strings<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
     }
 }
 
-/// The ticket id, where SupportBee-like payloads put it (`ticket.id`, or `id`).
-fn ticket_id(v: &Value) -> Option<String> {
-    let id = v
-        .get("ticket")
-        .and_then(|t| t.get("id"))
-        .or_else(|| v.get("id"))?;
-    match id {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// Applies one webhook payload to `probe`'s canaries.
-pub fn ticket_created(engine: &Engine, probe: &Arc<Probe>, payload: &Value) -> Matched {
+/// Applies one authentic webhook payload sent for `probe`, classifying each token against
+/// every probe of this prober (`all`).
+pub fn ticket_created(
+    engine: &Engine,
+    all: &[Arc<Probe>],
+    probe: &Arc<Probe>,
+    payload: &Value,
+) -> Matched {
     let mut texts = Vec::new();
     strings(payload, &mut texts);
     let mut seen = std::collections::HashSet::new();
     let mut matched = Matched::default();
-    let id = ticket_id(payload);
     for text in texts {
         for t in find_tokens(text) {
+            // Deduplicated by the whole token, not its id: a forgery of a real canary's id
+            // must not hide the real token met after it.
+            if !seen.insert(t.to_string()) {
+                continue;
+            }
             let Ok(token) = Token::parse(t) else { continue };
-            if !seen.insert(token.id().to_string()) {
-                continue;
-            }
-            if !token.verify(&probe.key, &probe.name) {
-                engine.ignored(&probe.name, Ignored::Forged);
-                matched.forged += 1;
-                continue;
-            }
-            let now = now_ms();
-            let mut applied = false;
-            let c = engine.update(&probe.name, token.id(), |c| {
-                if c.current() != Some(Stage::Import) {
-                    return Vec::new(); // already imported (by a poll or an earlier webhook)
+            let owner = std::iter::once(probe)
+                .chain(all.iter())
+                .find(|p| token.verify(&p.key, &p.name));
+            match owner {
+                None => {
+                    engine.ignored(&probe.name, Ignored::Forged);
+                    matched.forged += 1;
                 }
-                applied = true;
-                c.ticket_id = id.clone();
-                c.observe(Stage::Import, now)
-            });
-            // An auto-reply seen before the import ends the canary here.
-            if let Some(c) = c.filter(|c| applied && c.is_finished()) {
-                super::clean_up(probe, &c);
+                Some(p) => {
+                    if engine.hint(&p.name, token.id()) {
+                        if p.name == probe.name {
+                            matched.hinted += 1;
+                        } else {
+                            matched.siblings += 1;
+                        }
+                    }
+                }
             }
-            matched.imported += usize::from(applied);
         }
     }
     matched
@@ -88,7 +88,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_strings_and_ids_anywhere() {
+    fn finds_strings_anywhere() {
         let v: Value = serde_json::json!({
             "ticket": {"id": 42, "subject": "a", "content": {"body": "b"}, "tags": ["c"]}
         });
@@ -96,11 +96,5 @@ mod tests {
         strings(&v, &mut out);
         out.sort();
         assert_eq!(out, vec!["a", "b", "c"]);
-        assert_eq!(ticket_id(&v).as_deref(), Some("42"));
-        assert_eq!(
-            ticket_id(&serde_json::json!({"id": "x7"})).as_deref(),
-            Some("x7")
-        );
-        assert_eq!(ticket_id(&serde_json::json!({"nope": 1})), None);
     }
 }

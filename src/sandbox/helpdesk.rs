@@ -104,6 +104,8 @@ pub struct Hub {
     events: Mutex<EventLog>,
     import_tx: mpsc::UnboundedSender<InboundMail>,
     outbound_tx: mpsc::UnboundedSender<OutboundJob>,
+    /// The API requests of the current minute, for `rate_limit`: (window start, count).
+    pub(crate) rate: Mutex<(Instant, u32)>,
 }
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the data consistent
@@ -172,6 +174,7 @@ impl Hub {
             events,
             import_tx,
             outbound_tx,
+            rate: Mutex::new((Instant::now(), 0)),
         });
         (hub, Queues { import, outbound })
     }
@@ -244,6 +247,11 @@ impl Hub {
             e.ticket_id = Some(id);
             e.ticket_created_at = Some(now);
         });
+        if let Some(url) = &self.config.webhook_url
+            && let Some(ticket) = self.get(id)
+        {
+            super::api::send_webhook(&self.config, url, &ticket);
+        }
         if self.config.auto_ack {
             let job = {
                 let t = lock(&self.tickets);
@@ -266,6 +274,13 @@ impl Hub {
             let _ = self.outbound_tx.send(job);
         }
         id
+    }
+
+    /// Whether search endpoints see `t` yet: a ticket is hidden from them for `search_lag`
+    /// after it was made, as a vendor's search index lags (list endpoints see it at once).
+    pub fn searchable(&self, t: &Ticket) -> bool {
+        let age = chrono::Utc::now().signed_duration_since(t.created_at.0);
+        age.to_std().unwrap_or_default() >= self.config.search_lag
     }
 
     /// Tickets matching `keep`, newest first, one page of them.

@@ -61,6 +61,18 @@ pub struct SandboxConfig {
     /// "(Opened)" mail do: token in the Subject, the canary quoted, threaded to it, sent by the
     /// outbound mailer ahead of any reply.
     pub auto_ack: bool,
+    /// The vendor dialect in charge where dialects would claim the same paths, and whose
+    /// webhooks are sent (`api::DIALECTS` names them). Default `supportbee`.
+    pub api: String,
+    /// How long a new ticket stays invisible to search endpoints (list endpoints see it at
+    /// once), as vendors' search indexes lag behind.
+    pub search_lag: Duration,
+    /// Requests per minute the API answers before 429 with the vendor's rate-limit headers.
+    pub rate_limit: Option<u32>,
+    /// Where a ticket-created webhook is POSTed, signed in the dialect's scheme, when set.
+    pub webhook_url: Option<String>,
+    /// The secret webhooks are signed with.
+    pub webhook_secret: String,
 }
 
 impl Default for SandboxConfig {
@@ -81,6 +93,11 @@ impl Default for SandboxConfig {
             idle_push_delay: Duration::ZERO,
             faults: Vec::new(),
             auto_ack: false,
+            api: "supportbee".into(),
+            search_lag: Duration::ZERO,
+            rate_limit: None,
+            webhook_url: None,
+            webhook_secret: "sandbox".into(),
         }
     }
 }

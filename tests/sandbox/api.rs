@@ -163,3 +163,99 @@ async fn bad_fault_requests_change_nothing() {
     assert_eq!(body["outbound"], "delay:250ms");
     sb.shutdown().await;
 }
+
+/// `search_lag`: a new ticket is hidden from search endpoints for a while, as a vendor's
+/// search index lags; the list sees it at once.
+#[tokio::test]
+async fn search_lags_and_the_list_does_not() {
+    let sb = start_with(|c| c.search_lag = Duration::from_millis(1_500)).await;
+    send(&sb, "lag@example.com", "lagging-7f3", "body")
+        .await
+        .unwrap();
+    let list = format!("{}/tickets?auth_token={TOKEN}&per_page=100", sb.api_url());
+    let t0 = std::time::Instant::now();
+    eventually(Duration::from_secs(5), "the ticket in the list", || async {
+        let (_, v) = get_json(&list).await;
+        v["tickets"]
+            .as_array()?
+            .iter()
+            .find(|t| t["subject"] == "lagging-7f3")
+            .cloned()
+    })
+    .await;
+    assert!(
+        search(&sb, "lagging-7f3").await.is_empty(),
+        "search saw it at once"
+    );
+    eventually(Duration::from_secs(5), "search to catch up", || async {
+        (!search(&sb, "lagging-7f3").await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(t0.elapsed() >= Duration::from_millis(1_000));
+    sb.shutdown().await;
+}
+
+/// `rate_limit`: past N requests a minute, 429 with `Retry-After`; until then, answered.
+#[tokio::test]
+async fn past_the_rate_limit_the_api_answers_429_with_retry_after() {
+    let sb = start_with(|c| c.rate_limit = Some(3)).await;
+    let list = format!("{}/tickets?auth_token={TOKEN}", sb.api_url());
+    for _ in 0..3 {
+        assert_eq!(get_json(&list).await.0, 200);
+    }
+    let r = http().get(&list).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    // The sandbox's own control endpoints are never limited: a fault can always be cleared.
+    assert_eq!(
+        set_fault(&sb, r#"{"api":"ok"}"#).await.status().as_u16(),
+        200
+    );
+    sb.shutdown().await;
+}
+
+/// `webhook_url`: every new ticket is pushed, in the `--api` dialect's scheme (SupportBee:
+/// `{"ticket": …}` with the bearer secret).
+#[tokio::test]
+async fn a_new_ticket_is_pushed_to_the_webhook_url() {
+    use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
+    let app = Router::new().route(
+        "/hook",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let tx = tx.clone();
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send((auth, serde_json::from_slice(&body).unwrap_or(Value::Null)));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let sb = start_with(|c| {
+        c.webhook_url = Some(url);
+        c.webhook_secret = "hook-s3cret".into();
+    })
+    .await;
+    send(&sb, "hook@example.com", "pushed-91c", "body")
+        .await
+        .unwrap();
+    let (auth, v) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a webhook within 5 s")
+        .unwrap();
+    assert_eq!(auth, "Bearer hook-s3cret");
+    assert_eq!(v["ticket"]["subject"], "pushed-91c", "{v}");
+    sb.shutdown().await;
+}

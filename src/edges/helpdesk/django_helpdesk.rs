@@ -162,6 +162,7 @@ impl DjangoHelpdesk {
                 timeout: params.timeout,
                 retry: params.retry,
                 extra_roots_pem: params.extra_roots_pem,
+                rate_limit_headers: &[],
             })?,
             queue: params.queue,
             scan_pages: params.scan_pages.max(1),

@@ -319,6 +319,7 @@ impl Generic {
                 timeout: params.timeout,
                 retry: params.retry,
                 extra_roots_pem: params.extra_roots_pem,
+                rate_limit_headers: &[],
             })?,
             spec: params.spec,
         })

@@ -84,6 +84,10 @@ pub struct ApiClient {
     secret: String,
     auth: Auth,
     retry: RetryPolicy,
+    /// Headers that say how many requests the account has left (the first present wins).
+    rate_limit_headers: &'static [&'static str],
+    /// The last figure one of them gave; `u64::MAX` before any.
+    remaining: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for ApiClient {
@@ -106,6 +110,9 @@ pub struct ClientParams {
     pub retry: RetryPolicy,
     /// PEM certificates trusted in addition to webpki-roots.
     pub extra_roots_pem: Option<Vec<u8>>,
+    /// The vendor's headers for the requests left in its rate limit (Zendesk
+    /// `X-Rate-Limit-Remaining`, …), first present wins; empty if it sends none.
+    pub rate_limit_headers: &'static [&'static str],
 }
 
 impl fmt::Debug for ClientParams {
@@ -171,7 +178,15 @@ impl ApiClient {
                 attempts: params.retry.attempts.max(1),
                 ..params.retry
             },
+            rate_limit_headers: params.rate_limit_headers,
+            remaining: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Requests left in the vendor's rate limit, as its last answer said (if it says).
+    pub fn rate_limit_remaining(&self) -> Option<u64> {
+        let v = self.remaining.load(std::sync::atomic::Ordering::Relaxed);
+        (v != u64::MAX).then_some(v)
     }
 
     /// An `api` error for an answer the adapter did not want (a 4xx that is not retried, a
@@ -333,6 +348,16 @@ impl ApiClient {
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
+        if let Some(left) = self.rate_limit_headers.iter().find_map(|h| {
+            response
+                .headers()
+                .get(*h)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        }) {
+            self.remaining
+                .store(left.min(u64::MAX - 1), std::sync::atomic::Ordering::Relaxed);
+        }
         let body = response.bytes().await.map_err(transport)?.to_vec();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(Attempt {

@@ -21,6 +21,7 @@ pub mod generic;
 pub mod http;
 pub mod rt;
 pub mod supportbee;
+pub mod webhook;
 
 use std::time::SystemTime;
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
@@ -135,12 +136,18 @@ pub trait Vendor: Send + Sync + std::fmt::Debug {
     /// Cleans the ticket up. A ticket that is already gone counts as cleaned: cleanup may run
     /// again after a restart.
     fn cleanup<'a>(&'a self, ticket: &'a TicketRef, how: CleanupMode) -> CallFuture<'a, ()>;
+
+    /// Requests left in the account's rate limit, as the vendor's last answer said; `None`
+    /// where it does not say.
+    fn rate_limit_remaining(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The [`Vendor`] impl of an adapter: its inherent `async fn`s `find`, `reply`, `clean` (and
 /// `posted`, if it can look for a reply) boxed the same way for every vendor.
 macro_rules! impl_vendor {
-    ($t:ty $(, posted = $posted:ident)?) => {
+    ($t:ty $(, posted = $posted:ident)? $(, rate = $client:ident)?) => {
         impl $crate::edges::helpdesk::Vendor for $t {
             fn find_tickets<'a>(
                 &'a self,
@@ -175,6 +182,12 @@ macro_rules! impl_vendor {
             ) -> $crate::edges::helpdesk::CallFuture<'a, ()> {
                 Box::pin(self.clean(ticket, how))
             }
+
+            $(
+                fn rate_limit_remaining(&self) -> Option<u64> {
+                    self.$client.rate_limit_remaining()
+                }
+            )?
         }
     };
 }
@@ -225,6 +238,11 @@ impl Helpdesk {
         self.0.reply_posted(ticket, mark).await
     }
 
+    /// See [`Vendor::rate_limit_remaining`].
+    pub fn rate_limit_remaining(&self) -> Option<u64> {
+        self.0.rate_limit_remaining()
+    }
+
     /// See [`Vendor::cleanup`].
     pub async fn cleanup(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
         self.0.cleanup(ticket, how).await
@@ -269,6 +287,15 @@ pub enum VendorSettings {
     },
     /// The generic adapter: the whole API described in the config.
     Http(Box<generic::HttpSpec>),
+}
+
+/// How a ticket-created webhook for a probe on `api` is authenticated: the vendor's own
+/// signature scheme where it signs, else the bearer secret.
+pub fn webhook_verifier(api: crate::config::HelpdeskApi) -> webhook::Verifier {
+    use crate::config::HelpdeskApi as A;
+    match api {
+        A::SupportBee | A::Rt | A::DjangoHelpdesk | A::Http => webhook::bearer,
+    }
 }
 
 /// The registry: the one place that maps a configured `api` to its adapter.

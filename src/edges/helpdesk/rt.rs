@@ -169,6 +169,7 @@ impl Rt {
                 timeout: params.timeout,
                 retry: params.retry,
                 extra_roots_pem: params.extra_roots_pem,
+                rate_limit_headers: &[],
             })?,
             queue: params.queue,
         })

@@ -172,6 +172,7 @@ impl SupportBee {
                 timeout: params.timeout,
                 retry: params.retry,
                 extra_roots_pem: params.extra_roots_pem,
+                rate_limit_headers: &[],
             })?,
             list_fallback: params.list_fallback,
         })

@@ -29,6 +29,16 @@ use crate::sandbox::{
     helpdesk::{Hub, Ticket},
 };
 
+/// django-helpdesk: `Authorization: Token …` (DRF); no rate limit, no webhooks.
+pub const DIALECT: super::Dialect = super::Dialect {
+    name: "django-helpdesk",
+    routes,
+    prefixes: &["/api/"],
+    rate_headers: None,
+    webhook: None,
+    conflicts: &[],
+};
+
 /// django-helpdesk's `Ticket.OPEN_STATUS`, `REOPENED_STATUS`, `CLOSED_STATUS`.
 const OPEN: u64 = 1;
 const REOPENED: u64 = 2;

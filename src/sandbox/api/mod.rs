@@ -48,9 +48,142 @@ mod django_helpdesk;
 mod rt;
 mod supportbee;
 
+/// A vendor's ticket-created webhook for a ticket: `(ticket, secret, now)` to the body and
+/// the headers, signed in the vendor's scheme.
+pub type SignedWebhook =
+    fn(&Ticket, &str, std::time::SystemTime) -> (Vec<u8>, Vec<(String, String)>);
+
+/// One vendor's dialect: its routes and what the shared layers need to speak for it.
+pub struct Dialect {
+    /// As `mailcanary sandbox --api` and the prober's `helpdesk.api` name it.
+    pub name: &'static str,
+    pub routes: fn(Arc<Hub>) -> Router<Arc<Hub>>,
+    /// The path prefixes it serves (how the rate limiter knows whose headers to send; the
+    /// longest match wins).
+    pub prefixes: &'static [&'static str],
+    /// Its rate-limit headers on every answer, `(limit, remaining)`, if the vendor sends them.
+    pub rate_headers: Option<(&'static str, &'static str)>,
+    /// Its ticket-created webhook for `ticket`: body and headers, signed with `secret` at
+    /// `now` in the vendor's scheme; `None` if the vendor has no webhooks.
+    pub webhook: Option<SignedWebhook>,
+    /// Dialects that claim the same paths: only one of them is served, `--api`'s if it is one.
+    pub conflicts: &'static [&'static str],
+}
+
+/// Every dialect, in the order they are tried.
+pub const DIALECTS: &[Dialect] = &[supportbee::DIALECT, rt::DIALECT, django_helpdesk::DIALECT];
+
+/// The dialect called `name`.
+pub fn dialect(name: &str) -> Option<&'static Dialect> {
+    DIALECTS.iter().find(|d| d.name == name)
+}
+
+/// The dialects served: `--api`'s, then every other one that claims no path of one already
+/// served.
+fn served(api: &str) -> Vec<&'static Dialect> {
+    let mut out: Vec<&'static Dialect> = dialect(api).into_iter().collect();
+    for d in DIALECTS {
+        let clash = out.iter().any(|m| {
+            m.name == d.name || m.conflicts.contains(&d.name) || d.conflicts.contains(&m.name)
+        });
+        if !clash {
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// Sends `ticket`'s ticket-created webhook to `url` in the `--api` dialect's scheme, in the
+/// background (a webhook is best effort for the vendor too; the ground truth is the API).
+pub fn send_webhook(config: &crate::sandbox::SandboxConfig, url: &str, ticket: &Ticket) {
+    let Some(make) = dialect(&config.api).and_then(|d| d.webhook) else {
+        return;
+    };
+    let (body, headers) = make(ticket, &config.webhook_secret, std::time::SystemTime::now());
+    let url = url.to_string();
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let client = match crate::edges::rustls_client_config(None).map(|tls| {
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .timeout(std::time::Duration::from_secs(5))
+                .build()
+        }) {
+            Ok(Ok(c)) => c,
+            _ => return,
+        };
+        let mut req = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        match req.send().await {
+            Ok(r) => tracing::debug!(status = %r.status(), "sandbox webhook sent"),
+            Err(e) => tracing::warn!(error = %e, "sandbox webhook failed"),
+        }
+    });
+}
+
+/// `rate_limit` requests a minute (a fixed window): past it, 429 with `Retry-After` and the
+/// vendor's headers; within it, the vendor's headers on every answer.
+async fn rate_limit(State(hub): State<Arc<Hub>>, req: Request, next: Next) -> Response {
+    let Some(limit) = hub.config.rate_limit else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    // The served dialect with the longest prefix of the path (`/api/v2/` before `/api/`).
+    let headers = served(&hub.config.api)
+        .into_iter()
+        .filter_map(|d| {
+            let p = d
+                .prefixes
+                .iter()
+                .filter(|p| path.starts_with(**p))
+                .map(|p| p.len())
+                .max()?;
+            Some((p, d))
+        })
+        .max_by_key(|(p, _)| *p)
+        .and_then(|(_, d)| d.rate_headers);
+    let (used, reset) = {
+        let mut w = hub.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        if now.duration_since(w.0) >= std::time::Duration::from_secs(60) {
+            *w = (now, 0);
+        }
+        w.1 += 1;
+        (
+            w.1,
+            std::time::Duration::from_secs(60).saturating_sub(now.duration_since(w.0)),
+        )
+    };
+    let remaining = limit.saturating_sub(used);
+    let mut response = if used > limit {
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+        let secs = reset.as_secs().max(1).to_string();
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            secs.parse().expect("digits"),
+        );
+        r
+    } else {
+        next.run(req).await
+    };
+    if let Some((limit_h, remaining_h)) = headers {
+        let h = response.headers_mut();
+        h.insert(limit_h, limit.to_string().parse().expect("digits"));
+        h.insert(remaining_h, remaining.to_string().parse().expect("digits"));
+    }
+    response
+}
+
 use super::{
     faults::{Fault, Stage},
-    helpdesk::Hub,
+    helpdesk::{Hub, Ticket},
 };
 
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationToken) {
@@ -64,12 +197,14 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationT
 pub fn router(hub: Arc<Hub>) -> Router {
     // The vendors' dialects over the neutral ticket core (`helpdesk.rs`): their routes, their
     // JSON, their authentication, under paths that do not overlap.
-    let helpdesk = supportbee::routes(hub.clone())
-        .merge(rt::routes(hub.clone()))
-        .merge(django_helpdesk::routes(hub.clone()));
+    let mut helpdesk = Router::new();
+    for d in served(&hub.config.api) {
+        helpdesk = helpdesk.merge((d.routes)(hub.clone()));
+    }
     let faulted = helpdesk
         .route("/health", get(health))
-        .layer(middleware::from_fn_with_state(hub.clone(), api_fault));
+        .layer(middleware::from_fn_with_state(hub.clone(), api_fault))
+        .layer(middleware::from_fn_with_state(hub.clone(), rate_limit));
     Router::new()
         .route("/sandbox/faults", get(get_faults).put(put_faults))
         .route("/sandbox/events", get(get_events))

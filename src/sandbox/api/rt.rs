@@ -30,6 +30,16 @@ use crate::sandbox::{
     helpdesk::{Hub, Ticket},
 };
 
+/// RT 5: `Authorization: token …`; no rate limit, no built-in webhooks.
+pub const DIALECT: super::Dialect = super::Dialect {
+    name: "rt",
+    routes,
+    prefixes: &["/REST/2.0/"],
+    rate_headers: None,
+    webhook: None,
+    conflicts: &[],
+};
+
 pub fn routes(hub: Arc<Hub>) -> Router<Arc<Hub>> {
     Router::new()
         .route("/REST/2.0/tickets", get(search))

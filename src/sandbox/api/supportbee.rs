@@ -22,6 +22,30 @@ use crate::sandbox::{
     helpdesk::{Hub, Ticket, TicketError},
 };
 
+/// SupportBee: `auth_token` in the query; no rate-limit headers documented; a ticket-created
+/// webhook of `{"ticket": …}` with the bearer secret (SupportBee's web hooks carry no
+/// signature).
+pub const DIALECT: super::Dialect = super::Dialect {
+    name: "supportbee",
+    routes,
+    prefixes: &["/tickets"],
+    rate_headers: None,
+    webhook: Some(webhook),
+    conflicts: &[],
+};
+
+fn webhook(
+    t: &Ticket,
+    secret: &str,
+    _now: std::time::SystemTime,
+) -> (Vec<u8>, Vec<(String, String)>) {
+    let body = json!({ "ticket": ticket_json(t) }).to_string().into_bytes();
+    (
+        body,
+        vec![("authorization".into(), format!("Bearer {secret}"))],
+    )
+}
+
 /// Every SupportBee route, behind its token check.
 pub fn routes(hub: Arc<Hub>) -> Router<Arc<Hub>> {
     Router::new()
@@ -160,6 +184,7 @@ async fn search_tickets(
     let result = hub.list(
         |t| {
             !t.trashed
+                && hub.searchable(t)
                 && (t.subject.to_lowercase().contains(&needle)
                     || t.body.to_lowercase().contains(&needle))
         },
