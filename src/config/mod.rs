@@ -207,15 +207,19 @@ pub enum HelpdeskApi {
     /// Any helpdesk with an HTTP API, described in `[probe.helpdesk.http]`.
     #[serde(rename = "http")]
     Http,
+    /// Zammad, its REST API (`/api/v1`).
+    #[serde(rename = "zammad")]
+    Zammad,
 }
 
 impl HelpdeskApi {
     /// Every adapter the config knows.
-    pub const ALL: [HelpdeskApi; 4] = [
+    pub const ALL: [HelpdeskApi; 5] = [
         HelpdeskApi::SupportBee,
         HelpdeskApi::Rt,
         HelpdeskApi::DjangoHelpdesk,
         HelpdeskApi::Http,
+        HelpdeskApi::Zammad,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -224,6 +228,7 @@ impl HelpdeskApi {
             HelpdeskApi::Rt => "rt",
             HelpdeskApi::DjangoHelpdesk => "django-helpdesk",
             HelpdeskApi::Http => "http",
+            HelpdeskApi::Zammad => "zammad",
         }
     }
 }

@@ -13,6 +13,7 @@ const MAIL_LOOP_EXAMPLE: &str = include_str!("../../probes/mail-loop.toml");
 const RT_EXAMPLE: &str = include_str!("../../probes/rt.example.toml");
 const DJANGO_EXAMPLE: &str = include_str!("../../probes/django-helpdesk.example.toml");
 const GENERIC_EXAMPLE: &str = include_str!("../../probes/generic-http.example.toml");
+const ZAMMAD_EXAMPLE: &str = include_str!("../../probes/zammad.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -139,6 +140,8 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("rt/token", "1-14-rt-token\n"),
         ("django-helpdesk/token", "0123456789abcdef\n"),
         ("helpdesk/token", "generic-token\n"),
+        ("zammad/token", "zammad-token\n"),
+        ("zammad/webhook", "zammad-signature-token\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -215,6 +218,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("rt.example.toml", RT_EXAMPLE),
         ("django-helpdesk.example.toml", DJANGO_EXAMPLE),
         ("generic-http.example.toml", GENERIC_EXAMPLE),
+        ("zammad.example.toml", ZAMMAD_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -229,7 +233,8 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
             "supportbee-prod",
             "mail-loop",
             "rt-support",
-            "sandbox"
+            "sandbox",
+            "zammad-support"
         ],
         "sorted by file name"
     );
@@ -710,6 +715,41 @@ method = "post"
 path = "tickets/{ticket_id}/replies"
 body = { id = "{ticket_id:number}", text = "{body}", tags = ["canary {token}"] }
 "#;
+
+#[test]
+fn the_shipped_zammad_example_resolves_to_its_adapter_with_a_signed_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = parse_env(
+        &with_secret_files(ZAMMAD_EXAMPLE, dir.path()),
+        "zammad.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.warnings(), Vec::<String>::new());
+    let h = c.probes[0].helpdesk.as_ref().unwrap();
+    assert_eq!(h.api, HelpdeskApi::Zammad);
+    assert_eq!(h.vendor, VendorConfig::Zammad);
+    assert_eq!(h.token.expose(), "zammad-token");
+    assert_eq!(
+        h.webhook_secret.as_ref().map(|s| s.expose()),
+        Some("zammad-signature-token")
+    );
+    // Zammad has no settings of its own: a table for it is an unknown key.
+    let text = ZAMMAD_EXAMPLE.replace(
+        "\n[probe.imap]",
+        "\n[probe.helpdesk.zammad]\ngroup = \"Users\"\n\n[probe.imap]",
+    );
+    let err = parse_env(
+        &with_secret_files(&text, dir.path()),
+        "zammad.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("zammad"), "{err}");
+}
 
 #[test]
 fn the_shipped_django_and_generic_examples_resolve_to_their_adapters() {

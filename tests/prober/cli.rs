@@ -244,7 +244,13 @@ fn check_syntax_only_lints_every_shipped_example_without_its_secrets() {
         String::from_utf8_lossy(&lint.stderr)
     );
     let out = String::from_utf8_lossy(&lint.stdout);
-    for name in ["sandbox", "mail-loop", "supportbee-prod", "rt-support"] {
+    for name in [
+        "sandbox",
+        "mail-loop",
+        "supportbee-prod",
+        "rt-support",
+        "zammad-support",
+    ] {
         assert!(out.contains(name), "{out}");
     }
     // What the file says is still checked: an unknown key, a malformed `${`.

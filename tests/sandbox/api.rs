@@ -259,3 +259,54 @@ async fn a_new_ticket_is_pushed_to_the_webhook_url() {
     assert_eq!(v["ticket"]["subject"], "pushed-91c", "{v}");
     sb.shutdown().await;
 }
+
+/// Zammad's dialect: its query search is the lagging index, its condition search and its
+/// ticket list are the database (seen at once); `/api/v1/` lives beside django-helpdesk's
+/// `/api/` and needs `Token token=…`.
+#[tokio::test]
+async fn zammad_query_search_lags_and_its_condition_search_does_not() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sb = start_with(|c| c.search_lag = Duration::from_secs(60)).await;
+    send(&sb, "lag@example.com", "zammad-lag-5c1", "body")
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let api = sb.api_url();
+    let condition = || {
+        client
+            .post(format!("{api}/api/v1/tickets/search?expand=true"))
+            .header("authorization", format!("Token token={TOKEN}"))
+            .json(&serde_json::json!({
+                "condition": {"ticket.title": {"operator": "contains", "value": "zammad-lag-5c1"}},
+                "sort_by": "created_at", "order_by": "desc", "limit": 20,
+            }))
+            .send()
+    };
+    let found = eventually(Duration::from_secs(5), "the condition search", || async {
+        let v: Value = condition().await.ok()?.json().await.ok()?;
+        v.as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(found["title"], "zammad-lag-5c1");
+    assert_eq!(found["state"], "new");
+    let query: Value = client
+        .get(format!(
+            "{api}/api/v1/tickets/search?query=%22zammad-lag-5c1%22&expand=true"
+        ))
+        .header("authorization", format!("Token token={TOKEN}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(query, serde_json::json!([]), "the index has not caught up");
+    let denied = client
+        .get(format!("{api}/api/v1/tickets"))
+        .header("authorization", format!("Token {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401, "Zammad's scheme is `Token token=…`");
+    sb.shutdown().await;
+}

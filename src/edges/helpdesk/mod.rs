@@ -22,6 +22,7 @@ pub mod http;
 pub mod rt;
 pub mod supportbee;
 pub mod webhook;
+pub mod zammad;
 
 use std::time::SystemTime;
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
@@ -285,6 +286,9 @@ pub enum VendorSettings {
         /// How many of the newest pages of the ticket list to scan (the API has no search).
         scan_pages: u32,
     },
+    /// Zammad: nothing of its own (the token's group permissions decide which tickets it
+    /// sees).
+    Zammad,
     /// The generic adapter: the whole API described in the config.
     Http(Box<generic::HttpSpec>),
 }
@@ -295,6 +299,7 @@ pub fn webhook_verifier(api: crate::config::HelpdeskApi) -> webhook::Verifier {
     use crate::config::HelpdeskApi as A;
     match api {
         A::SupportBee | A::Rt | A::DjangoHelpdesk | A::Http => webhook::bearer,
+        A::Zammad => zammad::verify_webhook,
     }
 }
 
@@ -330,6 +335,13 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
                 extra_roots_pem: settings.extra_roots_pem,
             })?,
         )),
+        VendorSettings::Zammad => Ok(Helpdesk::new(zammad::Zammad::new(zammad::ZammadParams {
+            base_url: settings.base_url,
+            token: settings.secret,
+            timeout: settings.timeout,
+            retry: settings.retry,
+            extra_roots_pem: settings.extra_roots_pem,
+        })?)),
         VendorSettings::Http(spec) => Ok(Helpdesk::new(generic::Generic::new(
             generic::GenericParams {
                 base_url: settings.base_url,
