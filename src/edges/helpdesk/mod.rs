@@ -22,6 +22,7 @@ pub mod http;
 pub mod rt;
 pub mod supportbee;
 pub mod webhook;
+pub mod zendesk;
 
 use std::time::SystemTime;
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
@@ -285,6 +286,11 @@ pub enum VendorSettings {
         /// How many of the newest pages of the ticket list to scan (the API has no search).
         scan_pages: u32,
     },
+    Zendesk {
+        /// The agent whose API token it is (Basic `{email}/token:{token}`); `None`: the token
+        /// is an OAuth access token (Bearer).
+        email: Option<String>,
+    },
     /// The generic adapter: the whole API described in the config.
     Http(Box<generic::HttpSpec>),
 }
@@ -294,6 +300,7 @@ pub enum VendorSettings {
 pub fn webhook_verifier(api: crate::config::HelpdeskApi) -> webhook::Verifier {
     use crate::config::HelpdeskApi as A;
     match api {
+        A::Zendesk => zendesk::verify_webhook,
         A::SupportBee | A::Rt | A::DjangoHelpdesk | A::Http => webhook::bearer,
     }
 }
@@ -330,6 +337,16 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
                 extra_roots_pem: settings.extra_roots_pem,
             })?,
         )),
+        VendorSettings::Zendesk { email } => Ok(Helpdesk::new(zendesk::Zendesk::new(
+            zendesk::ZendeskParams {
+                base_url: settings.base_url,
+                token: settings.secret,
+                email,
+                timeout: settings.timeout,
+                retry: settings.retry,
+                extra_roots_pem: settings.extra_roots_pem,
+            },
+        )?)),
         VendorSettings::Http(spec) => Ok(Helpdesk::new(generic::Generic::new(
             generic::GenericParams {
                 base_url: settings.base_url,
