@@ -17,3 +17,4 @@ mod reload;
 mod restart;
 mod security;
 mod webhook;
+mod zendesk;
