@@ -13,6 +13,7 @@ const MAIL_LOOP_EXAMPLE: &str = include_str!("../../probes/mail-loop.toml");
 const RT_EXAMPLE: &str = include_str!("../../probes/rt.example.toml");
 const DJANGO_EXAMPLE: &str = include_str!("../../probes/django-helpdesk.example.toml");
 const GENERIC_EXAMPLE: &str = include_str!("../../probes/generic-http.example.toml");
+const ZENDESK_EXAMPLE: &str = include_str!("../../probes/zendesk.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -139,6 +140,8 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("rt/token", "1-14-rt-token\n"),
         ("django-helpdesk/token", "0123456789abcdef\n"),
         ("helpdesk/token", "generic-token\n"),
+        ("zendesk/api-token", "zendesk-api-token\n"),
+        ("zendesk/webhook-signing-secret", "zendesk-signing-secret\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -215,6 +218,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("rt.example.toml", RT_EXAMPLE),
         ("django-helpdesk.example.toml", DJANGO_EXAMPLE),
         ("generic-http.example.toml", GENERIC_EXAMPLE),
+        ("zendesk.example.toml", ZENDESK_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -229,7 +233,8 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
             "supportbee-prod",
             "mail-loop",
             "rt-support",
-            "sandbox"
+            "sandbox",
+            "zendesk-support"
         ],
         "sorted by file name"
     );
@@ -710,6 +715,41 @@ method = "post"
 path = "tickets/{ticket_id}/replies"
 body = { id = "{ticket_id:number}", text = "{body}", tags = ["canary {token}"] }
 "#;
+
+#[test]
+fn the_shipped_zendesk_example_resolves_to_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = parse_env(
+        &with_secret_files(ZENDESK_EXAMPLE, dir.path()),
+        "zendesk.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let h = c.probes[0].helpdesk.as_ref().unwrap();
+    assert_eq!(h.api, HelpdeskApi::Zendesk);
+    assert_eq!(
+        h.vendor,
+        VendorConfig::Zendesk {
+            email: Some("canary-agent@example.com".into())
+        }
+    );
+    assert!(h.webhook_secret.is_some());
+    // An email that is not one is an error with its key.
+    let bad = ZENDESK_EXAMPLE.replace("canary-agent@example.com", "agent:x");
+    let e = parse_env(
+        &with_secret_files(&bad, dir.path()),
+        "zendesk.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        e.iter()
+            .any(|e| e.key.as_deref() == Some("probe[0].helpdesk.zendesk.email")),
+        "{e}"
+    );
+}
 
 #[test]
 fn the_shipped_django_and_generic_examples_resolve_to_their_adapters() {
