@@ -204,6 +204,9 @@ pub enum HelpdeskApi {
     /// django-helpdesk 2.x, its DRF API.
     #[serde(rename = "django-helpdesk")]
     DjangoHelpdesk,
+    /// Zendesk Support, its REST API v2.
+    #[serde(rename = "zendesk")]
+    Zendesk,
     /// Any helpdesk with an HTTP API, described in `[probe.helpdesk.http]`.
     #[serde(rename = "http")]
     Http,
@@ -214,10 +217,11 @@ pub enum HelpdeskApi {
 
 impl HelpdeskApi {
     /// Every adapter the config knows.
-    pub const ALL: [HelpdeskApi; 5] = [
+    pub const ALL: [HelpdeskApi; 6] = [
         HelpdeskApi::SupportBee,
         HelpdeskApi::Rt,
         HelpdeskApi::DjangoHelpdesk,
+        HelpdeskApi::Zendesk,
         HelpdeskApi::Http,
         HelpdeskApi::Zammad,
     ];
@@ -227,6 +231,7 @@ impl HelpdeskApi {
             HelpdeskApi::SupportBee => "supportbee",
             HelpdeskApi::Rt => "rt",
             HelpdeskApi::DjangoHelpdesk => "django-helpdesk",
+            HelpdeskApi::Zendesk => "zendesk",
             HelpdeskApi::Http => "http",
             HelpdeskApi::Zammad => "zammad",
         }

@@ -750,6 +750,7 @@ impl Ctx<'_> {
                 HelpdeskApi::DjangoHelpdesk,
                 raw.django_helpdesk.as_ref().map(|t| t.span()),
             ),
+            (HelpdeskApi::Zendesk, raw.zendesk.as_ref().map(|t| t.span())),
             (HelpdeskApi::Http, raw.http.as_ref().map(|t| t.span())),
         ];
         for (api, span) in tables {
@@ -800,6 +801,26 @@ impl Ctx<'_> {
                 }
             }
             HelpdeskApi::Zammad => VendorConfig::Zammad,
+            HelpdeskApi::Zendesk => {
+                let email = raw
+                    .zendesk
+                    .as_ref()
+                    .and_then(|t| t.get_ref().email.as_ref());
+                if let Some(e) = email {
+                    let text = e.get_ref();
+                    if !text.contains('@') || text.contains(':') || text.trim() != text {
+                        self.err(
+                            e.span(),
+                            key(pre, "zendesk.email"),
+                            "must be the agent's email address (with `@`, without `:` or spaces)"
+                                .to_string(),
+                        );
+                    }
+                }
+                VendorConfig::Zendesk {
+                    email: email.map(|e| e.get_ref().clone()),
+                }
+            }
             HelpdeskApi::Http => match &raw.http {
                 Some(t) => VendorConfig::Http(Box::new(self.http_spec(pre, raw, t))),
                 None => {

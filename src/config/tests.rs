@@ -14,6 +14,7 @@ const RT_EXAMPLE: &str = include_str!("../../probes/rt.example.toml");
 const DJANGO_EXAMPLE: &str = include_str!("../../probes/django-helpdesk.example.toml");
 const GENERIC_EXAMPLE: &str = include_str!("../../probes/generic-http.example.toml");
 const ZAMMAD_EXAMPLE: &str = include_str!("../../probes/zammad.example.toml");
+const ZENDESK_EXAMPLE: &str = include_str!("../../probes/zendesk.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -142,6 +143,8 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("helpdesk/token", "generic-token\n"),
         ("zammad/token", "zammad-token\n"),
         ("zammad/webhook", "zammad-signature-token\n"),
+        ("zendesk/api-token", "zendesk-api-token\n"),
+        ("zendesk/webhook-signing-secret", "zendesk-signing-secret\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -219,6 +222,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("django-helpdesk.example.toml", DJANGO_EXAMPLE),
         ("generic-http.example.toml", GENERIC_EXAMPLE),
         ("zammad.example.toml", ZAMMAD_EXAMPLE),
+        ("zendesk.example.toml", ZENDESK_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -234,7 +238,8 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
             "mail-loop",
             "rt-support",
             "sandbox",
-            "zammad-support"
+            "zammad-support",
+            "zendesk-support"
         ],
         "sorted by file name"
     );
@@ -749,6 +754,41 @@ fn the_shipped_zammad_example_resolves_to_its_adapter_with_a_signed_webhook() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("zammad"), "{err}");
+}
+
+#[test]
+fn the_shipped_zendesk_example_resolves_to_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = parse_env(
+        &with_secret_files(ZENDESK_EXAMPLE, dir.path()),
+        "zendesk.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let h = c.probes[0].helpdesk.as_ref().unwrap();
+    assert_eq!(h.api, HelpdeskApi::Zendesk);
+    assert_eq!(
+        h.vendor,
+        VendorConfig::Zendesk {
+            email: Some("canary-agent@example.com".into())
+        }
+    );
+    assert!(h.webhook_secret.is_some());
+    // An email that is not one is an error with its key.
+    let bad = ZENDESK_EXAMPLE.replace("canary-agent@example.com", "agent:x");
+    let e = parse_env(
+        &with_secret_files(&bad, dir.path()),
+        "zendesk.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        e.iter()
+            .any(|e| e.key.as_deref() == Some("probe[0].helpdesk.zendesk.email")),
+        "{e}"
+    );
 }
 
 #[test]

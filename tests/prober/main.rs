@@ -18,3 +18,4 @@ mod restart;
 mod security;
 mod webhook;
 mod zammad;
+mod zendesk;

@@ -23,6 +23,7 @@ pub mod rt;
 pub mod supportbee;
 pub mod webhook;
 pub mod zammad;
+pub mod zendesk;
 
 use std::time::SystemTime;
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
@@ -289,6 +290,11 @@ pub enum VendorSettings {
     /// Zammad: nothing of its own (the token's group permissions decide which tickets it
     /// sees).
     Zammad,
+    Zendesk {
+        /// The agent whose API token it is (Basic `{email}/token:{token}`); `None`: the token
+        /// is an OAuth access token (Bearer).
+        email: Option<String>,
+    },
     /// The generic adapter: the whole API described in the config.
     Http(Box<generic::HttpSpec>),
 }
@@ -298,6 +304,7 @@ pub enum VendorSettings {
 pub fn webhook_verifier(api: crate::config::HelpdeskApi) -> webhook::Verifier {
     use crate::config::HelpdeskApi as A;
     match api {
+        A::Zendesk => zendesk::verify_webhook,
         A::SupportBee | A::Rt | A::DjangoHelpdesk | A::Http => webhook::bearer,
         A::Zammad => zammad::verify_webhook,
     }
@@ -342,6 +349,16 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
             retry: settings.retry,
             extra_roots_pem: settings.extra_roots_pem,
         })?)),
+        VendorSettings::Zendesk { email } => Ok(Helpdesk::new(zendesk::Zendesk::new(
+            zendesk::ZendeskParams {
+                base_url: settings.base_url,
+                token: settings.secret,
+                email,
+                timeout: settings.timeout,
+                retry: settings.retry,
+                extra_roots_pem: settings.extra_roots_pem,
+            },
+        )?)),
         VendorSettings::Http(spec) => Ok(Helpdesk::new(generic::Generic::new(
             generic::GenericParams {
                 base_url: settings.base_url,

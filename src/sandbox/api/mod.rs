@@ -1,10 +1,11 @@
 //! The helpdesk's HTTP API: vendor dialects over the neutral ticket core, one file each, all
 //! served at once under their vendors' own paths (so one sandbox serves every adapter):
-//! `supportbee.rs` (the root paths below), `rt.rs` (`/REST/2.0/…`, Request Tracker 5's REST2)
-//! `django_helpdesk.rs` (`/api/…`, django-helpdesk's DRF API) and `zammad.rs` (`/api/v1/…`,
-//! Zammad's REST API; its segment `v1` is no django-helpdesk route); plus the sandbox's own
-//! control endpoints, which every dialect shares. Adding a vendor is one file here and one
-//! `merge` in [`router`].
+//! `supportbee.rs` (the root paths below), `rt.rs` (`/REST/2.0/…`, Request Tracker 5's REST2),
+//! `django_helpdesk.rs` (`/api/…`, django-helpdesk's DRF API), `zammad.rs` (`/api/v1/…`,
+//! Zammad's REST API; its segment `v1` is no django-helpdesk route) and `zendesk.rs`
+//! (`/api/v2/….json`, Zendesk Support's REST API); plus the sandbox's own
+//! control endpoints, which every dialect shares. Adding a vendor is one file here and its
+//! `DIALECT` in [`DIALECTS`].
 //!
 //! SupportBee's routes:
 //!
@@ -49,6 +50,7 @@ mod django_helpdesk;
 mod rt;
 mod supportbee;
 mod zammad;
+mod zendesk;
 
 /// A vendor's ticket-created webhook for a ticket: `(ticket, secret, now)` to the body and
 /// the headers, signed in the vendor's scheme.
@@ -78,6 +80,7 @@ pub const DIALECTS: &[Dialect] = &[
     rt::DIALECT,
     django_helpdesk::DIALECT,
     zammad::DIALECT,
+    zendesk::DIALECT,
 ];
 
 /// The dialect called `name`.
