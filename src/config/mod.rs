@@ -204,6 +204,9 @@ pub enum HelpdeskApi {
     /// django-helpdesk 2.x, its DRF API.
     #[serde(rename = "django-helpdesk")]
     DjangoHelpdesk,
+    /// Front (frontapp.com), its Core API.
+    #[serde(rename = "front")]
+    Front,
     /// Any helpdesk with an HTTP API, described in `[probe.helpdesk.http]`.
     #[serde(rename = "http")]
     Http,
@@ -211,10 +214,11 @@ pub enum HelpdeskApi {
 
 impl HelpdeskApi {
     /// Every adapter the config knows.
-    pub const ALL: [HelpdeskApi; 4] = [
+    pub const ALL: [HelpdeskApi; 5] = [
         HelpdeskApi::SupportBee,
         HelpdeskApi::Rt,
         HelpdeskApi::DjangoHelpdesk,
+        HelpdeskApi::Front,
         HelpdeskApi::Http,
     ];
 
@@ -223,6 +227,7 @@ impl HelpdeskApi {
             HelpdeskApi::SupportBee => "supportbee",
             HelpdeskApi::Rt => "rt",
             HelpdeskApi::DjangoHelpdesk => "django-helpdesk",
+            HelpdeskApi::Front => "front",
             HelpdeskApi::Http => "http",
         }
     }

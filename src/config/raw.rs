@@ -137,6 +137,8 @@ pub struct RawHelpdesk {
     /// `[probe.helpdesk.django-helpdesk]`.
     #[serde(rename = "django-helpdesk")]
     pub django_helpdesk: Option<Spanned<RawDjangoHelpdesk>>,
+    /// `[probe.helpdesk.front]`.
+    pub front: Option<Spanned<RawFront>>,
     /// `[probe.helpdesk.http]`: the generic adapter's whole description.
     pub http: Option<Spanned<RawHttp>>,
 }
@@ -188,6 +190,13 @@ pub struct RawHttpFind {
 pub struct RawDjangoHelpdesk {
     pub queue: Option<Spanned<u64>>,
     pub scan_pages: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFront {
+    pub inbox_id: Option<Spanned<String>>,
+    pub author_id: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -54,7 +54,17 @@ const CASES: &[Case] = &[
         tables: include_str!("../files/supportbee-as-http.toml"),
         tells_replies: false,
     },
+    Case {
+        api: "front",
+        tables: "[probe.helpdesk.front]\ninbox_id = \"inb_sandbox\"\n",
+        tells_replies: true,
+    },
 ];
+
+/// The case of `api`.
+fn case(api: &str) -> &'static Case {
+    CASES.iter().find(|c| c.api == api).expect("a case")
+}
 
 /// The adapter of `case` for the sandbox at `url`, with `secret`, built as the prober does.
 fn adapter(case: &Case, url: &str, secret: &str) -> Helpdesk {
@@ -248,10 +258,15 @@ async fn generic_http_conforms() {
     conformance(&CASES[3]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_conforms() {
+    conformance(case("front")).await;
+}
+
 /// Every vendor the config knows has a case here.
 #[test]
 fn every_adapter_has_a_case() {
-    for api in ["supportbee", "rt", "django-helpdesk", "http"] {
+    for api in ["supportbee", "rt", "django-helpdesk", "http", "front"] {
         assert!(
             CASES.iter().any(|c| c.api == api),
             "{api} has no conformance case"

@@ -17,6 +17,7 @@
 //! SupportBee ids) still load and still work.
 
 pub mod django_helpdesk;
+pub mod front;
 pub mod generic;
 pub mod http;
 pub mod rt;
@@ -285,6 +286,12 @@ pub enum VendorSettings {
         /// How many of the newest pages of the ticket list to scan (the API has no search).
         scan_pages: u32,
     },
+    Front {
+        /// The inbox the canaries arrive in (`inb_…`): its conversations are listed.
+        inbox_id: String,
+        /// The teammate replies are sent as (`tea_…`), if set.
+        author_id: Option<String>,
+    },
     /// The generic adapter: the whole API described in the config.
     Http(Box<generic::HttpSpec>),
 }
@@ -295,6 +302,7 @@ pub fn webhook_verifier(api: crate::config::HelpdeskApi) -> webhook::Verifier {
     use crate::config::HelpdeskApi as A;
     match api {
         A::SupportBee | A::Rt | A::DjangoHelpdesk | A::Http => webhook::bearer,
+        A::Front => front::verify_webhook,
     }
 }
 
@@ -330,6 +338,18 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
                 extra_roots_pem: settings.extra_roots_pem,
             })?,
         )),
+        VendorSettings::Front {
+            inbox_id,
+            author_id,
+        } => Ok(Helpdesk::new(front::Front::new(front::FrontParams {
+            base_url: settings.base_url,
+            token: settings.secret,
+            inbox_id,
+            author_id,
+            timeout: settings.timeout,
+            retry: settings.retry,
+            extra_roots_pem: settings.extra_roots_pem,
+        })?)),
         VendorSettings::Http(spec) => Ok(Helpdesk::new(generic::Generic::new(
             generic::GenericParams {
                 base_url: settings.base_url,
