@@ -207,6 +207,9 @@ pub enum HelpdeskApi {
     /// Zendesk Support, its REST API v2.
     #[serde(rename = "zendesk")]
     Zendesk,
+    /// Front (frontapp.com), its Core API.
+    #[serde(rename = "front")]
+    Front,
     /// Any helpdesk with an HTTP API, described in `[probe.helpdesk.http]`.
     #[serde(rename = "http")]
     Http,
@@ -217,11 +220,12 @@ pub enum HelpdeskApi {
 
 impl HelpdeskApi {
     /// Every adapter the config knows.
-    pub const ALL: [HelpdeskApi; 6] = [
+    pub const ALL: [HelpdeskApi; 7] = [
         HelpdeskApi::SupportBee,
         HelpdeskApi::Rt,
         HelpdeskApi::DjangoHelpdesk,
         HelpdeskApi::Zendesk,
+        HelpdeskApi::Front,
         HelpdeskApi::Http,
         HelpdeskApi::Zammad,
     ];
@@ -232,6 +236,7 @@ impl HelpdeskApi {
             HelpdeskApi::Rt => "rt",
             HelpdeskApi::DjangoHelpdesk => "django-helpdesk",
             HelpdeskApi::Zendesk => "zendesk",
+            HelpdeskApi::Front => "front",
             HelpdeskApi::Http => "http",
             HelpdeskApi::Zammad => "zammad",
         }

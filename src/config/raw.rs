@@ -139,6 +139,8 @@ pub struct RawHelpdesk {
     pub django_helpdesk: Option<Spanned<RawDjangoHelpdesk>>,
     /// `[probe.helpdesk.zendesk]`.
     pub zendesk: Option<Spanned<RawZendesk>>,
+    /// `[probe.helpdesk.front]`.
+    pub front: Option<Spanned<RawFront>>,
     /// `[probe.helpdesk.http]`: the generic adapter's whole description.
     pub http: Option<Spanned<RawHttp>>,
 }
@@ -197,6 +199,13 @@ pub struct RawDjangoHelpdesk {
 pub struct RawZendesk {
     /// The agent whose API token `token` is (Basic `{email}/token:{token}`).
     pub email: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFront {
+    pub inbox_id: Option<Spanned<String>>,
+    pub author_id: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

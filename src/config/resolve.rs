@@ -751,6 +751,7 @@ impl Ctx<'_> {
                 raw.django_helpdesk.as_ref().map(|t| t.span()),
             ),
             (HelpdeskApi::Zendesk, raw.zendesk.as_ref().map(|t| t.span())),
+            (HelpdeskApi::Front, raw.front.as_ref().map(|t| t.span())),
             (HelpdeskApi::Http, raw.http.as_ref().map(|t| t.span())),
         ];
         for (api, span) in tables {
@@ -821,6 +822,7 @@ impl Ctx<'_> {
                     email: email.map(|e| e.get_ref().clone()),
                 }
             }
+            HelpdeskApi::Front => self.front(pre, raw),
             HelpdeskApi::Http => match &raw.http {
                 Some(t) => VendorConfig::Http(Box::new(self.http_spec(pre, raw, t))),
                 None => {
@@ -833,6 +835,60 @@ impl Ctx<'_> {
                 }
             },
         }
+    }
+
+    /// `[probe.helpdesk.front]`: `inbox_id` is required (the inbox's conversations are what
+    /// is listed); ids are Front's, `inb_…` and `tea_…`.
+    fn front(&mut self, pre: &str, raw: &raw::RawHelpdesk) -> VendorConfig {
+        let t = raw.front.as_ref().map(|t| t.get_ref());
+        let inbox_id = self.front_id(pre, t.and_then(|t| t.inbox_id.as_ref()), "inbox_id", "inb_");
+        let author_id = self.front_id(
+            pre,
+            t.and_then(|t| t.author_id.as_ref()),
+            "author_id",
+            "tea_",
+        );
+        let inbox_id = inbox_id.unwrap_or_else(|| {
+            let span = raw
+                .front
+                .as_ref()
+                .map_or_else(|| raw.base_url.span(), |t| t.span());
+            self.err(
+                span,
+                key(pre, "front.inbox_id"),
+                "api = \"front\" needs [probe.helpdesk.front] inbox_id, the inbox the canaries \
+                 arrive in (inb_…)"
+                    .to_string(),
+            );
+            String::new()
+        });
+        VendorConfig::Front {
+            inbox_id,
+            author_id,
+        }
+    }
+
+    /// A Front id setting (`inb_…`, `tea_…`): its prefix, then letters, digits and `_`.
+    fn front_id(
+        &mut self,
+        pre: &str,
+        value: Option<&Spanned<String>>,
+        name: &str,
+        prefix: &str,
+    ) -> Option<String> {
+        let v = value?;
+        let s = v.get_ref().trim();
+        if !s.starts_with(prefix)
+            || s.len() == prefix.len()
+            || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            self.err(
+                v.span(),
+                key(pre, &format!("front.{name}")),
+                format!("must be a Front id such as \"{prefix}abc123\""),
+            );
+        }
+        Some(s.to_string())
     }
 
     /// `[probe.helpdesk.http]`: every template's placeholders and every pointer checked, each

@@ -15,6 +15,7 @@ const DJANGO_EXAMPLE: &str = include_str!("../../probes/django-helpdesk.example.
 const GENERIC_EXAMPLE: &str = include_str!("../../probes/generic-http.example.toml");
 const ZAMMAD_EXAMPLE: &str = include_str!("../../probes/zammad.example.toml");
 const ZENDESK_EXAMPLE: &str = include_str!("../../probes/zendesk.example.toml");
+const FRONT_EXAMPLE: &str = include_str!("../../probes/front.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -145,6 +146,8 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("zammad/webhook", "zammad-signature-token\n"),
         ("zendesk/api-token", "zendesk-api-token\n"),
         ("zendesk/webhook-signing-secret", "zendesk-signing-secret\n"),
+        ("front/token", "front-api-token\n"),
+        ("front/webhook", "front-app-secret\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -223,6 +226,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("generic-http.example.toml", GENERIC_EXAMPLE),
         ("zammad.example.toml", ZAMMAD_EXAMPLE),
         ("zendesk.example.toml", ZENDESK_EXAMPLE),
+        ("front.example.toml", FRONT_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -233,6 +237,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         names,
         [
             "django-support",
+            "front-support",
             "any-helpdesk",
             "supportbee-prod",
             "mail-loop",
@@ -931,4 +936,75 @@ fn a_stage_deadline_can_be_auto_within_bounds() {
         "probe[0].deadlines.auto_min",
     );
     assert!(e.message.contains("above auto_max"), "{e}");
+}
+
+/// `helpdesk("post")` with `api = "front"` and these tables before `[probe.imap]`.
+fn front(tables: &str) -> String {
+    helpdesk("post")
+        .replace("api = \"supportbee\"", "api = \"front\"")
+        .replace("\n[probe.imap]", &format!("\n{tables}\n[probe.imap]"))
+}
+
+#[test]
+fn front_needs_an_inbox_id_and_checks_its_ids_with_file_line_and_key() {
+    let ok = parse(&front(
+        "[probe.helpdesk.front]\ninbox_id = \"inb_x1\"\nauthor_id = \"tea_9\"\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ok.probes[0].helpdesk.as_ref().unwrap().vendor,
+        VendorConfig::Front {
+            inbox_id: "inb_x1".into(),
+            author_id: Some("tea_9".into())
+        }
+    );
+    // Without the table: at base_url, named by the key that is missing.
+    let e = single_error(&front(""), 12, "probe[0].helpdesk.front.inbox_id");
+    assert!(
+        e.message.contains("needs [probe.helpdesk.front] inbox_id"),
+        "{e}"
+    );
+    // Not a Front inbox id: at its line.
+    let e = single_error(
+        &front("[probe.helpdesk.front]\ninbox_id = \"support\"\n"),
+        17,
+        "probe[0].helpdesk.front.inbox_id",
+    );
+    assert!(e.message.contains("inb_abc123"), "{e}");
+    let e = single_error(
+        &front("[probe.helpdesk.front]\ninbox_id = \"inb_1\"\nauthor_id = \"inb_1\"\n"),
+        18,
+        "probe[0].helpdesk.front.author_id",
+    );
+    assert!(e.message.contains("tea_abc123"), "{e}");
+    // A key Front does not have.
+    let e = single_error(
+        &front("[probe.helpdesk.front]\ninbox_id = \"inb_1\"\nqueue = 1\n"),
+        18,
+        "probe[0].helpdesk.front.queue",
+    );
+    assert!(e.message.contains("unknown field `queue`"), "{e}");
+}
+
+#[test]
+fn the_shipped_front_example_resolves_to_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = parse_env(
+        &with_secret_files(FRONT_EXAMPLE, dir.path()),
+        "front.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let h = c.probes[0].helpdesk.as_ref().unwrap();
+    assert_eq!(
+        h.vendor,
+        VendorConfig::Front {
+            inbox_id: "inb_abc123".into(),
+            author_id: None
+        }
+    );
+    assert_eq!(h.api, HelpdeskApi::Front);
+    assert_eq!(h.token.expose(), "front-api-token");
+    assert!(h.webhook_secret.is_some());
 }

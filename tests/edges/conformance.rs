@@ -64,6 +64,11 @@ const CASES: &[Case] = &[
         tables: "[probe.helpdesk.zendesk]\nemail = \"agent@helpdesk.test\"\n",
         tells_replies: true,
     },
+    Case {
+        api: "front",
+        tables: "[probe.helpdesk.front]\ninbox_id = \"inb_sandbox\"\n",
+        tells_replies: true,
+    },
 ];
 
 /// The sandbox of `sandbox()`, speaking `case`'s dialect where dialects claim the same paths
@@ -79,6 +84,11 @@ async fn sandbox_for(case: &Case) -> Sandbox {
         mailcanary::sandbox::DelayRange::new(Duration::from_millis(10), Duration::from_millis(50));
     cfg.outbound_delay = mailcanary::sandbox::DelayRange::fixed(Duration::from_millis(10));
     Sandbox::start(cfg).await.expect("sandbox starts")
+}
+
+/// The case of `api`.
+fn case(api: &str) -> &'static Case {
+    CASES.iter().find(|c| c.api == api).expect("a case")
 }
 
 /// The adapter of `case` for the sandbox at `url`, with `secret`, built as the prober does.
@@ -283,6 +293,11 @@ async fn zendesk_conforms() {
     conformance(CASES.iter().find(|c| c.api == "zendesk").unwrap()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_conforms() {
+    conformance(case("front")).await;
+}
+
 /// Every vendor the config knows has a case here.
 #[test]
 fn every_adapter_has_a_case() {
@@ -293,6 +308,7 @@ fn every_adapter_has_a_case() {
         "http",
         "zammad",
         "zendesk",
+        "front",
     ] {
         assert!(
             CASES.iter().any(|c| c.api == api),

@@ -140,6 +140,10 @@ async fn every_vendor_adapter_runs_a_canary_life_past_the_acknowledgement() {
             "django-helpdesk",
             "[probe.helpdesk.django-helpdesk]\nqueue = 1\n",
         ),
+        (
+            "front",
+            "[probe.helpdesk.front]\ninbox_id = \"inb_sandbox\"\n",
+        ),
     ] {
         let sb = sandbox_with(|c| c.auto_ack = true).await;
         let text = config_text(&sb, &Knobs::default())

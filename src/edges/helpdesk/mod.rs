@@ -17,6 +17,7 @@
 //! SupportBee ids) still load and still work.
 
 pub mod django_helpdesk;
+pub mod front;
 pub mod generic;
 pub mod http;
 pub mod rt;
@@ -295,6 +296,12 @@ pub enum VendorSettings {
         /// is an OAuth access token (Bearer).
         email: Option<String>,
     },
+    Front {
+        /// The inbox the canaries arrive in (`inb_…`): its conversations are listed.
+        inbox_id: String,
+        /// The teammate replies are sent as (`tea_…`), if set.
+        author_id: Option<String>,
+    },
     /// The generic adapter: the whole API described in the config.
     Http(Box<generic::HttpSpec>),
 }
@@ -307,6 +314,7 @@ pub fn webhook_verifier(api: crate::config::HelpdeskApi) -> webhook::Verifier {
         A::Zendesk => zendesk::verify_webhook,
         A::SupportBee | A::Rt | A::DjangoHelpdesk | A::Http => webhook::bearer,
         A::Zammad => zammad::verify_webhook,
+        A::Front => front::verify_webhook,
     }
 }
 
@@ -345,6 +353,18 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
         VendorSettings::Zammad => Ok(Helpdesk::new(zammad::Zammad::new(zammad::ZammadParams {
             base_url: settings.base_url,
             token: settings.secret,
+            timeout: settings.timeout,
+            retry: settings.retry,
+            extra_roots_pem: settings.extra_roots_pem,
+        })?)),
+        VendorSettings::Front {
+            inbox_id,
+            author_id,
+        } => Ok(Helpdesk::new(front::Front::new(front::FrontParams {
+            base_url: settings.base_url,
+            token: settings.secret,
+            inbox_id,
+            author_id,
             timeout: settings.timeout,
             retry: settings.retry,
             extra_roots_pem: settings.extra_roots_pem,

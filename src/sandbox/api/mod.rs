@@ -2,8 +2,9 @@
 //! served at once under their vendors' own paths (so one sandbox serves every adapter):
 //! `supportbee.rs` (the root paths below), `rt.rs` (`/REST/2.0/…`, Request Tracker 5's REST2),
 //! `django_helpdesk.rs` (`/api/…`, django-helpdesk's DRF API), `zammad.rs` (`/api/v1/…`,
-//! Zammad's REST API; its segment `v1` is no django-helpdesk route) and `zendesk.rs`
-//! (`/api/v2/….json`, Zendesk Support's REST API); plus the sandbox's own
+//! Zammad's REST API; its segment `v1` is no django-helpdesk route), `zendesk.rs`
+//! (`/api/v2/….json`, Zendesk Support's REST API) and `front.rs` (`/conversations…`,
+//! `/inboxes/…`, Front's Core API); plus the sandbox's own
 //! control endpoints, which every dialect shares. Adding a vendor is one file here and its
 //! `DIALECT` in [`DIALECTS`].
 //!
@@ -47,6 +48,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod django_helpdesk;
+mod front;
 mod rt;
 mod supportbee;
 mod zammad;
@@ -81,6 +83,7 @@ pub const DIALECTS: &[Dialect] = &[
     django_helpdesk::DIALECT,
     zammad::DIALECT,
     zendesk::DIALECT,
+    front::DIALECT,
 ];
 
 /// The dialect called `name`.
