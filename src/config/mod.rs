@@ -207,15 +207,19 @@ pub enum HelpdeskApi {
     /// Any helpdesk with an HTTP API, described in `[probe.helpdesk.http]`.
     #[serde(rename = "http")]
     Http,
+    /// Help Scout's Mailbox API 2.0 (OAuth2 client credentials).
+    #[serde(rename = "helpscout")]
+    HelpScout,
 }
 
 impl HelpdeskApi {
     /// Every adapter the config knows.
-    pub const ALL: [HelpdeskApi; 4] = [
+    pub const ALL: [HelpdeskApi; 5] = [
         HelpdeskApi::SupportBee,
         HelpdeskApi::Rt,
         HelpdeskApi::DjangoHelpdesk,
         HelpdeskApi::Http,
+        HelpdeskApi::HelpScout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -224,6 +228,7 @@ impl HelpdeskApi {
             HelpdeskApi::Rt => "rt",
             HelpdeskApi::DjangoHelpdesk => "django-helpdesk",
             HelpdeskApi::Http => "http",
+            HelpdeskApi::HelpScout => "helpscout",
         }
     }
 }

@@ -54,6 +54,11 @@ const CASES: &[Case] = &[
         tables: include_str!("../files/supportbee-as-http.toml"),
         tells_replies: false,
     },
+    Case {
+        api: "helpscout",
+        tables: "[probe.helpdesk.helpscout]\nclient_id = \"conformance-app\"\nmailbox_id = 1\n",
+        tells_replies: true,
+    },
 ];
 
 /// The adapter of `case` for the sandbox at `url`, with `secret`, built as the prober does.
@@ -248,10 +253,15 @@ async fn generic_http_conforms() {
     conformance(&CASES[3]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helpscout_conforms() {
+    conformance(&CASES[4]).await;
+}
+
 /// Every vendor the config knows has a case here.
 #[test]
 fn every_adapter_has_a_case() {
-    for api in ["supportbee", "rt", "django-helpdesk", "http"] {
+    for api in ["supportbee", "rt", "django-helpdesk", "http", "helpscout"] {
         assert!(
             CASES.iter().any(|c| c.api == api),
             "{api} has no conformance case"

@@ -45,6 +45,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod django_helpdesk;
+mod helpscout;
 mod rt;
 mod supportbee;
 
@@ -71,7 +72,12 @@ pub struct Dialect {
 }
 
 /// Every dialect, in the order they are tried.
-pub const DIALECTS: &[Dialect] = &[supportbee::DIALECT, rt::DIALECT, django_helpdesk::DIALECT];
+pub const DIALECTS: &[Dialect] = &[
+    supportbee::DIALECT,
+    rt::DIALECT,
+    django_helpdesk::DIALECT,
+    helpscout::DIALECT,
+];
 
 /// The dialect called `name`.
 pub fn dialect(name: &str) -> Option<&'static Dialect> {
