@@ -11,6 +11,7 @@ mod drain;
 mod drills;
 mod generic;
 mod heartbeat;
+mod helpscout;
 mod incident;
 mod learned;
 mod reload;
