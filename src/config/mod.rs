@@ -216,11 +216,14 @@ pub enum HelpdeskApi {
     /// Zammad, its REST API (`/api/v1`).
     #[serde(rename = "zammad")]
     Zammad,
+    /// Help Scout's Mailbox API 2.0 (OAuth2 client credentials).
+    #[serde(rename = "helpscout")]
+    HelpScout,
 }
 
 impl HelpdeskApi {
     /// Every adapter the config knows.
-    pub const ALL: [HelpdeskApi; 7] = [
+    pub const ALL: [HelpdeskApi; 8] = [
         HelpdeskApi::SupportBee,
         HelpdeskApi::Rt,
         HelpdeskApi::DjangoHelpdesk,
@@ -228,6 +231,7 @@ impl HelpdeskApi {
         HelpdeskApi::Front,
         HelpdeskApi::Http,
         HelpdeskApi::Zammad,
+        HelpdeskApi::HelpScout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -239,6 +243,7 @@ impl HelpdeskApi {
             HelpdeskApi::Front => "front",
             HelpdeskApi::Http => "http",
             HelpdeskApi::Zammad => "zammad",
+            HelpdeskApi::HelpScout => "helpscout",
         }
     }
 }

@@ -143,6 +143,16 @@ pub struct RawHelpdesk {
     pub front: Option<Spanned<RawFront>>,
     /// `[probe.helpdesk.http]`: the generic adapter's whole description.
     pub http: Option<Spanned<RawHttp>>,
+    /// `[probe.helpdesk.helpscout]`.
+    pub helpscout: Option<Spanned<RawHelpScout>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHelpScout {
+    /// The OAuth2 app's id ("App ID" under My Apps); the probe's `token` is its secret.
+    pub client_id: Option<Spanned<String>>,
+    pub mailbox_id: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

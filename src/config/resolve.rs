@@ -753,6 +753,10 @@ impl Ctx<'_> {
             (HelpdeskApi::Zendesk, raw.zendesk.as_ref().map(|t| t.span())),
             (HelpdeskApi::Front, raw.front.as_ref().map(|t| t.span())),
             (HelpdeskApi::Http, raw.http.as_ref().map(|t| t.span())),
+            (
+                HelpdeskApi::HelpScout,
+                raw.helpscout.as_ref().map(|t| t.span()),
+            ),
         ];
         for (api, span) in tables {
             if let Some(span) = span
@@ -823,6 +827,63 @@ impl Ctx<'_> {
                 }
             }
             HelpdeskApi::Front => self.front(pre, raw),
+            HelpdeskApi::HelpScout => {
+                let Some(t) = &raw.helpscout else {
+                    self.err(
+                        raw.base_url.span(),
+                        key(pre, "helpscout"),
+                        "api = \"helpscout\" needs a [probe.helpdesk.helpscout] table with \
+                         client_id and mailbox_id",
+                    );
+                    return VendorConfig::HelpScout {
+                        client_id: String::new(),
+                        mailbox_id: 0,
+                    };
+                };
+                let (span, t) = (t.span(), t.get_ref());
+                let client_id = match &t.client_id {
+                    Some(c) if !c.get_ref().trim().is_empty() => c.get_ref().trim().to_string(),
+                    Some(c) => {
+                        self.err(
+                            c.span(),
+                            key(pre, "helpscout.client_id"),
+                            "must not be empty",
+                        );
+                        String::new()
+                    }
+                    None => {
+                        self.err(
+                            span.clone(),
+                            key(pre, "helpscout.client_id"),
+                            "missing: the OAuth2 app's client id (its secret is `token`)",
+                        );
+                        String::new()
+                    }
+                };
+                let mailbox_id = match &t.mailbox_id {
+                    Some(m) if *m.get_ref() > 0 => *m.get_ref(),
+                    Some(m) => {
+                        self.err(
+                            m.span(),
+                            key(pre, "helpscout.mailbox_id"),
+                            "must be a mailbox id (at least 1)",
+                        );
+                        0
+                    }
+                    None => {
+                        self.err(
+                            span,
+                            key(pre, "helpscout.mailbox_id"),
+                            "missing: the id of the mailbox the canaries are sent to",
+                        );
+                        0
+                    }
+                };
+                VendorConfig::HelpScout {
+                    client_id,
+                    mailbox_id,
+                }
+            }
             HelpdeskApi::Http => match &raw.http {
                 Some(t) => VendorConfig::Http(Box::new(self.http_spec(pre, raw, t))),
                 None => {

@@ -16,6 +16,7 @@ const GENERIC_EXAMPLE: &str = include_str!("../../probes/generic-http.example.to
 const ZAMMAD_EXAMPLE: &str = include_str!("../../probes/zammad.example.toml");
 const ZENDESK_EXAMPLE: &str = include_str!("../../probes/zendesk.example.toml");
 const FRONT_EXAMPLE: &str = include_str!("../../probes/front.example.toml");
+const HELPSCOUT_EXAMPLE: &str = include_str!("../../probes/helpscout.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -148,6 +149,8 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("zendesk/webhook-signing-secret", "zendesk-signing-secret\n"),
         ("front/token", "front-api-token\n"),
         ("front/webhook", "front-app-secret\n"),
+        ("helpscout/app-secret", "helpscout-app-secret\n"),
+        ("helpscout/webhook-secret", "helpscout-hook-secret\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -227,6 +230,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("zammad.example.toml", ZAMMAD_EXAMPLE),
         ("zendesk.example.toml", ZENDESK_EXAMPLE),
         ("front.example.toml", FRONT_EXAMPLE),
+        ("helpscout.example.toml", HELPSCOUT_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -240,6 +244,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
             "front-support",
             "any-helpdesk",
             "supportbee-prod",
+            "helpscout-support",
             "mail-loop",
             "rt-support",
             "sandbox",
@@ -1007,4 +1012,88 @@ fn the_shipped_front_example_resolves_to_its_adapter() {
     assert_eq!(h.api, HelpdeskApi::Front);
     assert_eq!(h.token.expose(), "front-api-token");
     assert!(h.webhook_secret.is_some());
+}
+
+/// `helpdesk("post")` with `api = "helpscout"` and `table` before `[probe.imap]`.
+fn helpscout(table: &str) -> String {
+    helpdesk("post")
+        .replace("api = \"supportbee\"", "api = \"helpscout\"")
+        .replace("\n[probe.imap]", &format!("\n{table}\n[probe.imap]"))
+}
+
+#[test]
+fn helpscout_needs_its_client_id_and_mailbox_each_reported_with_its_key() {
+    let ok = helpscout("[probe.helpdesk.helpscout]\nclient_id = \"app-1\"\nmailbox_id = 42\n");
+    assert_eq!(
+        parse(&ok).unwrap().probes[0]
+            .helpdesk
+            .as_ref()
+            .unwrap()
+            .vendor,
+        VendorConfig::HelpScout {
+            client_id: "app-1".into(),
+            mailbox_id: 42
+        }
+    );
+    let errs = errors(&helpscout(""));
+    assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+    assert_eq!(errs[0].key.as_deref(), Some("probe[0].helpdesk.helpscout"));
+    assert!(errs[0].position.is_some());
+
+    let no_id = helpscout("[probe.helpdesk.helpscout]\nmailbox_id = 42\n");
+    let e = errors(&no_id);
+    assert_eq!(e.len(), 1, "{}", ConfigErrors(e.clone()));
+    assert_eq!(
+        e[0].key.as_deref(),
+        Some("probe[0].helpdesk.helpscout.client_id")
+    );
+    assert!(e[0].position.is_some(), "{}", e[0]);
+
+    let zero = helpscout("[probe.helpdesk.helpscout]\nclient_id = \"a\"\nmailbox_id = 0\n");
+    let line = zero.lines().position(|l| l == "mailbox_id = 0").unwrap() + 1;
+    let e = single_error(&zero, line, "probe[0].helpdesk.helpscout.mailbox_id");
+    assert!(e.message.contains("at least 1"), "{e}");
+
+    let typo = helpscout("[probe.helpdesk.helpscout]\nclient_id = \"a\"\nmailbox = 1\n");
+    let line = typo.lines().position(|l| l == "mailbox = 1").unwrap() + 1;
+    let e = single_error(&typo, line, "probe[0].helpdesk.helpscout.mailbox");
+    assert!(e.message.contains("unknown field `mailbox`"), "{e}");
+}
+
+#[test]
+fn the_shipped_helpscout_example_resolves_to_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = parse_env(
+        &with_secret_files(HELPSCOUT_EXAMPLE, dir.path()),
+        "helpscout.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let h = c.probes[0].helpdesk.as_ref().unwrap();
+    assert_eq!(h.api, HelpdeskApi::HelpScout);
+    assert_eq!(
+        h.vendor,
+        VendorConfig::HelpScout {
+            client_id: "your-app-id".into(),
+            mailbox_id: 123456
+        }
+    );
+    assert!(h.webhook_secret.is_some());
+    // Help Scout's deliveries are checked by their signature, not a bearer secret.
+    use crate::edges::helpdesk::webhook::{self, Delivery, Verdict};
+    let body = b"{}";
+    let mut headers = axum::http::HeaderMap::new();
+    let sig = webhook::b64(&webhook::hmac_sha1(b"k", &[body]));
+    headers.insert("x-helpscout-signature", sig.parse().unwrap());
+    let d = Delivery {
+        headers: &headers,
+        query_secret: None,
+        body,
+        now: std::time::SystemTime::now(),
+    };
+    assert_eq!(
+        crate::edges::helpdesk::webhook_verifier(h.api)("k", &d),
+        Verdict::Authentic
+    );
 }

@@ -73,6 +73,9 @@ pub struct SandboxConfig {
     pub webhook_url: Option<String>,
     /// The secret webhooks are signed with.
     pub webhook_secret: String,
+    /// How long an OAuth2 access token lives (Help Scout's dialect; `expires_in` of its
+    /// token endpoint). Default 2 h, like Help Scout's.
+    pub oauth_token_lifetime: Duration,
 }
 
 impl Default for SandboxConfig {
@@ -98,6 +101,7 @@ impl Default for SandboxConfig {
             rate_limit: None,
             webhook_url: None,
             webhook_secret: "sandbox".into(),
+            oauth_token_lifetime: Duration::from_secs(2 * 3600),
         }
     }
 }

@@ -69,6 +69,11 @@ const CASES: &[Case] = &[
         tables: "[probe.helpdesk.front]\ninbox_id = \"inb_sandbox\"\n",
         tells_replies: true,
     },
+    Case {
+        api: "helpscout",
+        tables: "[probe.helpdesk.helpscout]\nclient_id = \"conformance-app\"\nmailbox_id = 1\n",
+        tells_replies: true,
+    },
 ];
 
 /// The sandbox of `sandbox()`, speaking `case`'s dialect where dialects claim the same paths
@@ -298,6 +303,11 @@ async fn front_conforms() {
     conformance(case("front")).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helpscout_conforms() {
+    conformance(case("helpscout")).await;
+}
+
 /// Every vendor the config knows has a case here.
 #[test]
 fn every_adapter_has_a_case() {
@@ -309,6 +319,7 @@ fn every_adapter_has_a_case() {
         "zammad",
         "zendesk",
         "front",
+        "helpscout",
     ] {
         assert!(
             CASES.iter().any(|c| c.api == api),

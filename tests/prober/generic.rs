@@ -144,6 +144,10 @@ async fn every_vendor_adapter_runs_a_canary_life_past_the_acknowledgement() {
             "front",
             "[probe.helpdesk.front]\ninbox_id = \"inb_sandbox\"\n",
         ),
+        (
+            "helpscout",
+            "[probe.helpdesk.helpscout]\nclient_id = \"app\"\nmailbox_id = 1\n",
+        ),
     ] {
         let sb = sandbox_with(|c| c.auto_ack = true).await;
         let text = config_text(&sb, &Knobs::default())

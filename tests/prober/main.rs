@@ -12,6 +12,7 @@ mod drills;
 mod front;
 mod generic;
 mod heartbeat;
+mod helpscout;
 mod incident;
 mod learned;
 mod reload;

@@ -63,6 +63,10 @@ pub enum Auth {
         name: header::HeaderName,
         prefix: String,
     },
+    /// Nothing attached by the client: the adapter sends a credential it renews itself with
+    /// each call ([`Request::bearer`], an OAuth2 access token). The configured secret (the
+    /// OAuth2 client secret) is still scrubbed from every detail.
+    PerCall,
 }
 
 /// Whether a call may be sent again after a failure that might have happened after the server
@@ -88,6 +92,32 @@ pub struct ApiClient {
     rate_limit_headers: &'static [&'static str],
     /// The last figure one of them gave; `u64::MAX` before any.
     remaining: std::sync::atomic::AtomicU64,
+    /// A vendor header read like `Retry-After` when that is absent (Help Scout's
+    /// `X-RateLimit-Retry-After`); see [`ApiClient::with_retry_after_header`].
+    retry_after_header: Option<&'static str>,
+}
+
+/// A request body.
+pub enum Body {
+    Json(serde_json::Value),
+    /// `application/x-www-form-urlencoded` (an OAuth2 token request).
+    Form(Vec<(&'static str, String)>),
+}
+
+/// One call with everything [`ApiClient::call`] takes, and what it does not: a form body, a
+/// bearer token for this call only, and 401 handed back as an answer.
+pub struct Request<'a> {
+    pub method: Method,
+    pub path: &'a [&'a str],
+    pub query: &'a [(&'a str, &'a str)],
+    pub body: Option<Body>,
+    pub safety: Safety,
+    /// `Authorization: Bearer …` for this call (with [`Auth::PerCall`]); scrubbed from
+    /// details like the secret.
+    pub bearer: Option<&'a str>,
+    /// Hand a 401 back as an [`Answer`] instead of failing with `auth`: the adapter renews an
+    /// expired access token and asks once more.
+    pub answer_unauthorized: bool,
 }
 
 impl fmt::Debug for ApiClient {
@@ -180,7 +210,15 @@ impl ApiClient {
             },
             rate_limit_headers: params.rate_limit_headers,
             remaining: std::sync::atomic::AtomicU64::new(u64::MAX),
+            retry_after_header: None,
         })
+    }
+
+    /// Also honour `name` as a `Retry-After` (in seconds or as a date) when an answer carries
+    /// no `Retry-After` of its own.
+    pub fn with_retry_after_header(mut self, name: &'static str) -> ApiClient {
+        self.retry_after_header = Some(name);
+        self
     }
 
     /// Requests left in the vendor's rate limit, as its last answer said (if it says).
@@ -260,6 +298,29 @@ impl ApiClient {
         json: Option<serde_json::Value>,
         safety: Safety,
     ) -> Result<Answer, HelpdeskError> {
+        self.request(Request {
+            method,
+            path,
+            query,
+            body: json.map(Body::Json),
+            safety,
+            bearer: None,
+            answer_unauthorized: false,
+        })
+        .await
+    }
+
+    /// [`ApiClient::call`] with the extras of [`Request`].
+    pub async fn request(&self, req: Request<'_>) -> Result<Answer, HelpdeskError> {
+        let Request {
+            method,
+            path,
+            query,
+            body,
+            safety,
+            bearer,
+            answer_unauthorized,
+        } = req;
         let mut url = self.base.clone();
         url.path_segments_mut()
             .expect("checked in new: the base URL can be a base")
@@ -277,6 +338,20 @@ impl ApiClient {
         if url.query() == Some("") {
             url.set_query(None);
         }
+        // reqwest's `form` is behind a feature too: encode it the way a query is encoded.
+        let form = match &body {
+            Some(Body::Form(fields)) => {
+                let mut u = Url::parse("http://form.invalid/").expect("a valid URL");
+                u.query_pairs_mut()
+                    .extend_pairs(fields.iter().map(|(k, v)| (*k, v.as_str())));
+                Some(u.query().unwrap_or_default().to_string())
+            }
+            _ => None,
+        };
+        let scrub = |text: &str| match bearer {
+            Some(b) => redact(&self.scrub(text), b),
+            None => self.scrub(text),
+        };
         let idempotent = safety == Safety::Idempotent;
         let mut attempt = 0;
         loop {
@@ -288,17 +363,29 @@ impl ApiClient {
             if let Auth::Header { name, prefix } = &self.auth {
                 request = request.header(name.clone(), format!("{prefix}{}", self.secret));
             }
-            if let Some(body) = &json {
-                request = request.json(body);
+            if let Some(b) = bearer {
+                request = request.header(header::AUTHORIZATION, format!("Bearer {b}"));
             }
-            let failure = match self.attempt(request, &what, idempotent).await {
+            match (&body, &form) {
+                (Some(Body::Json(v)), _) => request = request.json(v),
+                (_, Some(f)) => {
+                    request = request
+                        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                        .body(f.clone());
+                }
+                _ => {}
+            }
+            let failure = match self
+                .attempt(request, &what, idempotent, answer_unauthorized)
+                .await
+            {
                 Ok(answer) => return Ok(answer),
                 Err(f) => f,
             };
             if !failure.retry || attempt >= self.retry.attempts {
                 return Err(HelpdeskError {
                     reason: failure.reason,
-                    detail: self.scrub(&failure.detail),
+                    detail: scrub(&failure.detail),
                     attempts: attempt,
                     maybe_applied: failure.maybe_applied,
                 });
@@ -323,6 +410,7 @@ impl ApiClient {
         request: reqwest::RequestBuilder,
         what: &str,
         idempotent: bool,
+        answer_unauthorized: bool,
     ) -> Result<Answer, Attempt> {
         let transport = |e: reqwest::Error| {
             let (reason, retry) = if e.is_timeout() {
@@ -343,9 +431,9 @@ impl ApiClient {
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
+        let retry_after = std::iter::once(header::RETRY_AFTER.as_str())
+            .chain(self.retry_after_header)
+            .find_map(|h| response.headers().get(h))
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         if let Some(left) = self.rate_limit_headers.iter().find_map(|h| {
@@ -359,6 +447,9 @@ impl ApiClient {
                 .store(left.min(u64::MAX - 1), std::sync::atomic::Ordering::Relaxed);
         }
         let body = response.bytes().await.map_err(transport)?.to_vec();
+        if status == StatusCode::UNAUTHORIZED && answer_unauthorized {
+            return Ok(Answer { status, body });
+        }
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(Attempt {
                 reason: Reason::Auth,

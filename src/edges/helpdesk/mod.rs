@@ -19,6 +19,7 @@
 pub mod django_helpdesk;
 pub mod front;
 pub mod generic;
+pub mod helpscout;
 pub mod http;
 pub mod rt;
 pub mod supportbee;
@@ -282,6 +283,12 @@ pub enum VendorSettings {
         /// Only tickets of this queue.
         queue: Option<String>,
     },
+    HelpScout {
+        /// The OAuth2 app's client id (its secret is the probe's `token`).
+        client_id: String,
+        /// The mailbox the canaries are sent to.
+        mailbox_id: u64,
+    },
     DjangoHelpdesk {
         /// Only tickets of this queue (its numeric id).
         queue: Option<u64>,
@@ -312,6 +319,7 @@ pub fn webhook_verifier(api: crate::config::HelpdeskApi) -> webhook::Verifier {
     use crate::config::HelpdeskApi as A;
     match api {
         A::Zendesk => zendesk::verify_webhook,
+        A::HelpScout => helpscout::verify_webhook,
         A::SupportBee | A::Rt | A::DjangoHelpdesk | A::Http => webhook::bearer,
         A::Zammad => zammad::verify_webhook,
         A::Front => front::verify_webhook,
@@ -374,6 +382,20 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
                 base_url: settings.base_url,
                 token: settings.secret,
                 email,
+                timeout: settings.timeout,
+                retry: settings.retry,
+                extra_roots_pem: settings.extra_roots_pem,
+            },
+        )?)),
+        VendorSettings::HelpScout {
+            client_id,
+            mailbox_id,
+        } => Ok(Helpdesk::new(helpscout::HelpScout::new(
+            helpscout::HelpScoutParams {
+                base_url: settings.base_url,
+                client_id,
+                client_secret: settings.secret,
+                mailbox_id,
                 timeout: settings.timeout,
                 retry: settings.retry,
                 extra_roots_pem: settings.extra_roots_pem,

@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 mod django_helpdesk;
 mod front;
+mod helpscout;
 mod rt;
 mod supportbee;
 mod zammad;
@@ -84,6 +85,7 @@ pub const DIALECTS: &[Dialect] = &[
     zammad::DIALECT,
     zendesk::DIALECT,
     front::DIALECT,
+    helpscout::DIALECT,
 ];
 
 /// The dialect called `name`.
