@@ -207,15 +207,19 @@ pub enum HelpdeskApi {
     /// Any helpdesk with an HTTP API, described in `[probe.helpdesk.http]`.
     #[serde(rename = "http")]
     Http,
+    /// Freshdesk, its API v2.
+    #[serde(rename = "freshdesk")]
+    Freshdesk,
 }
 
 impl HelpdeskApi {
     /// Every adapter the config knows.
-    pub const ALL: [HelpdeskApi; 4] = [
+    pub const ALL: [HelpdeskApi; 5] = [
         HelpdeskApi::SupportBee,
         HelpdeskApi::Rt,
         HelpdeskApi::DjangoHelpdesk,
         HelpdeskApi::Http,
+        HelpdeskApi::Freshdesk,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -224,6 +228,7 @@ impl HelpdeskApi {
             HelpdeskApi::Rt => "rt",
             HelpdeskApi::DjangoHelpdesk => "django-helpdesk",
             HelpdeskApi::Http => "http",
+            HelpdeskApi::Freshdesk => "freshdesk",
         }
     }
 }

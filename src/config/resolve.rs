@@ -799,6 +799,7 @@ impl Ctx<'_> {
                     scan_pages: scan_pages.map_or(4, |n| *n.get_ref()),
                 }
             }
+            HelpdeskApi::Freshdesk => VendorConfig::Freshdesk,
             HelpdeskApi::Http => match &raw.http {
                 Some(t) => VendorConfig::Http(Box::new(self.http_spec(pre, raw, t))),
                 None => {

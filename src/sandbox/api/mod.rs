@@ -1,7 +1,8 @@
 //! The helpdesk's HTTP API: vendor dialects over the neutral ticket core, one file each, all
 //! served at once under their vendors' own paths (so one sandbox serves every adapter):
 //! `supportbee.rs` (the root paths below), `rt.rs` (`/REST/2.0/…`, Request Tracker 5's REST2)
-//! and `django_helpdesk.rs` (`/api/…`, django-helpdesk's DRF API); plus the sandbox's own
+//! and `django_helpdesk.rs` (`/api/…`, django-helpdesk's DRF API), `freshdesk.rs`
+//! (`/api/v2/…`, Freshdesk's API v2; it conflicts with Zendesk's); plus the sandbox's own
 //! control endpoints, which every dialect shares. Adding a vendor is one file here and one
 //! `merge` in [`router`].
 //!
@@ -45,6 +46,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod django_helpdesk;
+mod freshdesk;
 mod rt;
 mod supportbee;
 
@@ -71,7 +73,12 @@ pub struct Dialect {
 }
 
 /// Every dialect, in the order they are tried.
-pub const DIALECTS: &[Dialect] = &[supportbee::DIALECT, rt::DIALECT, django_helpdesk::DIALECT];
+pub const DIALECTS: &[Dialect] = &[
+    supportbee::DIALECT,
+    rt::DIALECT,
+    django_helpdesk::DIALECT,
+    freshdesk::DIALECT,
+];
 
 /// The dialect called `name`.
 pub fn dialect(name: &str) -> Option<&'static Dialect> {
