@@ -9,6 +9,7 @@ mod common;
 mod dashboard;
 mod drain;
 mod drills;
+mod freshdesk;
 mod generic;
 mod heartbeat;
 mod incident;
