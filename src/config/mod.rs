@@ -219,11 +219,14 @@ pub enum HelpdeskApi {
     /// Help Scout's Mailbox API 2.0 (OAuth2 client credentials).
     #[serde(rename = "helpscout")]
     HelpScout,
+    /// Freshdesk, its API v2.
+    #[serde(rename = "freshdesk")]
+    Freshdesk,
 }
 
 impl HelpdeskApi {
     /// Every adapter the config knows.
-    pub const ALL: [HelpdeskApi; 8] = [
+    pub const ALL: [HelpdeskApi; 9] = [
         HelpdeskApi::SupportBee,
         HelpdeskApi::Rt,
         HelpdeskApi::DjangoHelpdesk,
@@ -232,6 +235,7 @@ impl HelpdeskApi {
         HelpdeskApi::Http,
         HelpdeskApi::Zammad,
         HelpdeskApi::HelpScout,
+        HelpdeskApi::Freshdesk,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -244,6 +248,7 @@ impl HelpdeskApi {
             HelpdeskApi::Http => "http",
             HelpdeskApi::Zammad => "zammad",
             HelpdeskApi::HelpScout => "helpscout",
+            HelpdeskApi::Freshdesk => "freshdesk",
         }
     }
 }

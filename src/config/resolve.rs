@@ -884,6 +884,7 @@ impl Ctx<'_> {
                     mailbox_id,
                 }
             }
+            HelpdeskApi::Freshdesk => VendorConfig::Freshdesk,
             HelpdeskApi::Http => match &raw.http {
                 Some(t) => VendorConfig::Http(Box::new(self.http_spec(pre, raw, t))),
                 None => {

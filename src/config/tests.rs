@@ -17,6 +17,7 @@ const ZAMMAD_EXAMPLE: &str = include_str!("../../probes/zammad.example.toml");
 const ZENDESK_EXAMPLE: &str = include_str!("../../probes/zendesk.example.toml");
 const FRONT_EXAMPLE: &str = include_str!("../../probes/front.example.toml");
 const HELPSCOUT_EXAMPLE: &str = include_str!("../../probes/helpscout.example.toml");
+const FRESHDESK_EXAMPLE: &str = include_str!("../../probes/freshdesk.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -151,6 +152,8 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("front/webhook", "front-app-secret\n"),
         ("helpscout/app-secret", "helpscout-app-secret\n"),
         ("helpscout/webhook-secret", "helpscout-hook-secret\n"),
+        ("freshdesk/api-key", "fd-api-key\n"),
+        ("freshdesk/webhook", "fd-hook-secret\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -231,6 +234,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("zendesk.example.toml", ZENDESK_EXAMPLE),
         ("front.example.toml", FRONT_EXAMPLE),
         ("helpscout.example.toml", HELPSCOUT_EXAMPLE),
+        ("freshdesk.example.toml", FRESHDESK_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -241,6 +245,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         names,
         [
             "django-support",
+            "freshdesk-support",
             "front-support",
             "any-helpdesk",
             "supportbee-prod",
@@ -835,6 +840,30 @@ fn the_shipped_django_and_generic_examples_resolve_to_their_adapters() {
         spec.cleanup.as_ref().unwrap().method,
         reqwest::Method::PATCH
     );
+}
+
+#[test]
+fn the_shipped_freshdesk_example_resolves_to_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_secret_files(FRESHDESK_EXAMPLE, dir.path());
+    let c = parse_env(&text, "freshdesk.example.toml", Some(dir.path()), &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let h = c.probes[0].helpdesk.as_ref().unwrap();
+    assert_eq!(h.api, HelpdeskApi::Freshdesk);
+    assert_eq!(h.vendor, VendorConfig::Freshdesk);
+    assert_eq!(h.token.expose(), "fd-api-key");
+    assert_eq!(
+        h.webhook_secret.as_ref().unwrap().expose(),
+        "fd-hook-secret"
+    );
+    assert_eq!(h.cleanup, Cleanup::Archive);
+    // Freshdesk has no table of its own: one is an unknown key, with its line.
+    let bad = text.replace(
+        "\n[probe.imap]",
+        "\n[probe.helpdesk.freshdesk]\nqueue = 1\n\n[probe.imap]",
+    );
+    let e = parse_env(&bad, "freshdesk.example.toml", Some(dir.path()), &[]).unwrap_err();
+    assert!(e.to_string().contains("freshdesk"), "{e}");
 }
 
 #[test]

@@ -55,6 +55,11 @@ const CASES: &[Case] = &[
         tells_replies: false,
     },
     Case {
+        api: "freshdesk",
+        tables: "",
+        tells_replies: true,
+    },
+    Case {
         api: "zammad",
         tables: "",
         tells_replies: true,
@@ -308,6 +313,11 @@ async fn helpscout_conforms() {
     conformance(case("helpscout")).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshdesk_conforms() {
+    conformance(case("freshdesk")).await;
+}
+
 /// Every vendor the config knows has a case here.
 #[test]
 fn every_adapter_has_a_case() {
@@ -320,6 +330,7 @@ fn every_adapter_has_a_case() {
         "zendesk",
         "front",
         "helpscout",
+        "freshdesk",
     ] {
         assert!(
             CASES.iter().any(|c| c.api == api),

@@ -18,7 +18,16 @@ pub const API_TOKEN: &str = "s3cret-api-token-4f1b";
 
 /// A sandbox on ephemeral ports with short delays and a distinctive API token.
 pub async fn sandbox() -> Sandbox {
+    sandbox_speaking(None).await
+}
+
+/// [`sandbox`], with `api` (a dialect's name) in charge where dialects claim the same paths
+/// (Freshdesk's and Zendesk's `/api/v2/`); `None` keeps the default.
+pub async fn sandbox_speaking(api: Option<&str>) -> Sandbox {
     let mut cfg = SandboxConfig::ephemeral();
+    if let Some(api) = api {
+        cfg.api = api.into();
+    }
     cfg.api_token = API_TOKEN.into();
     cfg.import_delay = DelayRange::new(Duration::from_millis(10), Duration::from_millis(50));
     cfg.outbound_delay = DelayRange::fixed(Duration::from_millis(10));

@@ -9,6 +9,7 @@ mod common;
 mod dashboard;
 mod drain;
 mod drills;
+mod freshdesk;
 mod front;
 mod generic;
 mod heartbeat;

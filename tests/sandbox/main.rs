@@ -4,6 +4,7 @@
 mod api;
 mod cli;
 mod common;
+mod freshdesk;
 mod imap;
 mod pipeline;
 mod smtp;

@@ -3,7 +3,8 @@
 //! `supportbee.rs` (the root paths below), `rt.rs` (`/REST/2.0/…`, Request Tracker 5's REST2),
 //! `django_helpdesk.rs` (`/api/…`, django-helpdesk's DRF API), `zammad.rs` (`/api/v1/…`,
 //! Zammad's REST API; its segment `v1` is no django-helpdesk route), `zendesk.rs`
-//! (`/api/v2/….json`, Zendesk Support's REST API) and `front.rs` (`/conversations…`,
+//! (`/api/v2/….json`, Zendesk Support's REST API), `freshdesk.rs` (`/api/v2/…`, Freshdesk's
+//! API v2; it conflicts with Zendesk's: `--api` picks) and `front.rs` (`/conversations…`,
 //! `/inboxes/…`, Front's Core API); plus the sandbox's own
 //! control endpoints, which every dialect shares. Adding a vendor is one file here and its
 //! `DIALECT` in [`DIALECTS`].
@@ -48,6 +49,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod django_helpdesk;
+mod freshdesk;
 mod front;
 mod helpscout;
 mod rt;
@@ -86,6 +88,7 @@ pub const DIALECTS: &[Dialect] = &[
     zendesk::DIALECT,
     front::DIALECT,
     helpscout::DIALECT,
+    freshdesk::DIALECT,
 ];
 
 /// The dialect called `name`.
