@@ -2,7 +2,7 @@
 //! sandbox's ground truth, and the prober's cost per canary.
 //!
 //! ```sh
-//! cargo bench --bench mailcanary -- --quick            # about 2 min; tests/run.sh runs it
+//! cargo bench --bench mailcanary -- --quick            # about 3 min; tests/run.sh runs it
 //! cargo bench --bench mailcanary -- --full             # about 14 min; the README's table
 //! cargo bench --bench mailcanary -- --quick --out DIR  # results.{md,json} in DIR
 //! cargo bench --bench mailcanary -- --quick --only peer,cost  # some sections only
