@@ -148,8 +148,22 @@ async fn every_vendor_adapter_runs_a_canary_life_past_the_acknowledgement() {
             "helpscout",
             "[probe.helpdesk.helpscout]\nclient_id = \"app\"\nmailbox_id = 1\n",
         ),
+        (
+            "zendesk",
+            "[probe.helpdesk.zendesk]\nemail = \"agent@helpdesk.test\"\n",
+        ),
+        ("freshdesk", ""),
+        ("zammad", ""),
     ] {
-        let sb = sandbox_with(|c| c.auto_ack = true).await;
+        // The sandbox speaks the vendor's dialect where two claim the same paths (Zendesk's and
+        // Freshdesk's /api/v2/).
+        let sb = sandbox_with(|c| {
+            c.auto_ack = true;
+            if mailcanary::sandbox::api::dialect(api).is_some() {
+                c.api = api.into();
+            }
+        })
+        .await;
         let text = config_text(&sb, &Knobs::default())
             .replace("api = \"supportbee\"", &format!("api = \"{api}\""))
             .replace("\n[probe.imap]", &format!("\n{table}\n[probe.imap]"));
