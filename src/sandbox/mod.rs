@@ -69,6 +69,8 @@ pub struct SandboxConfig {
     pub search_lag: Duration,
     /// Requests per minute the API answers before 429 with the vendor's rate-limit headers.
     pub rate_limit: Option<u32>,
+    /// The window `rate_limit` counts in (a minute, as vendors count; tests shorten it).
+    pub rate_window: Duration,
     /// Where a ticket-created webhook is POSTed, signed in the dialect's scheme, when set.
     pub webhook_url: Option<String>,
     /// The secret webhooks are signed with.
@@ -99,6 +101,7 @@ impl Default for SandboxConfig {
             api: "supportbee".into(),
             search_lag: Duration::ZERO,
             rate_limit: None,
+            rate_window: Duration::from_secs(60),
             webhook_url: None,
             webhook_secret: "sandbox".into(),
             oauth_token_lifetime: Duration::from_secs(2 * 3600),

@@ -326,3 +326,50 @@ async fn poll_metrics(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The drill config on vendor `api`, with `table` (its `[probe.helpdesk.<api>]` lines, or
+/// nothing) before `[probe.imap]`.
+pub fn vendor_text(sb: &Sandbox, k: &Knobs, api: &str, table: &str) -> String {
+    let text = config_text(sb, k).replace("api = \"supportbee\"", &format!("api = \"{api}\""));
+    if table.is_empty() {
+        text
+    } else {
+        text.replace("\n[probe.imap]", &format!("\n{table}\n[probe.imap]"))
+    }
+}
+
+/// A fast sandbox speaking `api`'s dialect first (where two claim the same paths, and whose
+/// webhooks it sends), then `f`.
+pub async fn vendor_sandbox(api: &str, f: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
+    sandbox_with(|c| {
+        c.api = api.into();
+        f(c)
+    })
+    .await
+}
+
+/// No stage failed, for any reason.
+pub fn no_failures(s: &Samples) {
+    let failed: Vec<_> = s
+        .family("mailcanary_stage_failures_total")
+        .into_iter()
+        .filter(|x| x.value > 0.0)
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// A prober listening on `port`, chosen before the sandbox starts so the sandbox can push
+/// webhooks to it.
+pub async fn daemon_on(cfg: &Config, dir: &Path, port: u16) -> Daemon {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Daemon::start(
+        cfg,
+        Options {
+            state_dir: dir.to_path_buf(),
+            listen: ([127, 0, 0, 1], port).into(),
+            schedule: true,
+        },
+    )
+    .await
+    .expect("daemon starts")
+}

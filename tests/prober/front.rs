@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mailcanary::{
     config,
-    daemon::{Daemon, Options},
     edges::helpdesk::webhook::{b64, hmac_sha256},
     sandbox::{DelayRange, Sandbox},
 };
@@ -49,15 +48,6 @@ async fn conversations(sb: &Sandbox) -> Vec<Value> {
     v["_results"].as_array().cloned().unwrap_or_default()
 }
 
-fn no_stage_failed(s: &mailcanary::metrics::testing::Samples) {
-    let failed: Vec<_> = s
-        .family("mailcanary_stage_failures_total")
-        .into_iter()
-        .filter(|x| x.value > 0.0)
-        .collect();
-    assert!(failed.is_empty(), "{failed:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_front_canary_is_found_despite_a_60s_search_lag_and_its_reply_leaves_it_open() {
     let sb = sandbox_with(|c| c.search_lag = Duration::from_secs(60)).await;
@@ -74,7 +64,7 @@ async fn a_front_canary_is_found_despite_a_60s_search_lag_and_its_reply_leaves_i
         |s| v(s, COMPLETED, &[]) >= 1.0,
     )
     .await;
-    no_stage_failed(&s);
+    no_failures(&s);
     let import = v(
         &s,
         "mailcanary_stage_duration_seconds_sum",
@@ -205,21 +195,6 @@ async fn post(url: &str, headers: &[(&str, String)], body: &str) -> (u16, String
     (r.status().as_u16(), r.text().await.unwrap_or_default())
 }
 
-/// A prober on a port chosen before the sandbox starts, so the sandbox can push to it.
-async fn daemon_on(cfg: &config::Config, dir: &std::path::Path, port: u16) -> Daemon {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    Daemon::start(
-        cfg,
-        Options {
-            state_dir: dir.to_path_buf(),
-            listen: ([127, 0, 0, 1], port).into(),
-            schedule: true,
-        },
-    )
-    .await
-    .expect("daemon starts")
-}
-
 fn webhook_knobs() -> Knobs {
     Knobs {
         interval: "1h",
@@ -271,7 +246,7 @@ async fn the_sandboxs_front_signed_webhook_ends_the_import_before_the_next_poll(
         &[("stage", "import")],
     );
     assert!(import < 10.0, "import took {import} s");
-    no_stage_failed(&s);
+    no_failures(&s);
     d.stop().await;
     sb.shutdown().await;
 }

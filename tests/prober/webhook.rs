@@ -172,10 +172,16 @@ async fn a_webhook_only_hints_and_a_sibling_token_is_not_forged() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    // A forgery: our token with its last character changed.
-    let mut forged = mine.clone();
-    let last = forged.pop().unwrap();
-    forged.push(if last == 'a' { 'b' } else { 'a' });
+    // A forgery: our token with the first character of its MAC changed (the last one also
+    // carries padding bits, and a change there may not even parse as a token).
+    let at = mine.rfind('-').unwrap() + 1;
+    let first = mine.as_bytes()[at];
+    let forged = format!(
+        "{}{}{}",
+        &mine[..at],
+        if first == b'a' { 'b' } else { 'a' },
+        &mine[at + 1..]
+    );
     let payload = json!({
         "ticket": {"subject": format!("[{mine}]"), "body": format!("{theirs} and {forged}")}
     })

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use mailcanary::{
     config::{self, Config},
-    daemon::{Daemon, Options},
     edges::helpdesk::webhook::{hex, hmac_sha1},
     sandbox::{DelayRange, Sandbox},
 };
@@ -28,11 +27,7 @@ fn zammad_config(sb: &Sandbox, k: &Knobs) -> Config {
 
 /// A sandbox speaking Zammad first (its webhooks are Zammad's), with `f` applied.
 async fn zammad_sandbox(f: impl FnOnce(&mut mailcanary::sandbox::SandboxConfig)) -> Sandbox {
-    sandbox_with(|c| {
-        c.api = "zammad".into();
-        f(c);
-    })
-    .await
+    vendor_sandbox("zammad", f).await
 }
 
 fn failures(s: &mailcanary::metrics::testing::Samples) -> f64 {
@@ -131,21 +126,6 @@ async fn zammad_canaries_complete_past_a_rate_limit() {
     );
     d.stop().await;
     sb.shutdown().await;
-}
-
-/// A prober listening on `port` (known before it starts, so the sandbox can push to it).
-async fn daemon_on(cfg: &Config, dir: &std::path::Path, port: u16) -> Daemon {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    Daemon::start(
-        cfg,
-        Options {
-            state_dir: dir.to_path_buf(),
-            listen: ([127, 0, 0, 1], port).into(),
-            schedule: true,
-        },
-    )
-    .await
-    .expect("daemon starts")
 }
 
 /// Polling once a minute; the import takes 500 ms, so the poll right after submit misses the

@@ -30,11 +30,7 @@ fn zendesk_text(sb: &Sandbox, k: &Knobs) -> String {
 }
 
 async fn zendesk_sandbox(f: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
-    sandbox_with(|c| {
-        c.api = "zendesk".into();
-        f(c)
-    })
-    .await
+    vendor_sandbox("zendesk", f).await
 }
 
 /// `GET` on the sandbox's Zendesk API as the agent: status, rate-limit remaining header, JSON.
@@ -54,15 +50,6 @@ async fn api_get(sb: &Sandbox, path: &str) -> (u16, Option<String>, Value) {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     (status, left, r.json().await.unwrap_or(Value::Null))
-}
-
-fn no_failures(s: &mailcanary::metrics::testing::Samples) {
-    let failed: Vec<_> = s
-        .family("mailcanary_stage_failures_total")
-        .into_iter()
-        .filter(|x| x.value > 0.0)
-        .collect();
-    assert!(failed.is_empty(), "{failed:?}");
 }
 
 /// Search sees a ticket only a minute after it was made; the canaries' import (2 s deadline)

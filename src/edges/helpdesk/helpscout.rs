@@ -42,7 +42,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use chrono::DateTime;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
@@ -175,9 +174,7 @@ struct Thread {
 
 impl Conversation {
     fn created(&self) -> Option<SystemTime> {
-        DateTime::parse_from_rfc3339(self.created_at.as_deref()?)
-            .ok()
-            .map(SystemTime::from)
+        super::rfc3339(self.created_at.as_deref())
     }
 
     /// The token in the subject, or in the body of one of the customer's threads (the first

@@ -254,6 +254,23 @@ impl Helpdesk {
     }
 }
 
+/// Whether any of `texts` holds `token`, ignoring case (a helpdesk may change the case of a
+/// subject). Every adapter matches the token itself: a list or a search is only a candidate.
+pub(crate) fn carries<'a>(token: &str, texts: impl IntoIterator<Item = Option<&'a str>>) -> bool {
+    let token = token.to_lowercase();
+    texts
+        .into_iter()
+        .flatten()
+        .any(|t| t.to_lowercase().contains(&token))
+}
+
+/// An RFC 3339 time as vendors send them; `None` if absent or not one.
+pub(crate) fn rfc3339(s: Option<&str>) -> Option<SystemTime> {
+    chrono::DateTime::parse_from_rfc3339(s?.trim())
+        .ok()
+        .map(SystemTime::from)
+}
+
 fn earliest(tickets: Vec<TicketRef>) -> Option<TicketRef> {
     // min_by_key keeps the first of equal keys.
     tickets

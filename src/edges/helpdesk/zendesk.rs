@@ -105,17 +105,14 @@ struct Ticket {
 
 impl Ticket {
     fn carries(&self, token: &str) -> bool {
-        let token = token.to_lowercase();
-        [&self.subject, &self.description].iter().any(|s| {
-            s.as_deref()
-                .is_some_and(|s| s.to_lowercase().contains(&token))
-        })
+        super::carries(
+            token,
+            [self.subject.as_deref(), self.description.as_deref()],
+        )
     }
 
     fn created(&self) -> Option<SystemTime> {
-        DateTime::parse_from_rfc3339(self.created_at.as_deref()?)
-            .ok()
-            .map(SystemTime::from)
+        super::rfc3339(self.created_at.as_deref())
     }
 
     fn to_ref(&self) -> TicketRef {

@@ -170,13 +170,15 @@ async fn rate_limit(State(hub): State<Arc<Hub>>, req: Request, next: Next) -> Re
     let (used, reset) = {
         let mut w = hub.rate.lock().unwrap_or_else(|p| p.into_inner());
         let now = tokio::time::Instant::now();
-        if now.duration_since(w.0) >= std::time::Duration::from_secs(60) {
+        if now.duration_since(w.0) >= hub.config.rate_window {
             *w = (now, 0);
         }
         w.1 += 1;
         (
             w.1,
-            std::time::Duration::from_secs(60).saturating_sub(now.duration_since(w.0)),
+            hub.config
+                .rate_window
+                .saturating_sub(now.duration_since(w.0)),
         )
     };
     let remaining = limit.saturating_sub(used);
