@@ -109,7 +109,7 @@ else
 fi
 
 if [ "$bench" -eq 1 ]; then
-  # The benchmark harness in quick mode (about 2 min), so it cannot rot: it exits non-zero when
+  # The benchmark harness in quick mode (about 3 min), so it cannot rot: it exits non-zero when
   # a figure cannot be measured. Its figures are not the README's (those come from --full).
   step "benchmark, quick mode (cargo bench --bench mailcanary -- --quick)"
   cargo bench --locked --quiet --bench mailcanary -- --quick --out target/bench/quick
