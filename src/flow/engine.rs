@@ -290,8 +290,9 @@ impl Engine {
     /// the helpdesk now instead of at the next poll (the API confirms; a webhook only hints).
     /// True if the canary is waiting for its import.
     pub fn hint(&self, probe: &str, id: &str) -> bool {
-        let waiting = self
-            .get(probe, id)
+        let waiting = lock(&self.state)
+            .in_flight
+            .get(&(probe.to_string(), id.to_string()))
             .is_some_and(|c| c.current() == Some(Stage::Import));
         if waiting {
             let _ = self.hints.send((probe.to_string(), id.to_string()));

@@ -373,3 +373,19 @@ pub async fn daemon_on(cfg: &Config, dir: &Path, port: u16) -> Daemon {
     .await
     .expect("daemon starts")
 }
+
+/// How many import durations the histogram holds, and their sum in seconds.
+pub fn import_count_and_sum(s: &Samples) -> (f64, f64) {
+    let import = [("stage", "import")];
+    (
+        v(s, "mailcanary_stage_duration_seconds_count", &import),
+        v(s, "mailcanary_stage_duration_seconds_sum", &import),
+    )
+}
+
+/// Makes the sandbox push its signed ticket-created webhooks to the drill probe of a prober
+/// that will listen on `port`, signed with `secret`.
+pub fn push_webhooks_to(c: &mut SandboxConfig, port: u16, secret: &str) {
+    c.webhook_url = Some(format!("http://127.0.0.1:{port}/webhooks/{PROBE}"));
+    c.webhook_secret = secret.into();
+}

@@ -57,16 +57,7 @@ async fn freshdesk_import_is_not_delayed_by_a_search_index_a_minute_behind() {
     })
     .await;
     no_failures(&s);
-    let count = v(
-        &s,
-        "mailcanary_stage_duration_seconds_count",
-        &[("stage", "import")],
-    );
-    let sum = v(
-        &s,
-        "mailcanary_stage_duration_seconds_sum",
-        &[("stage", "import")],
-    );
+    let (count, sum) = import_count_and_sum(&s);
     assert!(count >= 3.0);
     assert!(
         sum / count < 2.0,
@@ -171,8 +162,7 @@ async fn slow_poller(sb: &Sandbox, port: u16, dir: &std::path::Path) -> Daemon {
 /// first look, right after sending, finds nothing.
 async fn hooking_sandbox(port: u16, secret: &str) -> Sandbox {
     freshdesk_sandbox(|c| {
-        c.webhook_url = Some(format!("http://127.0.0.1:{port}/webhooks/{PROBE}"));
-        c.webhook_secret = secret.into();
+        push_webhooks_to(c, port, secret);
         c.import_delay = DelayRange::fixed(Duration::from_secs(1));
     })
     .await

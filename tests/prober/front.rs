@@ -212,8 +212,7 @@ async fn the_sandboxs_front_signed_webhook_ends_the_import_before_the_next_poll(
     let port = free_port();
     let sb = sandbox_with(|c| {
         c.api = "front".into();
-        c.webhook_url = Some(format!("http://127.0.0.1:{port}/webhooks/{PROBE}"));
-        c.webhook_secret = HOOK_SECRET.into();
+        push_webhooks_to(c, port, HOOK_SECRET);
         // The prober's first poll, right after the submit, comes before the import.
         c.import_delay = DelayRange::fixed(Duration::from_millis(800));
     })

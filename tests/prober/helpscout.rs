@@ -40,16 +40,7 @@ async fn helpscout_canaries_complete_while_search_lags_a_minute() {
     })
     .await;
     no_failures(&s);
-    let n = v(
-        &s,
-        "mailcanary_stage_duration_seconds_count",
-        &[("stage", "import")],
-    );
-    let sum = v(
-        &s,
-        "mailcanary_stage_duration_seconds_sum",
-        &[("stage", "import")],
-    );
+    let (n, sum) = import_count_and_sum(&s);
     assert!(n >= 3.0);
     assert!(
         sum / n < 2.0,
@@ -245,8 +236,7 @@ async fn helpscout_signed_webhook_ends_the_import_and_a_tampered_one_is_refused(
     let secret = "hs-hook-secret-3";
     let sb = sandbox_with(|c| {
         c.api = "helpscout".into();
-        c.webhook_url = Some(format!("http://127.0.0.1:{port}/webhooks/{PROBE}"));
-        c.webhook_secret = secret.into();
+        push_webhooks_to(c, port, secret);
     })
     .await;
     // Held at import until the tampered delivery has been tried.

@@ -47,16 +47,7 @@ async fn zammad_canaries_complete_while_the_search_index_lags_a_minute() {
     })
     .await;
     assert_eq!(failures(&s), 0.0, "no stage failed");
-    let count = v(
-        &s,
-        "mailcanary_stage_duration_seconds_count",
-        &[("stage", "import")],
-    );
-    let sum = v(
-        &s,
-        "mailcanary_stage_duration_seconds_sum",
-        &[("stage", "import")],
-    );
+    let (count, sum) = import_count_and_sum(&s);
     assert!(count >= 3.0);
     assert!(
         sum / count < 2.0,
@@ -144,8 +135,7 @@ async fn a_zammad_webhook_from_the_sandbox_ends_the_import_before_the_next_poll(
     let port = free_port();
     let sb = zammad_sandbox(|c| {
         c.import_delay = DelayRange::fixed(Duration::from_millis(500));
-        c.webhook_url = Some(format!("http://127.0.0.1:{port}/webhooks/{PROBE}"));
-        c.webhook_secret = HOOK_SECRET.into();
+        push_webhooks_to(c, port, HOOK_SECRET);
     })
     .await;
     let dir = tempfile::tempdir().unwrap();

@@ -115,6 +115,24 @@ fn invalid(field: &str, message: &str, code: &str) -> Response {
         .into_response()
 }
 
+fn bad_json() -> Response {
+    invalid(
+        "body",
+        "Request body has invalid json format",
+        "invalid_json",
+    )
+}
+
+/// The ticket `id`, if it can be changed: 404 if unknown, 405 if deleted (or spam), as
+/// Freshdesk answers.
+fn writable(hub: &Hub, id: u64) -> Result<Ticket, Box<Response>> {
+    match hub.get(id) {
+        None => Err(Box::new(not_found())),
+        Some(t) if t.trashed => Err(Box::new(StatusCode::METHOD_NOT_ALLOWED.into_response())),
+        Some(t) => Ok(t),
+    }
+}
+
 fn not_found() -> Response {
     // Freshdesk answers an unknown ticket 404 with an empty body.
     StatusCode::NOT_FOUND.into_response()
@@ -435,18 +453,11 @@ async fn update(
     body: Result<Json<Update>, JsonRejection>,
 ) -> Response {
     let Ok(Json(u)) = body else {
-        return invalid(
-            "body",
-            "Request body has invalid json format",
-            "invalid_json",
-        );
+        return bad_json();
     };
-    let Some(t) = hub.get(id) else {
-        return not_found();
-    };
-    if t.trashed {
-        // Freshdesk: a deleted (or spam) ticket cannot be updated.
-        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    // Freshdesk: a deleted (or spam) ticket cannot be updated.
+    if let Err(r) = writable(&hub, id) {
+        return *r;
     }
     let archived = match u.status.as_ref().map(|s| s.as_u64()) {
         None => None,
@@ -535,11 +546,7 @@ async fn reply(
     body: Result<Json<ReplyRequest>, JsonRejection>,
 ) -> Response {
     let Ok(Json(r)) = body else {
-        return invalid(
-            "body",
-            "Request body has invalid json format",
-            "invalid_json",
-        );
+        return bad_json();
     };
     let Some(html_body) = r.body.filter(|b| !b.trim().is_empty()) else {
         return invalid(
@@ -548,12 +555,10 @@ async fn reply(
             "missing_field",
         );
     };
-    let Some(t) = hub.get(id) else {
-        return not_found();
+    let t = match writable(&hub, id) {
+        Ok(t) => t,
+        Err(r) => return *r,
     };
-    if t.trashed {
-        return StatusCode::METHOD_NOT_ALLOWED.into_response();
-    }
     let lose = hub.faults.get(Stage::Api) == Fault::Drop;
     // The core keeps and mails the reply's text (Freshdesk mails HTML with a text part).
     match hub.post_reply(id, text_of(&html_body), lose) {
