@@ -195,9 +195,10 @@ struct SandboxArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_delay: Option<Duration>,
     /// Acknowledge every new ticket by mail at once (token in the Subject, the canary quoted,
-    /// threaded to it), as RT and django-helpdesk do, ahead of any reply.
-    #[arg(long)]
-    auto_ack: bool,
+    /// threaded to it), ahead of any reply: `on` (the bare flag), `off`, or by default as the
+    /// `--api` vendor does out of the box (RT, django-helpdesk, Zendesk, Freshdesk, Zammad).
+    #[arg(long, num_args = 0..=1, default_missing_value = "on", value_parser = parse_on_off)]
+    auto_ack: Option<bool>,
     /// The vendor dialect whose webhooks are sent and which serves paths vendors share
     /// (every dialect is served; see the README's Helpdesks table).
     #[arg(long, default_value = "supportbee", value_parser = parse_dialect)]
@@ -225,6 +226,14 @@ fn parse_dialect(s: &str) -> Result<String, String> {
             let names: Vec<&str> = sandbox::api::DIALECTS.iter().map(|d| d.name).collect();
             format!("unknown helpdesk API {s:?}; one of {}", names.join(", "))
         })
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: on or off")),
+    }
 }
 
 fn parse_fault(s: &str) -> Result<(Stage, Fault), String> {
@@ -421,6 +430,11 @@ async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
             .map(|(s, f)| format!("{s}={f}"))
             .collect::<Vec<_>>()
             .join(" ")
+    );
+    say!(
+        "dialect {} auto-ack {}",
+        config.api,
+        if config.acknowledges() { "on" } else { "off" }
     );
     tracing::info!(smtp = %sb.smtp_addr, imap = %sb.imap_addr, api = %sb.http_addr, "sandbox ready");
     shutdown_signal().await;

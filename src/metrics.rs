@@ -36,12 +36,16 @@
 //! | `mailcanary_helpdesk_duplicate_tickets_total` | probe | [`Metrics::duplicate_tickets`] |
 //! | `mailcanary_heartbeat_errors_total` | probe | [`Metrics::heartbeat_error`] |
 //! | `mailcanary_webhooks_total` | probe, result | [`Metrics::webhook`] |
+//! | `mailcanary_import_message_id_total` | probe, result | [`Metrics::message_id`] |
 //! | `mailcanary_helpdesk_rate_limit_remaining` | probe | [`Metrics::set_rate_limit_remaining`] |
 
 use std::collections::{HashMap, HashSet};
 
 /// The `result` label of `mailcanary_webhooks_total`.
 pub const WEBHOOK_RESULTS: [&str; 3] = ["authentic", "refused", "challenge"];
+
+/// The `result` label of `mailcanary_import_message_id_total`.
+pub const MESSAGE_ID_RESULTS: [&str; 3] = ["match", "mismatch", "absent"];
 
 use std::sync::Mutex;
 
@@ -140,6 +144,7 @@ pub struct Metrics {
     duplicate_tickets: IntCounterVec,
     heartbeat_errors: IntCounterVec,
     webhooks: IntCounterVec,
+    message_ids: IntCounterVec,
     rate_limit_remaining: GaugeVec,
     ledger_errors: IntCounterVec,
     config_reload: IntGauge,
@@ -212,6 +217,11 @@ impl Metrics {
         let webhooks = counter(
             "mailcanary_webhooks_total",
             "Ticket-created webhooks received for the probe, by result: authentic (signed or carrying the secret as its vendor does), refused (401), challenge (a subscription handshake answered).",
+            &["probe", "result"],
+        );
+        let message_ids = counter(
+            "mailcanary_import_message_id_total",
+            "Tickets whose helpdesk says which mail it made them from, by whether that mail's Message-ID is the canary's: match, mismatch (the ticket was made from another mail carrying the token), absent (the helpdesk recorded none). Only for helpdesks whose API exposes it.",
             &["probe", "result"],
         );
         let ledger_errors = counter(
@@ -335,6 +345,7 @@ impl Metrics {
             duplicate_tickets,
             heartbeat_errors,
             webhooks,
+            message_ids,
             rate_limit_remaining,
             ledger_errors,
             config_reload,
@@ -372,6 +383,9 @@ impl Metrics {
                 self.heartbeat_errors.with_label_values(&[probe]);
                 for result in WEBHOOK_RESULTS {
                     self.webhooks.with_label_values(&[probe, result]);
+                }
+                for result in MESSAGE_ID_RESULTS {
+                    self.message_ids.with_label_values(&[probe, result]);
                 }
                 self.rate_limit_remaining
                     .with_label_values(&[probe])
@@ -492,10 +506,15 @@ impl Metrics {
             .inc_by(extra);
     }
 
-    /// A heartbeat ping of `probe` failed.
     /// A webhook for `probe` arrived: `result` is one of [`WEBHOOK_RESULTS`].
     pub fn webhook(&self, probe: &str, result: &str) {
         self.webhooks.with_label_values(&[probe, result]).inc();
+    }
+
+    /// The helpdesk said which mail a ticket of `probe` was made from: `result` is one of
+    /// [`MESSAGE_ID_RESULTS`].
+    pub fn message_id(&self, probe: &str, result: &str) {
+        self.message_ids.with_label_values(&[probe, result]).inc();
     }
 
     /// What the helpdesk last said about the account's rate limit.
@@ -505,6 +524,7 @@ impl Metrics {
             .set(remaining as f64);
     }
 
+    /// A heartbeat ping of `probe` failed.
     pub fn heartbeat_error(&self, probe: &str) {
         self.heartbeat_errors.with_label_values(&[probe]).inc();
     }
@@ -876,6 +896,7 @@ mod tests {
             ("mailcanary_heartbeat_errors_total", "counter"),
             ("mailcanary_helpdesk_duplicate_tickets_total", "counter"),
             ("mailcanary_helpdesk_rate_limit_remaining", "gauge"),
+            ("mailcanary_import_message_id_total", "counter"),
             ("mailcanary_ledger_errors_total", "counter"),
             ("mailcanary_messages_ignored_total", "counter"),
             ("mailcanary_probe_success", "gauge"),
@@ -959,7 +980,10 @@ mod tests {
                     "revision" => v == "abc1234",
                     "le" => buckets.contains(v),
                     "op" => crate::ledger::OPS.contains(&v.as_str()),
-                    "result" => WEBHOOK_RESULTS.contains(&v.as_str()),
+                    "result" => {
+                        WEBHOOK_RESULTS.contains(&v.as_str())
+                            || MESSAGE_ID_RESULTS.contains(&v.as_str())
+                    }
                     _ => false,
                 };
                 assert!(ok, "label {k}={v:?} in {sample:?}");

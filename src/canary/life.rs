@@ -228,6 +228,11 @@ pub struct Canary {
     /// records written before it existed.
     #[serde(default)]
     pub acknowledged: Option<Acknowledged>,
+    /// Whether the mail the helpdesk made the ticket from has the canary's Message-ID, where
+    /// the helpdesk's API says (`None`: not asked, or not said). A `false` is a ticket made
+    /// from another mail carrying the token (a copy, a forward, a re-sent canary).
+    #[serde(default)]
+    pub message_id_matched: Option<bool>,
 }
 
 /// An acknowledgement that arrived in the watched mailbox.
@@ -296,6 +301,7 @@ impl Canary {
             delivered_uid: None,
             delivered_uid_validity: None,
             acknowledged: None,
+            message_id_matched: None,
             threaded: None,
             outcome: None,
             finished_ms: None,

@@ -457,6 +457,8 @@ impl Engine {
 
     /// Applies `f` to an in-flight canary, then persists and counts what changed. Returns the
     /// canary after the change, or `None` if it is not in flight (finished, or never ours).
+    /// A call that changed nothing (a webhook for a canary already imported, a repeated
+    /// delivery) writes nothing.
     pub fn update(
         &self,
         probe: &str,
@@ -466,7 +468,11 @@ impl Engine {
         let mut st = lock(&self.state);
         let key = (probe.to_string(), id.to_string());
         let canary = st.in_flight.get_mut(&key)?;
+        let before = canary.clone();
         let transitions = f(canary);
+        if transitions.is_empty() && *canary == before {
+            return Some(before);
+        }
         let snapshot = canary.clone();
         self.commit(&mut st, snapshot.clone(), &transitions);
         self.refresh_probe_gauges(&st, probe, now_ms());

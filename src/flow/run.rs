@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     Probe,
@@ -94,6 +94,18 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
                             c.ticket_id = Some(t.id.clone());
                             c.observe(Stage::Import, now_ms())
                         });
+                        if helpdesk.says_message_id()
+                            && let Some(c) = &c
+                        {
+                            // Beside the canary, not in its way: the reply is not held back
+                            // for it, and the ticket is cleaned up only after the delivery.
+                            tokio::spawn(check_message_id(
+                                engine.clone(),
+                                probe.clone(),
+                                c.clone(),
+                                t,
+                            ));
+                        }
                         clean_up_if_finished(&probe, c);
                         continue;
                     }
@@ -165,6 +177,34 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
             _ = changed(&mut changes, &probe.name, &id) => {}
             _ = hinted(&mut hints, &probe.name, &id) => {}
         }
+    }
+}
+
+/// Asks the helpdesk which mail it made the canary's ticket from, and records whether that
+/// is the canary (`Canary::message_id_matched`, `mailcanary_import_message_id_total`). A
+/// failed question is only logged: the import is already proven by the token.
+async fn check_message_id(engine: Arc<Engine>, probe: Arc<Probe>, c: Canary, ticket: TicketRef) {
+    let Some(helpdesk) = &probe.helpdesk else {
+        return;
+    };
+    let seen = match helpdesk.inbound_message_id(&ticket).await {
+        Ok(seen) => seen,
+        Err(e) => {
+            debug!(probe = %probe.name, canary = %c.id, error = %e, "could not ask the helpdesk for the ticket's Message-ID");
+            return;
+        }
+    };
+    let (result, matched) =
+        crate::edges::helpdesk::message_id_verdict(seen.as_deref(), &c.message_id);
+    engine.metrics().message_id(&probe.name, result);
+    if matched == Some(false) {
+        warn!(probe = %probe.name, canary = %c.id, ticket = %ticket.id, seen = seen.as_deref().unwrap_or_default(), sent = %c.message_id, "the ticket carries the canary's token but was made from another mail (its Message-ID is not the canary's)");
+    }
+    if matched.is_some() {
+        engine.update(&probe.name, &c.id, |c| {
+            c.message_id_matched = matched;
+            Vec::new()
+        });
     }
 }
 

@@ -68,6 +68,27 @@ pub struct Ticket {
     pub replies: Vec<Reply>,
 }
 
+impl Hub {
+    /// The mail a ticket was made from, as a vendor that keeps the original hands it back
+    /// (Help Scout's original source, Front's EML): its headers as imported and the body.
+    pub fn original_source(&self, t: &Ticket) -> String {
+        let to = self
+            .config
+            .support_addresses
+            .first()
+            .map_or("", |s| s.as_str());
+        format!(
+            "Message-ID: <{}>\r\nFrom: {}\r\nTo: {to}\r\nSubject: {}\r\nDate: {}\r\n\
+             Content-Type: text/plain; charset=utf-8\r\n\r\n{}",
+            t.message_id,
+            t.requester,
+            t.subject,
+            t.created_at.0.to_rfc2822(),
+            t.body.replace('\n', "\r\n"),
+        )
+    }
+}
+
 /// What a list or search returns besides the page itself.
 pub struct Page {
     pub tickets: Vec<Ticket>,
@@ -252,7 +273,7 @@ impl Hub {
         {
             super::api::send_webhook(&self.config, url, &ticket);
         }
-        if self.config.auto_ack {
+        if self.config.acknowledges() {
             let job = {
                 let t = lock(&self.tickets);
                 let ticket = &t.by_id[&id];

@@ -59,8 +59,9 @@ pub struct SandboxConfig {
     pub faults: Vec<(Stage, Fault)>,
     /// Acknowledge every new ticket by mail at once, as RT's AutoReply and django-helpdesk's
     /// "(Opened)" mail do: token in the Subject, the canary quoted, threaded to it, sent by the
-    /// outbound mailer ahead of any reply.
-    pub auto_ack: bool,
+    /// outbound mailer ahead of any reply. `None`: as the `api` dialect's vendor does out of
+    /// the box ([`api::Dialect::acknowledges`]).
+    pub auto_ack: Option<bool>,
     /// The vendor dialect in charge where dialects would claim the same paths, and whose
     /// webhooks are sent (`api::DIALECTS` names them). Default `supportbee`.
     pub api: String,
@@ -80,6 +81,14 @@ pub struct SandboxConfig {
     pub oauth_token_lifetime: Duration,
 }
 
+impl SandboxConfig {
+    /// Whether new tickets are acknowledged by mail: as set, else as the `api` vendor does.
+    pub fn acknowledges(&self) -> bool {
+        self.auto_ack
+            .unwrap_or_else(|| api::dialect(&self.api).is_some_and(|d| d.acknowledges))
+    }
+}
+
 impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
@@ -97,7 +106,7 @@ impl Default for SandboxConfig {
             hostname: "helpdesk.test".into(),
             idle_push_delay: Duration::ZERO,
             faults: Vec::new(),
-            auto_ack: false,
+            auto_ack: None,
             api: "supportbee".into(),
             search_lag: Duration::ZERO,
             rate_limit: None,

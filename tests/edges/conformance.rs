@@ -5,6 +5,7 @@
 //!
 //! What every adapter must do:
 //! - find: nothing for a token no mail carried; the canary's ticket once the import made it;
+//! - Message-ID: where the vendor exposes it, the ticket was made from the canary's mail;
 //! - reply: a public reply the helpdesk mails to the requester (seen in the sandbox's ground
 //!   truth), and `reply_posted` true afterwards where the vendor can tell;
 //! - cleanup: archive, then delete, then delete again (already gone is done);
@@ -31,52 +32,63 @@ struct Case {
     tables: &'static str,
     /// Whether the vendor can say a reply is on the ticket already.
     tells_replies: bool,
+    /// Whether the vendor's API says which mail (its Message-ID) a ticket was made from.
+    tells_message_id: bool,
 }
 
 const CASES: &[Case] = &[
     Case {
         api: "supportbee",
         tables: "",
+        tells_message_id: false,
         tells_replies: true,
     },
     Case {
         api: "rt",
         tables: "[probe.helpdesk.rt]\nqueue = \"General\"\n",
+        tells_message_id: true,
         tells_replies: true,
     },
     Case {
         api: "django-helpdesk",
         tables: "[probe.helpdesk.django-helpdesk]\nqueue = 1\n",
+        tells_message_id: true,
         tells_replies: true,
     },
     Case {
         api: "http",
         tables: include_str!("../files/supportbee-as-http.toml"),
+        tells_message_id: false,
         tells_replies: false,
     },
     Case {
         api: "freshdesk",
         tables: "",
+        tells_message_id: false,
         tells_replies: true,
     },
     Case {
         api: "zammad",
         tables: "",
+        tells_message_id: true,
         tells_replies: true,
     },
     Case {
         api: "zendesk",
         tables: "[probe.helpdesk.zendesk]\nemail = \"agent@helpdesk.test\"\n",
+        tells_message_id: true,
         tells_replies: true,
     },
     Case {
         api: "front",
         tables: "[probe.helpdesk.front]\ninbox_id = \"inb_sandbox\"\n",
+        tells_message_id: true,
         tells_replies: true,
     },
     Case {
         api: "helpscout",
         tables: "[probe.helpdesk.helpscout]\nclient_id = \"conformance-app\"\nmailbox_id = 1\n",
+        tells_message_id: true,
         tells_replies: true,
     },
 ];
@@ -154,17 +166,33 @@ fn clean(case: &Case, err: &HelpdeskError) {
     }
 }
 
-/// Whether the sandbox delivered a reply to the canary with `token` (ground truth).
-async fn reply_delivered(sb: &Sandbox, token: &str) -> bool {
+/// The sandbox's ground truth: what happened to each mail it received.
+async fn events(sb: &Sandbox) -> Vec<Value> {
     let events: Value = reqwest::get(format!("{}/sandbox/events", sb.api_url()))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    events["events"].as_array().unwrap().iter().any(|e| {
+    events["events"].as_array().unwrap().clone()
+}
+
+/// Whether the sandbox delivered a reply to the canary with `token` (ground truth).
+async fn reply_delivered(sb: &Sandbox, token: &str) -> bool {
+    events(sb).await.iter().any(|e| {
         e["message_id"].as_str().is_some_and(|m| m.contains(token)) && !e["delivered_at"].is_null()
     })
+}
+
+/// The Message-ID of the mail carrying `token` that the sandbox received (ground truth).
+async fn sent_message_id(sb: &Sandbox, token: &str) -> String {
+    events(sb)
+        .await
+        .iter()
+        .filter_map(|e| e["message_id"].as_str())
+        .find(|m| m.contains(token))
+        .expect("the canary was received")
+        .to_string()
 }
 
 async fn conformance(case: &Case) {
@@ -190,6 +218,23 @@ async fn conformance(case: &Case) {
         1,
         "{api}: one ticket"
     );
+
+    // which mail the ticket was made from
+    assert_eq!(hd.says_message_id(), case.tells_message_id, "{api}");
+    let seen = hd
+        .inbound_message_id(&ticket)
+        .await
+        .unwrap_or_else(|e| panic!("{api}: Message-ID: {e}"));
+    if case.tells_message_id {
+        let sent = sent_message_id(&sb, &tok).await;
+        let seen = seen.unwrap_or_else(|| panic!("{api}: no Message-ID"));
+        assert!(
+            helpdesk::same_message_id(&seen, &sent),
+            "{api}: {seen} is not the canary's {sent}"
+        );
+    } else {
+        assert_eq!(seen, None, "{api}");
+    }
 
     // reply
     let mark = "mcreply-conformance0000";

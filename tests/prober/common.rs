@@ -153,18 +153,33 @@ pub fn config(sb: &Sandbox, k: &Knobs) -> Config {
     config::parse_str(&config_text(sb, k), "drill.toml").expect("drill config parses")
 }
 
+/// A daemon in this process on `state_dir`. A restart in the same process may find the
+/// stopped daemon's ledger still open for a moment (a task of it still ending holds the
+/// engine); a new process never does, so only "in use" is waited out, for at most 10 s.
 pub async fn daemon(cfg: &Config, state_dir: &Path) -> Daemon {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    Daemon::start(
-        cfg,
-        Options {
-            state_dir: state_dir.to_path_buf(),
-            listen: ([127, 0, 0, 1], 0).into(),
-            schedule: true,
-        },
-    )
-    .await
-    .expect("daemon starts")
+    let t0 = std::time::Instant::now();
+    loop {
+        let started = Daemon::start(
+            cfg,
+            Options {
+                state_dir: state_dir.to_path_buf(),
+                listen: ([127, 0, 0, 1], 0).into(),
+                schedule: true,
+            },
+        )
+        .await;
+        match started {
+            Ok(d) => return d,
+            Err(e)
+                if format!("{e:#}").contains("is in use")
+                    && t0.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("daemon starts: {e:?}"),
+        }
+    }
 }
 
 pub fn http() -> reqwest::Client {

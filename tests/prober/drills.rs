@@ -260,7 +260,7 @@ async fn measured_latency_agrees_with_ground_truth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auto_acknowledgement_is_not_the_delivery() {
     let sb = sandbox_with(|c| {
-        c.auto_ack = true;
+        c.auto_ack = Some(true);
         c.outbound_delay = mailcanary::sandbox::DelayRange::fixed(Duration::from_millis(150));
     })
     .await;

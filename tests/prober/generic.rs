@@ -26,7 +26,7 @@ pub fn generic_text(sb: &mailcanary::sandbox::Sandbox, k: &Knobs) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generic_http_adapter_runs_a_canary_life_on_the_sandbox_supportbee_api() {
-    let sb = sandbox_with(|c| c.auto_ack = true).await;
+    let sb = sandbox_with(|c| c.auto_ack = Some(true)).await;
     let text = generic_text(&sb, &Knobs::default());
     let cfg = config::parse_str(&text, "generic.toml").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
@@ -158,7 +158,7 @@ async fn every_vendor_adapter_runs_a_canary_life_past_the_acknowledgement() {
         // The sandbox speaks the vendor's dialect where two claim the same paths (Zendesk's and
         // Freshdesk's /api/v2/).
         let sb = sandbox_with(|c| {
-            c.auto_ack = true;
+            c.auto_ack = Some(true);
             if mailcanary::sandbox::api::dialect(api).is_some() {
                 c.api = api.into();
             }
@@ -187,6 +187,19 @@ async fn every_vendor_adapter_runs_a_canary_life_past_the_acknowledgement() {
             .filter(|x| x.value > 0.0)
             .collect();
         assert!(failed.is_empty(), "{api}: {failed:?}");
+        // Which mail the ticket was made from, where the vendor says: the canary's own.
+        let mid = |s: &mailcanary::metrics::testing::Samples, r: &str| {
+            v(s, "mailcanary_import_message_id_total", &[("result", r)])
+        };
+        if ["supportbee", "freshdesk"].contains(&api) {
+            assert_eq!(mid(&s, "match") + mid(&s, "absent"), 0.0, "{api}");
+        } else {
+            let s = until(d.addr, Duration::from_secs(15), "a Message-ID match", |s| {
+                mid(s, "match") >= 1.0
+            })
+            .await;
+            assert_eq!(mid(&s, "mismatch") + mid(&s, "absent"), 0.0, "{api}");
+        }
         d.stop().await;
         sb.shutdown().await;
     }

@@ -212,6 +212,31 @@ async fn canary_life(d: &Daemon, probe: &str, n: f64, within: Duration) -> Vec<C
             "{probe}: a reply never posted is not found"
         );
     }
+    // Which mail the helpdesk made each ticket from, where its API says: the canary's.
+    if hd.says_message_id() {
+        let mid = |s: &Samples, r: &str| {
+            v(
+                s,
+                probe,
+                "mailcanary_import_message_id_total",
+                &[("result", r)],
+            )
+        };
+        let s = until(
+            d.addr,
+            Duration::from_secs(30),
+            "Message-IDs compared",
+            |s| mid(s, "match") >= n,
+        )
+        .await;
+        eprintln!(
+            "{probe}: the helpdesk's Message-ID of the ticket's mail: {} match, {} mismatch, {} absent",
+            mid(&s, "match"),
+            mid(&s, "mismatch"),
+            mid(&s, "absent")
+        );
+        assert_eq!(mid(&s, "mismatch") + mid(&s, "absent"), 0.0, "{probe}");
+    }
     done
 }
 

@@ -75,3 +75,58 @@ fn bad_fault_flag_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown fault"), "{err}");
 }
+
+/// What `sandbox` prints about acknowledgements with these flags (its sixth line), read
+/// before it is stopped.
+fn dialect_line(flags: &[&str]) -> String {
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_mailcanary"))
+            .args([
+                "sandbox",
+                "--smtp-listen",
+                "127.0.0.1:0",
+                "--imap-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mailcanary sandbox"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    BufReader::new(stdout)
+        .lines()
+        .nth(5)
+        .expect("a sixth line")
+        .unwrap()
+}
+
+#[test]
+fn a_dialect_acknowledges_new_tickets_as_its_vendor_does_out_of_the_box() {
+    // Vendors that acknowledge a new ticket by default (a trigger, a scrip, a notification).
+    for api in ["zendesk", "freshdesk", "zammad", "rt", "django-helpdesk"] {
+        assert_eq!(
+            dialect_line(&["--api", api]),
+            format!("dialect {api} auto-ack on")
+        );
+    }
+    // And those that do not until someone sets it up.
+    for api in ["supportbee", "front", "helpscout"] {
+        assert_eq!(
+            dialect_line(&["--api", api]),
+            format!("dialect {api} auto-ack off")
+        );
+    }
+    // The flag decides where it is given: bare is on, `=off` turns a vendor's default off.
+    assert_eq!(
+        dialect_line(&["--api", "front", "--auto-ack"]),
+        "dialect front auto-ack on"
+    );
+    assert_eq!(
+        dialect_line(&["--api", "zendesk", "--auto-ack=off"]),
+        "dialect zendesk auto-ack off"
+    );
+}

@@ -6,6 +6,7 @@
 //! | find | `GET /api/tickets/?status=1,2&page_size=N&page=last`, then earlier pages, scanned for the token |
 //! | reply | `POST /api/followups/` `{"ticket": ID, "comment": …, "public": true}` → 201 |
 //! | look for a reply | `GET /api/tickets/ID/` (its `followup_set`) |
+//! | Message-ID of the mail | `GET /api/tickets/ID/`: the first follow-up's `message_id` |
 //! | cleanup | `PATCH /api/tickets/ID/` `{"status": 4}` (closed: archive, trash); `DELETE /api/tickets/ID/` (delete) |
 //!
 //! Authentication: `Authorization: Token …` (DRF's token of a staff user: every viewset needs
@@ -96,6 +97,9 @@ struct FollowUp {
     date: Option<String>,
     #[serde(default)]
     comment: Option<String>,
+    /// The mail's Message-ID (django-helpdesk's `FollowUp.message_id`, set by `get_email`).
+    #[serde(default)]
+    message_id: Option<String>,
 }
 
 impl Ticket {
@@ -229,7 +233,7 @@ impl DjangoHelpdesk {
         self.api.success("POST /api/followups/", &answer)
     }
 
-    async fn posted(&self, ticket: &TicketRef, mark: &str) -> Result<Option<bool>, HelpdeskError> {
+    async fn ticket(&self, ticket: &TicketRef) -> Result<Ticket, HelpdeskError> {
         let answer = self
             .api
             .call(
@@ -240,12 +244,25 @@ impl DjangoHelpdesk {
                 Safety::Idempotent,
             )
             .await?;
-        let t: Ticket = self
-            .api
-            .json(&format!("GET /api/tickets/{}/", ticket.id), &answer)?;
+        self.api
+            .json(&format!("GET /api/tickets/{}/", ticket.id), &answer)
+    }
+
+    async fn posted(&self, ticket: &TicketRef, mark: &str) -> Result<Option<bool>, HelpdeskError> {
+        let t = self.ticket(ticket).await?;
         Ok(Some(t.followup_set.iter().any(|f| {
             f.comment.as_deref().is_some_and(|c| c.contains(mark))
         })))
+    }
+
+    /// The first follow-up's `message_id`: the mail `get_email` made the ticket from.
+    async fn message_id(&self, ticket: &TicketRef) -> Result<Option<String>, HelpdeskError> {
+        let t = self.ticket(ticket).await?;
+        Ok(t.followup_set
+            .into_iter()
+            .next()
+            .and_then(|f| f.message_id)
+            .filter(|m| !m.trim().is_empty()))
     }
 
     async fn clean(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
@@ -281,7 +298,7 @@ impl DjangoHelpdesk {
     }
 }
 
-super::impl_vendor!(DjangoHelpdesk, posted = posted);
+super::impl_vendor!(DjangoHelpdesk, posted = posted, message_id = message_id);
 
 #[cfg(test)]
 mod tests {

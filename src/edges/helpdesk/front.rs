@@ -6,6 +6,7 @@
 //! | find | `GET /inboxes/{inbox_id}/conversations?limit=100`, token matched in the subject; if none, `GET /conversations/search/"TOKEN" inbox:{inbox_id}` as a hint, confirmed by the subject or the first message |
 //! | reply | `POST /conversations/{id}/messages` `{"body": …, "text": …, "options": {"archive": false}}` → 202 |
 //! | look for a reply | `GET /conversations/{id}/messages` (an outbound message holding the mark) |
+//! | Message-ID of the mail | `GET /messages/{id}` of the first inbound message, `Accept: message/rfc822` (its EML) |
 //! | cleanup | `PATCH /conversations/{id}` `{"status": "archived"}` (archive) or `"deleted"` (trash); trash, then `DELETE /conversations/{id}` (delete) |
 //!
 //! Authentication: `Authorization: Bearer …`, an API token whose scopes cover the inbox
@@ -46,7 +47,7 @@ use serde_json::json;
 
 use super::{
     CleanupMode, HelpdeskError, TicketRef,
-    http::{ApiClient, Auth, ClientParams, RetryPolicy, Safety},
+    http::{ApiClient, Auth, ClientParams, Request, RetryPolicy, Safety},
     webhook::{self, Delivery, Verdict},
 };
 
@@ -97,6 +98,8 @@ struct Conversation {
 
 #[derive(Deserialize)]
 struct Message {
+    #[serde(default)]
+    id: Option<String>,
     #[serde(default)]
     is_inbound: bool,
     #[serde(default)]
@@ -281,6 +284,40 @@ impl Front {
         })))
     }
 
+    /// The Message-ID of the conversation's first inbound message, from the message as EML
+    /// (`GET /messages/{id}` with `Accept: message/rfc822`; Front has no JSON field for it).
+    async fn message_id(&self, ticket: &TicketRef) -> Result<Option<String>, HelpdeskError> {
+        let messages = self.messages(&ticket.id).await?;
+        let Some(first) = messages
+            .iter()
+            .rev()
+            .find(|m| m.is_inbound)
+            .and_then(|m| m.id.as_deref())
+        else {
+            return Ok(None);
+        };
+        let answer = self
+            .api
+            .request(Request {
+                method: Method::GET,
+                path: &["messages", first],
+                query: &[],
+                body: None,
+                safety: Safety::Idempotent,
+                bearer: None,
+                answer_unauthorized: false,
+                accept: Some("message/rfc822"),
+            })
+            .await?;
+        if answer.status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        self.api.success("GET /messages/{id}", &answer)?;
+        Ok(super::header_message_id(&String::from_utf8_lossy(
+            &answer.body,
+        )))
+    }
+
     async fn set_status(&self, ticket: &TicketRef, status: &str) -> Result<bool, HelpdeskError> {
         let answer = self
             .api
@@ -327,7 +364,7 @@ impl Front {
     }
 }
 
-super::impl_vendor!(Front, posted = posted, rate = api);
+super::impl_vendor!(Front, posted = posted, rate = api, message_id = message_id);
 
 /// A Front webhook's authentication (`HELPDESKS.md` 4.6):
 ///

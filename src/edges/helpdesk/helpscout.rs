@@ -7,6 +7,7 @@
 //! | find (hint) | the same with `query=(subject:"TOKEN" OR body:"TOKEN")`, only when the scan ran out of pages |
 //! | reply | `POST /v2/conversations/{id}/reply` `{"customer": {"id": C}, "text": …}` → 201 |
 //! | look for a reply | `GET /v2/conversations/{id}/threads` |
+//! | Message-ID of the mail | `GET /v2/conversations/{id}/threads/{thread}/original-source` of the first customer thread (JSON `original`) |
 //! | cleanup | `PATCH /v2/conversations/{id}` `{"op": "replace", "path": "/status", "value": "closed"}` (archive); `DELETE /v2/conversations/{id}` (trash, delete) |
 //!
 //! **Authentication.** OAuth2 client credentials: the probe's `token` is the app's client
@@ -166,6 +167,8 @@ struct Threads {
 
 #[derive(Deserialize)]
 struct Thread {
+    #[serde(default)]
+    id: Option<u64>,
     #[serde(rename = "type", default)]
     kind: Option<String>,
     #[serde(default)]
@@ -273,6 +276,7 @@ impl HelpScout {
                 safety: Safety::Idempotent,
                 bearer: None,
                 answer_unauthorized: false,
+                accept: None,
             })
             .await?;
         let what = "POST /v2/oauth2/token";
@@ -327,6 +331,7 @@ impl HelpScout {
                 safety,
                 bearer: Some(&token),
                 answer_unauthorized: true,
+                accept: None,
             })
             .await?;
         if answer.status != StatusCode::UNAUTHORIZED {
@@ -344,6 +349,7 @@ impl HelpScout {
                 safety,
                 bearer: Some(&token),
                 answer_unauthorized: false,
+                accept: None,
             })
             .await
     }
@@ -462,8 +468,8 @@ impl HelpScout {
     }
 
     /// Whether a thread other than the customer's holds `mark`.
-    async fn posted(&self, ticket: &TicketRef, mark: &str) -> Result<Option<bool>, HelpdeskError> {
-        let (conversation, _) = split_ref(&ticket.id);
+    /// The conversation's threads, newest first.
+    async fn threads(&self, conversation: &str) -> Result<Vec<Thread>, HelpdeskError> {
         let what = format!("GET /v2/conversations/{conversation}/threads");
         let answer = self
             .call(
@@ -480,12 +486,61 @@ impl HelpScout {
             embedded: Option<Threads>,
         }
         let page: ThreadPage = self.api.json(&what, &answer)?;
-        Ok(Some(page.embedded.is_some_and(|e| {
-            e.threads.iter().any(|t| {
-                t.kind.as_deref() != Some("customer")
-                    && t.body.as_deref().is_some_and(|b| b.contains(mark))
-            })
+        Ok(page.embedded.map(|e| e.threads).unwrap_or_default())
+    }
+
+    async fn posted(&self, ticket: &TicketRef, mark: &str) -> Result<Option<bool>, HelpdeskError> {
+        let (conversation, _) = split_ref(&ticket.id);
+        Ok(Some(self.threads(conversation).await?.iter().any(|t| {
+            t.kind.as_deref() != Some("customer")
+                && t.body.as_deref().is_some_and(|b| b.contains(mark))
         })))
+    }
+
+    /// The Message-ID in the original source of the conversation's first customer thread
+    /// (`GET /v2/conversations/{id}/threads/{thread}/original-source`, JSON `original`: the
+    /// mail as received; Help Scout keeps it for a limited time, so an old one may be gone).
+    async fn message_id(&self, ticket: &TicketRef) -> Result<Option<String>, HelpdeskError> {
+        let (conversation, _) = split_ref(&ticket.id);
+        let threads = self.threads(conversation).await?;
+        let Some(thread) = threads
+            .iter()
+            .rev()
+            .find(|t| t.kind.as_deref() == Some("customer"))
+            .and_then(|t| t.id)
+        else {
+            return Ok(None);
+        };
+        let thread = thread.to_string();
+        let what = format!("GET /v2/conversations/{conversation}/threads/{thread}/original-source");
+        let answer = self
+            .call(
+                Method::GET,
+                &[
+                    "conversations",
+                    conversation,
+                    "threads",
+                    &thread,
+                    "original-source",
+                ],
+                &[],
+                None,
+                Safety::Idempotent,
+            )
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        #[derive(Deserialize)]
+        struct Source {
+            #[serde(default)]
+            original: Option<String>,
+        }
+        let source: Source = self.api.json(&what, &answer)?;
+        Ok(source
+            .original
+            .as_deref()
+            .and_then(super::header_message_id))
     }
 
     async fn clean(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
@@ -514,7 +569,12 @@ impl HelpScout {
     }
 }
 
-super::impl_vendor!(HelpScout, posted = posted, rate = api);
+super::impl_vendor!(
+    HelpScout,
+    posted = posted,
+    rate = api,
+    message_id = message_id
+);
 
 /// Help Scout's webhook signature: `X-HelpScout-Signature` is base64(HMAC-SHA1(secret, raw
 /// body)) (HELPDESKS.md 3.6). Nothing time-bound is signed, so no replay window can be

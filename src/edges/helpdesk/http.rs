@@ -118,6 +118,8 @@ pub struct Request<'a> {
     /// Hand a 401 back as an [`Answer`] instead of failing with `auth`: the adapter renews an
     /// expired access token and asks once more.
     pub answer_unauthorized: bool,
+    /// The `Accept` header, when not JSON (Front's raw message: `message/rfc822`).
+    pub accept: Option<&'static str>,
 }
 
 impl fmt::Debug for ApiClient {
@@ -306,6 +308,7 @@ impl ApiClient {
             safety,
             bearer: None,
             answer_unauthorized: false,
+            accept: None,
         })
         .await
     }
@@ -320,6 +323,7 @@ impl ApiClient {
             safety,
             bearer,
             answer_unauthorized,
+            accept,
         } = req;
         let mut url = self.base.clone();
         url.path_segments_mut()
@@ -359,7 +363,7 @@ impl ApiClient {
             let mut request = self
                 .http
                 .request(method.clone(), url.clone())
-                .header(header::ACCEPT, "application/json");
+                .header(header::ACCEPT, accept.unwrap_or("application/json"));
             if let Auth::Header { name, prefix } = &self.auth {
                 request = request.header(name.clone(), format!("{prefix}{}", self.secret));
             }

@@ -147,12 +147,25 @@ pub trait Vendor: Send + Sync + std::fmt::Debug {
     fn rate_limit_remaining(&self) -> Option<u64> {
         None
     }
+
+    /// Whether this vendor's API exposes the Message-ID of the mail a ticket was made from
+    /// (then [`Vendor::inbound_message_id`] asks it).
+    fn says_message_id(&self) -> bool {
+        false
+    }
+
+    /// The Message-ID of the mail the ticket was made from, as the helpdesk recorded it;
+    /// `None` where it does not say (for this ticket, or at all).
+    fn inbound_message_id<'a>(&'a self, ticket: &'a TicketRef) -> CallFuture<'a, Option<String>> {
+        let _ = ticket;
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The [`Vendor`] impl of an adapter: its inherent `async fn`s `find`, `reply`, `clean` (and
 /// `posted`, if it can look for a reply) boxed the same way for every vendor.
 macro_rules! impl_vendor {
-    ($t:ty $(, posted = $posted:ident)? $(, rate = $client:ident)?) => {
+    ($t:ty $(, posted = $posted:ident)? $(, rate = $client:ident)? $(, message_id = $mid:ident)?) => {
         impl $crate::edges::helpdesk::Vendor for $t {
             fn find_tickets<'a>(
                 &'a self,
@@ -191,6 +204,19 @@ macro_rules! impl_vendor {
             $(
                 fn rate_limit_remaining(&self) -> Option<u64> {
                     self.$client.rate_limit_remaining()
+                }
+            )?
+
+            $(
+                fn says_message_id(&self) -> bool {
+                    true
+                }
+
+                fn inbound_message_id<'a>(
+                    &'a self,
+                    ticket: &'a $crate::edges::helpdesk::TicketRef,
+                ) -> $crate::edges::helpdesk::CallFuture<'a, Option<String>> {
+                    Box::pin(self.$mid(ticket))
                 }
             )?
         }
@@ -248,6 +274,19 @@ impl Helpdesk {
         self.0.rate_limit_remaining()
     }
 
+    /// See [`Vendor::says_message_id`].
+    pub fn says_message_id(&self) -> bool {
+        self.0.says_message_id()
+    }
+
+    /// See [`Vendor::inbound_message_id`].
+    pub async fn inbound_message_id(
+        &self,
+        ticket: &TicketRef,
+    ) -> Result<Option<String>, HelpdeskError> {
+        self.0.inbound_message_id(ticket).await
+    }
+
     /// See [`Vendor::cleanup`].
     pub async fn cleanup(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
         self.0.cleanup(ticket, how).await
@@ -269,6 +308,52 @@ pub(crate) fn rfc3339(s: Option<&str>) -> Option<SystemTime> {
     chrono::DateTime::parse_from_rfc3339(s?.trim())
         .ok()
         .map(SystemTime::from)
+}
+
+/// Whether two Message-IDs name the same mail: angle brackets, surrounding space and case
+/// aside (helpdesks store them with or without the brackets; some lower-case them).
+pub fn same_message_id(a: &str, b: &str) -> bool {
+    let bare = |s: &str| {
+        s.trim()
+            .trim_start_matches('<')
+            .trim_end_matches('>')
+            .trim()
+            .to_ascii_lowercase()
+    };
+    let (a, b) = (bare(a), bare(b));
+    !a.is_empty() && a == b
+}
+
+/// What the helpdesk's Message-ID of the ticket's mail (`seen`) says about the canary's
+/// (`sent`): the `result` of `mailcanary_import_message_id_total` and whether it matched
+/// (`None`: the helpdesk recorded none).
+pub fn message_id_verdict(seen: Option<&str>, sent: &str) -> (&'static str, Option<bool>) {
+    match seen.map(|m| same_message_id(m, sent)) {
+        Some(true) => ("match", Some(true)),
+        Some(false) => ("mismatch", Some(false)),
+        None => ("absent", None),
+    }
+}
+
+/// The Message-ID header of a raw RFC 5322 message (folded lines joined), if it has one.
+pub(crate) fn header_message_id(raw: &str) -> Option<String> {
+    let head = raw.split("\r\n\r\n").next()?.split("\n\n").next()?;
+    let mut lines = head.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if !name.trim().eq_ignore_ascii_case("message-id") {
+            continue;
+        }
+        let mut value = value.trim().to_string();
+        while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
+            value.push_str(next.trim());
+            lines.next();
+        }
+        return Some(value).filter(|v| !v.is_empty());
+    }
+    None
 }
 
 fn earliest(tickets: Vec<TicketRef>) -> Option<TicketRef> {
@@ -442,5 +527,41 @@ pub fn build(settings: Settings) -> Result<Helpdesk, HelpdeskError> {
                 extra_roots_pem: settings.extra_roots_pem,
             },
         )?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_compare_without_brackets_space_or_case() {
+        assert!(same_message_id("<a.b@Host.test>", "a.b@host.test"));
+        assert!(same_message_id(" <x@y> ", "<x@y>"));
+        assert!(!same_message_id("<x@y>", "<x@z>"));
+        assert!(!same_message_id("<>", ""));
+    }
+
+    #[test]
+    fn a_ticket_made_from_another_mail_is_a_mismatch_and_none_is_absent() {
+        let sent = "mc-1-abc@prober.test";
+        assert_eq!(
+            message_id_verdict(Some("<mc-1-abc@prober.test>"), sent),
+            ("match", Some(true))
+        );
+        assert_eq!(
+            message_id_verdict(Some("<fwd-77@mail.example>"), sent),
+            ("mismatch", Some(false))
+        );
+        assert_eq!(message_id_verdict(None, sent), ("absent", None));
+    }
+
+    #[test]
+    fn the_message_id_header_of_a_raw_mail_folded_or_not() {
+        let raw = "From: a@b\r\nMessage-ID:\r\n <m1@prober.test>\r\nSubject: s\r\n\r\nMessage-ID: <body@x>\r\n";
+        assert_eq!(header_message_id(raw).as_deref(), Some("<m1@prober.test>"));
+        let lf = "message-id: <m2@p>\nSubject: s\n\nbody";
+        assert_eq!(header_message_id(lf).as_deref(), Some("<m2@p>"));
+        assert_eq!(header_message_id("Subject: s\n\nMessage-ID: <no@x>"), None);
     }
 }

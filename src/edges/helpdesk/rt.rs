@@ -4,6 +4,8 @@
 //! |---|---|
 //! | find | `GET /REST/2.0/tickets?query=Subject LIKE 'TOKEN' AND Created > 'DAY BEFORE'` (TicketSQL) |
 //! | reply | `POST /REST/2.0/ticket/{id}/correspond` `{"Content": …, "ContentType": "text/plain"}` → 201 |
+//! | look for a reply | `GET /REST/2.0/ticket/{id}/attachments?fields=Content&orderby=id&order=ASC` |
+//! | Message-ID of the mail | `GET /REST/2.0/ticket/{id}/attachments?fields=MessageId&orderby=id&order=ASC`: the first one's (stored without brackets) |
 //! | cleanup | `PUT /REST/2.0/ticket/{id}` `{"Status": "resolved"}` (archive) or `"rejected"` (trash); `DELETE /REST/2.0/ticket/{id}` (delete) |
 //!
 //! Authentication: `Authorization: token …` (RT 5's auth tokens; the token carries its user's
@@ -232,19 +234,18 @@ impl Rt {
         )
     }
 
-    /// `GET /REST/2.0/ticket/{id}/attachments?fields=Content`: whether one of the ticket's
-    /// attachments (every correspondence is one) holds `mark`. RT gives `Content` base64
-    /// encoded; plain text is taken too.
-    async fn posted(&self, ticket: &TicketRef, mark: &str) -> Result<Option<bool>, HelpdeskError> {
+    /// `GET /REST/2.0/ticket/{id}/attachments` with `fields`, oldest first (the first is the
+    /// mail the gateway made the ticket from).
+    async fn attachments<T: serde::de::DeserializeOwned>(
+        &self,
+        ticket: &TicketRef,
+        fields: &str,
+    ) -> Result<Vec<T>, HelpdeskError> {
         #[derive(Deserialize)]
-        struct Attachments {
-            #[serde(default)]
-            items: Vec<Attachment>,
-        }
-        #[derive(Deserialize)]
-        struct Attachment {
-            #[serde(rename = "Content", default)]
-            content: Option<String>,
+        #[serde(bound = "T: serde::de::DeserializeOwned")]
+        struct Attachments<T> {
+            #[serde(default = "Vec::new")]
+            items: Vec<T>,
         }
         let what = format!("GET /REST/2.0/ticket/{}/attachments", ticket.id);
         let answer = self
@@ -252,17 +253,49 @@ impl Rt {
             .call(
                 Method::GET,
                 &["ticket", &ticket.id, "attachments"],
-                &[("fields", "Content"), ("per_page", "100")],
+                &[
+                    ("fields", fields),
+                    ("orderby", "id"),
+                    ("order", "ASC"),
+                    ("per_page", "100"),
+                ],
                 None,
                 Safety::Idempotent,
             )
             .await?;
-        let list: Attachments = self.api.json(&what, &answer)?;
-        Ok(Some(list.items.iter().any(|a| {
+        let list: Attachments<T> = self.api.json(&what, &answer)?;
+        Ok(list.items)
+    }
+
+    /// Whether one of the ticket's attachments (every correspondence is one) holds `mark`. RT
+    /// gives `Content` base64 encoded; plain text is taken too.
+    async fn posted(&self, ticket: &TicketRef, mark: &str) -> Result<Option<bool>, HelpdeskError> {
+        #[derive(Deserialize)]
+        struct Attachment {
+            #[serde(rename = "Content", default)]
+            content: Option<String>,
+        }
+        let list: Vec<Attachment> = self.attachments(ticket, "Content").await?;
+        Ok(Some(list.iter().any(|a| {
             a.content.as_deref().is_some_and(|c| {
                 c.contains(mark) || decode_base64(c).is_some_and(|d| d.contains(mark))
             })
         })))
+    }
+
+    /// The `MessageId` column of the first attachment that has one: the mail the gateway made
+    /// the ticket from (RT stores it without its angle brackets).
+    async fn message_id(&self, ticket: &TicketRef) -> Result<Option<String>, HelpdeskError> {
+        #[derive(Deserialize)]
+        struct Attachment {
+            #[serde(rename = "MessageId", default)]
+            message_id: Option<String>,
+        }
+        let list: Vec<Attachment> = self.attachments(ticket, "MessageId").await?;
+        Ok(list
+            .into_iter()
+            .filter_map(|a| a.message_id)
+            .find(|m| !m.trim().is_empty()))
     }
 
     async fn clean(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
@@ -288,7 +321,7 @@ impl Rt {
     }
 }
 
-super::impl_vendor!(Rt, posted = posted);
+super::impl_vendor!(Rt, posted = posted, message_id = message_id);
 
 #[cfg(test)]
 mod tests {

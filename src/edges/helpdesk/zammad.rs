@@ -7,6 +7,7 @@
 //! | first article | `GET /api/v1/ticket_articles/by_ticket/{id}` of each ticket found (whom to answer) |
 //! | reply | `POST /api/v1/ticket_articles` `{"ticket_id": ID, "type": "email", "internal": false, "sender": "Agent", "to": REQUESTER, …}` → 201 |
 //! | look for a reply | `GET /api/v1/ticket_articles/by_ticket/{id}` |
+//! | Message-ID of the mail | the same articles: the first one's `message_id` |
 //! | cleanup | `PUT /api/v1/tickets/{id}` `{"state": "closed"}` (archive, trash); `DELETE /api/v1/tickets/{id}` (delete, needs `admin`) |
 //!
 //! Authentication: `Authorization: Token token=…` (a personal access token; `ticket.agent` on
@@ -368,6 +369,18 @@ impl Zammad {
         })))
     }
 
+    /// The first article's `message_id`: the mail Zammad's channel made the ticket from.
+    async fn message_id(&self, ticket: &TicketRef) -> Result<Option<String>, HelpdeskError> {
+        let id = ticket_id(&self.api, ticket)?;
+        Ok(self
+            .articles(id)
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|a| a.message_id)
+            .filter(|m| !m.trim().is_empty()))
+    }
+
     async fn clean(&self, ticket: &TicketRef, how: CleanupMode) -> Result<(), HelpdeskError> {
         let id = ticket_id(&self.api, ticket)?.to_string();
         let (method, body) = match how {
@@ -401,7 +414,7 @@ impl Zammad {
     }
 }
 
-super::impl_vendor!(Zammad, posted = posted);
+super::impl_vendor!(Zammad, posted = posted, message_id = message_id);
 
 /// A Zammad trigger webhook: `X-Hub-Signature: sha1=<hex HMAC-SHA1(signature token, raw
 /// body)>` (Zammad's `lib/user_agent.rb`; HELPDESKS.md 5.6). Zammad signs no timestamp, so no

@@ -37,6 +37,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     rate_headers: None,
     webhook: None,
     conflicts: &[],
+    // django-helpdesk mails the submitter "(Opened)" for every new ticket (seen on the real one in the suite).
+    acknowledges: true,
 };
 
 /// django-helpdesk's `Ticket.OPEN_STATUS`, `REOPENED_STATUS`, `CLOSED_STATUS`.

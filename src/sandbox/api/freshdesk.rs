@@ -52,6 +52,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     rate_headers: Some(("x-ratelimit-total", "x-ratelimit-remaining")),
     webhook: Some(webhook),
     conflicts: &["zendesk"],
+    // Freshdesk's requester notification "New Ticket Created" (Admin > Email Notifications), on in a new account (our reading; HELPDESKS.md does not say).
+    acknowledges: true,
 };
 
 /// Freshdesk's ticket statuses.

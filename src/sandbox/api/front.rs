@@ -10,6 +10,7 @@
 //! | PATCH | `/conversations/{id}` | `{"status": "archived" \| "open" \| "deleted"}` → 204 (`deleted` is the trash) |
 //! | DELETE | `/conversations/{id}` | for good, only from the trash (400 otherwise) → 204 |
 //! | GET | `/conversations/{id}/messages` | the inbound message and each reply, newest first |
+//! | GET | `/messages/{id}` | the inbound message; its EML with `Accept: message/rfc822` |
 //! | POST | `/conversations/{id}/messages` | a reply `{"body": …, "text": …, "options": {"archive": …}}` → 202, mailed to the contact; archives the conversation unless `options.archive` is `false` |
 //!
 //! The sandbox has one inbox, served under any inbox id. Every answer carries Front's
@@ -46,6 +47,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     rate_headers: Some(("x-ratelimit-limit", "x-ratelimit-remaining")),
     webhook: Some(webhook),
     conflicts: &["intercom"],
+    // Front sends no acknowledgement unless a rule is made to (none by default).
+    acknowledges: false,
 };
 
 /// The inbox the webhook names (any id is served).
@@ -60,6 +63,7 @@ pub fn routes(hub: Arc<Hub>) -> Router<Arc<Hub>> {
             get(show).patch(update).delete(delete),
         )
         .route("/conversations/{id}/messages", get(messages).post(reply))
+        .route("/messages/{id}", get(message))
         .route_layer(middleware::from_fn_with_state(hub, require_token))
 }
 
@@ -318,6 +322,38 @@ async fn messages(
         "_results": messages_json(&hub, &base, &t),
     }))
     .into_response()
+}
+
+/// One message: JSON, or with `Accept: message/rfc822` the inbound mail as EML (Front's
+/// `get-message`; only the inbound message here, replies are Front's own).
+async fn message(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(t) = id
+        .strip_prefix("msg_c")
+        .and_then(|n| n.parse::<u64>().ok())
+        .and_then(|n| hub.get(n))
+    else {
+        return not_found();
+    };
+    let eml = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("message/rfc822"));
+    if eml {
+        return (
+            [(axum::http::header::CONTENT_TYPE, "message/rfc822")],
+            hub.original_source(&t),
+        )
+            .into_response();
+    }
+    let base = base(&headers);
+    match messages_json(&hub, &base, &t).pop() {
+        Some(m) => Json(m).into_response(),
+        None => not_found(),
+    }
 }
 
 #[derive(Deserialize)]

@@ -9,6 +9,7 @@
 //! | GET | `/v2/conversations` | `mailbox`, `status` (`active` default, `all`, `closed`, …), `sortField=createdAt`, `sortOrder`, `embed=threads`, `page` (25 a page); with `query`: search, which lags (`search_lag`) |
 //! | GET | `/v2/conversations/{id}` | one conversation (`embed=threads` too) |
 //! | GET | `/v2/conversations/{id}/threads` | its threads, newest first |
+//! | GET | `/v2/conversations/{id}/threads/{thread}/original-source` | the customer thread's mail as received, JSON `original` |
 //! | POST | `/v2/conversations/{id}/reply` | `{"customer": {"id": …}, "text": …}` → 201 with `Resource-ID`, mailed to the customer |
 //! | PATCH | `/v2/conversations/{id}` | `{"op": "replace", "path": "/status", "value": "closed" \| "active" \| "pending"}` → 204 |
 //! | DELETE | `/v2/conversations/{id}` | → 204 |
@@ -58,6 +59,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     rate_headers: Some(("X-RateLimit-Limit-Minute", "X-RateLimit-Remaining-Minute")),
     webhook: Some(webhook),
     conflicts: &[],
+    // Help Scout's Auto Reply is a per-mailbox setting, off until turned on (our reading; HELPDESKS.md does not say).
+    acknowledges: false,
 };
 
 /// Access tokens issued, and when each expires.
@@ -72,6 +75,10 @@ pub fn routes(hub: Arc<Hub>) -> Router<Arc<Hub>> {
             get(show).patch(update).delete(delete),
         )
         .route("/v2/conversations/{id}/threads", get(threads))
+        .route(
+            "/v2/conversations/{id}/threads/{thread}/original-source",
+            get(original_source),
+        )
         .route("/v2/conversations/{id}/reply", post(reply))
         .route_layer(middleware::from_fn_with_state(hub, require_bearer))
         .route("/v2/oauth2/token", post(token))
@@ -427,6 +434,20 @@ async fn threads(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
             .into_response()
         }
         None => not_found(),
+    }
+}
+
+/// The customer thread's mail as received (`original`), as Help Scout's "Get original
+/// source" answers in JSON; agent threads have none here.
+async fn original_source(
+    State(hub): State<Arc<Hub>>,
+    Path((id, thread)): Path<(u64, u64)>,
+) -> Response {
+    match live(&hub, id) {
+        Some(t) if thread == t.id * 1000 => {
+            Json(json!({ "original": hub.original_source(&t) })).into_response()
+        }
+        _ => not_found(),
     }
 }
 

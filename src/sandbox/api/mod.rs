@@ -77,6 +77,9 @@ pub struct Dialect {
     pub webhook: Option<SignedWebhook>,
     /// Dialects that claim the same paths: only one of them is served, `--api`'s if it is one.
     pub conflicts: &'static [&'static str],
+    /// Whether the vendor acknowledges a new ticket by mail out of the box (a default trigger,
+    /// scrip or notification): then `--api` this dialect acknowledges unless `--auto-ack off`.
+    pub acknowledges: bool,
 }
 
 /// Every dialect, in the order they are tried.

@@ -9,7 +9,7 @@
 //! | POST | `/REST/2.0/ticket/{id}/correspond` | `{"Content": …}` → 201, mailed to the requester |
 //! | PUT | `/REST/2.0/ticket/{id}` | `{"Status": "resolved" \| "rejected"}` |
 //! | DELETE | `/REST/2.0/ticket/{id}` | status `deleted` → 204 |
-//! | GET | `/REST/2.0/ticket/{id}/attachments` | the mail and each correspondence, `Content` base64 |
+//! | GET | `/REST/2.0/ticket/{id}/attachments` | the mail and each correspondence, `Content` base64, `MessageId` |
 
 use std::sync::Arc;
 
@@ -38,6 +38,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     rate_headers: None,
     webhook: None,
     conflicts: &[],
+    // RT's default scrip "On Create Autoreply To Requestors" (seen on the real RT 5 in the suite).
+    acknowledges: true,
 };
 
 pub fn routes(hub: Arc<Hub>) -> Router<Arc<Hub>> {
@@ -247,6 +249,9 @@ async fn attachments(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Respon
                 "type": "attachment",
                 "id": (t.id * 1000 + i as u64).to_string(),
                 "Content": base64(body.as_bytes()),
+                // RT keeps the mail's Message-ID without its brackets; its replies' here are
+                // RT's own, which the sandbox does not make up.
+                "MessageId": if i == 0 { t.message_id.as_str() } else { "" },
             })
         })
         .collect();

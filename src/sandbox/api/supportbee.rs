@@ -32,6 +32,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     rate_headers: None,
     webhook: Some(webhook),
     conflicts: &[],
+    // SupportBee documents no acknowledgement that is on by default.
+    acknowledges: false,
 };
 
 fn webhook(

@@ -54,6 +54,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     rate_headers: None,
     webhook: Some(webhook),
     conflicts: &[],
+    // Zammad ships the trigger "auto reply (on new tickets)" active.
+    acknowledges: true,
 };
 
 /// The address the sandbox's agent replies come from.

@@ -49,6 +49,8 @@ pub const DIALECT: super::Dialect = super::Dialect {
     rate_headers: Some(("x-rate-limit", "x-rate-limit-remaining")),
     webhook: Some(webhook),
     conflicts: &["freshdesk"],
+    // Zendesk's standard trigger "Notify requester and CCs of received request" (support.zendesk.com, "About the standard Support triggers").
+    acknowledges: true,
 };
 
 /// The sandbox's account id, in webhooks.
