@@ -74,9 +74,11 @@ struct RunArgs {
     /// ./.mailcanary).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Run only the probes of shard K of N (`K/N`, stable hashing of probe names).
+    /// Run only the probes of shard K of N (`K/N`, stable hashing of probe names). `auto/N`
+    /// takes K from the hostname's trailing `-ORDINAL`, as a StatefulSet's pods are named
+    /// (`mailcanary-2` is shard 2).
     #[arg(long, value_parser = parse_shard)]
-    shard: Option<(u32, u32)>,
+    shard: Option<(Option<u32>, u32)>,
 }
 
 #[derive(Args)]
@@ -139,15 +141,60 @@ enum OnceFormat {
     Nagios,
 }
 
-fn parse_shard(s: &str) -> Result<(u32, u32), String> {
-    let (k, n) = s.split_once('/').ok_or("expected K/N, e.g. 0/3")?;
-    let (k, n): (u32, u32) = (
-        k.parse().map_err(|_| "K must be a number")?,
-        n.parse().map_err(|_| "N must be a number")?,
-    );
-    if n == 0 || k >= n {
+/// `K/N`, or `auto/N` (K from the hostname at start: `None` here).
+fn parse_shard(s: &str) -> Result<(Option<u32>, u32), String> {
+    let (k, n) = s
+        .split_once('/')
+        .ok_or("expected K/N or auto/N, e.g. 0/3")?;
+    let n: u32 = n.parse().map_err(|_| "N must be a number")?;
+    if n == 0 {
+        return Err("N must be at least 1".into());
+    }
+    if k == "auto" {
+        return Ok((None, n));
+    }
+    let k: u32 = k.parse().map_err(|_| "K must be a number or auto")?;
+    if k >= n {
         return Err("need 0 <= K < N".into());
     }
+    Ok((Some(k), n))
+}
+
+/// The ordinal at the end of a StatefulSet pod's hostname (`mailcanary-2` → 2).
+fn hostname_ordinal(hostname: &str) -> Option<u32> {
+    let (_, ordinal) = hostname.trim().rsplit_once('-')?;
+    if ordinal.is_empty() || !ordinal.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ordinal.parse().ok()
+}
+
+/// The shard `--shard` names: `auto/N` resolved from this host's name.
+fn resolve_shard(spec: (Option<u32>, u32)) -> Result<(u32, u32), String> {
+    let (k, n) = spec;
+    let k = match k {
+        Some(k) => k,
+        None => {
+            // The kernel's name for this host (a pod's is its name); Linux only, as is
+            // everything this runs on.
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            let k = hostname_ordinal(&host).ok_or_else(|| {
+                format!(
+                    "--shard auto/{n}: the hostname {host:?} does not end in -ORDINAL (a \
+                     StatefulSet pod's name does); give the shard as K/{n}"
+                )
+            })?;
+            if k >= n {
+                return Err(format!(
+                    "--shard auto/{n}: the hostname {host:?} is ordinal {k}, but there are only \
+                     {n} shards: make N the StatefulSet's replicas"
+                ));
+            }
+            k
+        }
+    };
     Ok((k, n))
 }
 
@@ -489,8 +536,23 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    if let Some((k, n)) = args.shard {
+    let configured = config.probes.len();
+    let shard = match args.shard.map(resolve_shard).transpose() {
+        Ok(shard) => shard,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some((k, n)) = shard {
         config = config.shard(k, n);
+        tracing::info!(
+            shard = k,
+            shards = n,
+            owned = config.probes.len(),
+            configured,
+            "running one shard of the probes"
+        );
     }
     for w in config.warnings() {
         tracing::warn!("config: {w}");
@@ -531,7 +593,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     loop {
         match signals.next().await {
             Sig::Stop => break,
-            Sig::Reload => match reload_verdict(args.config.as_deref(), args.shard, &config) {
+            Sig::Reload => match reload_verdict(args.config.as_deref(), shard, &config) {
                 Reload::Apply => {
                     // The restart path is the one kill -9 is drilled against: every change is in
                     // the ledger, and the new process resumes the canaries in flight.
@@ -763,4 +825,28 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     } else {
         u8::from(verdict.status != once::Status::Ok && verdict.status != once::Status::Warning)
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_k_of_n_or_auto_of_n() {
+        assert_eq!(parse_shard("2/3"), Ok((Some(2), 3)));
+        assert_eq!(parse_shard("auto/3"), Ok((None, 3)));
+        assert!(parse_shard("3/3").is_err());
+        assert!(parse_shard("auto/0").is_err());
+        assert!(parse_shard("x/3").is_err());
+        assert!(parse_shard("3").is_err());
+    }
+
+    #[test]
+    fn a_statefulset_pods_hostname_gives_its_ordinal() {
+        assert_eq!(hostname_ordinal("mailcanary-2"), Some(2));
+        assert_eq!(hostname_ordinal("mc-probe-10\n"), Some(10));
+        assert_eq!(hostname_ordinal("mailcanary"), None);
+        assert_eq!(hostname_ordinal("mailcanary-"), None);
+        assert_eq!(hostname_ordinal("mailcanary-7f9c6d-x2kq"), None);
+    }
 }

@@ -60,6 +60,12 @@ impl Daemon {
             option_env!("MAILCANARY_REVISION").unwrap_or("unknown"),
         ));
         metrics.set_config_reload(true);
+        let shard = config.shard.unwrap_or(crate::config::ShardOf {
+            k: 0,
+            n: 1,
+            configured: config.probes.len(),
+        });
+        metrics.set_shard(shard.k, shard.n, shard.configured, config.probes.len());
         let engine = Engine::new(ledger, metrics);
         if config.prober.secret.is_none() {
             // A generated key lives in the state dir: if the dir vanishes under the running

@@ -31,6 +31,8 @@
 //! | `mailcanary_messages_ignored_total` | probe, reason | [`Metrics::ignored`] |
 //! | `mailcanary_build_info` | version, revision | [`Metrics::new`] |
 //! | `mailcanary_config_last_reload_successful` | | [`Metrics::set_config_reload`] |
+//! | `mailcanary_shard_info` | shard, shards | [`Metrics::set_shard`] |
+//! | `mailcanary_probes_configured`, `mailcanary_probes_owned` | | [`Metrics::set_shard`] |
 //! | `mailcanary_ledger_errors_total` | op | [`Metrics::ledger_error`] |
 //! | `mailcanary_canaries_skipped_total` | probe, reason | [`Metrics::skipped`] |
 //! | `mailcanary_helpdesk_duplicate_tickets_total` | probe | [`Metrics::duplicate_tickets`] |
@@ -148,6 +150,9 @@ pub struct Metrics {
     rate_limit_remaining: GaugeVec,
     ledger_errors: IntCounterVec,
     config_reload: IntGauge,
+    shard_info: IntGaugeVec,
+    probes_configured: IntGauge,
+    probes_owned: IntGauge,
     /// Stages already registered per probe: registering again (a config reload) only adds the
     /// new ones and never resets a gauge.
     registered: Mutex<HashMap<String, HashSet<Stage>>>,
@@ -324,8 +329,36 @@ impl Metrics {
                 "1 if the last load of the configuration succeeded, 0 if it failed.",
             ),
         );
+        let shard_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "mailcanary_shard_info",
+                    "1, labelled with the shard this prober runs (--shard K/N; 0 of 1 unsharded).",
+                ),
+                &["shard", "shards"],
+            ),
+        );
+        shard_info.with_label_values(&["0", "1"]).set(1);
+        let probes_configured = register(
+            &registry,
+            IntGauge::new(
+                "mailcanary_probes_configured",
+                "Probes in the configuration, before sharding: what every shard together must own.",
+            ),
+        );
+        let probes_owned = register(
+            &registry,
+            IntGauge::new(
+                "mailcanary_probes_owned",
+                "Probes this prober runs: its shard's share of mailcanary_probes_configured.",
+            ),
+        );
         Metrics {
             registry,
+            shard_info,
+            probes_configured,
+            probes_owned,
             sent,
             completed,
             duration,
@@ -574,6 +607,16 @@ impl Metrics {
 
     pub fn set_config_reload(&self, ok: bool) {
         self.config_reload.set(i64::from(ok));
+    }
+
+    /// This prober runs shard `k` of `n`: `owned` of the `configured` probes.
+    pub fn set_shard(&self, k: u32, n: u32, configured: usize, owned: usize) {
+        self.shard_info.reset();
+        self.shard_info
+            .with_label_values(&[&k.to_string(), &n.to_string()])
+            .set(1);
+        self.probes_configured.set(configured as i64);
+        self.probes_owned.set(owned as i64);
     }
 
     /// The text exposition format (`text/plain; version=0.0.4`), for `GET /metrics`.
@@ -900,6 +943,9 @@ mod tests {
             ("mailcanary_ledger_errors_total", "counter"),
             ("mailcanary_messages_ignored_total", "counter"),
             ("mailcanary_probe_success", "gauge"),
+            ("mailcanary_probes_configured", "gauge"),
+            ("mailcanary_probes_owned", "gauge"),
+            ("mailcanary_shard_info", "gauge"),
             ("mailcanary_stage_backlog_seconds", "gauge"),
             ("mailcanary_stage_deadline_seconds", "gauge"),
             ("mailcanary_stage_drain_eta_seconds", "gauge"),
@@ -980,6 +1026,8 @@ mod tests {
                     "revision" => v == "abc1234",
                     "le" => buckets.contains(v),
                     "op" => crate::ledger::OPS.contains(&v.as_str()),
+                    "shard" => v == "0",
+                    "shards" => v == "1",
                     "result" => {
                         WEBHOOK_RESULTS.contains(&v.as_str())
                             || MESSAGE_ID_RESULTS.contains(&v.as_str())

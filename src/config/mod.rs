@@ -46,6 +46,16 @@ pub struct Config {
     pub prober: ProberSettings,
     /// In file order, files sorted by name. Names are unique.
     pub probes: Vec<ProbeConfig>,
+    /// Set by [`Config::shard`]: which share of the configured probes these are.
+    pub shard: Option<ShardOf>,
+}
+
+/// Shard `k` of `n`, of a config of `configured` probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardOf {
+    pub k: u32,
+    pub n: u32,
+    pub configured: usize,
 }
 
 /// The `[prober]` table: process-wide settings (at most one file of a directory sets it).
@@ -397,6 +407,11 @@ impl Config {
                 .filter(|p| shard_index(&p.name, n) == k)
                 .cloned()
                 .collect(),
+            shard: Some(ShardOf {
+                k,
+                n,
+                configured: self.probes.len(),
+            }),
         }
     }
 }

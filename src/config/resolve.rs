@@ -203,6 +203,7 @@ pub(crate) fn resolve_files_with(
     Ok(Config {
         prober: prober.map(|(p, _, _)| p).unwrap_or_default(),
         probes,
+        shard: None,
     })
 }
 

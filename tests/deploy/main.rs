@@ -196,24 +196,17 @@ fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value 
         .unwrap_or_else(|| panic!("no {kind}"))
 }
 
-#[test]
-fn kubernetes_sidecar_is_complete_and_its_config_checks() {
-    let manifests = docs("deploy/kubernetes/sidecar.yaml");
-    for d in &manifests {
-        assert!(d["apiVersion"].as_str().is_some() && d["kind"].as_str().is_some());
-        assert!(d["metadata"]["name"].as_str().is_some());
-    }
-    let deploy = find(&manifests, "Deployment");
-    let pod = &deploy["spec"]["template"];
-    let containers = pod["spec"]["containers"].as_sequence().unwrap();
-    assert!(
-        containers.len() >= 2,
-        "mailcanary runs beside an app container"
-    );
-    let mc = containers
+/// A YAML sequence's strings.
+fn strings(v: &serde_yaml::Value) -> Vec<&str> {
+    v.as_sequence()
+        .unwrap()
         .iter()
-        .find(|c| c["name"].as_str() == Some("mailcanary"))
-        .expect("the mailcanary container");
+        .filter_map(|a| a.as_str())
+        .collect()
+}
+
+/// The mailcanary container: liveness on /healthz, readiness on /readyz, port 9725, not root.
+fn probed_and_unprivileged(mc: &serde_yaml::Value) {
     assert_eq!(
         mc["livenessProbe"]["httpGet"]["path"].as_str(),
         Some("/healthz")
@@ -223,50 +216,18 @@ fn kubernetes_sidecar_is_complete_and_its_config_checks() {
         Some("/readyz")
     );
     assert_eq!(mc["ports"][0]["containerPort"].as_u64(), Some(9725));
-    for k in ["requests", "limits"] {
-        assert!(
-            mc["resources"][k]["memory"].as_str().is_some(),
-            "resources.{k}"
-        );
-        assert!(
-            mc["resources"][k]["cpu"].as_str().is_some(),
-            "resources.{k}"
-        );
-    }
-    let args: Vec<&str> = mc["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .filter_map(|a| a.as_str())
-        .collect();
-    assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:9725"]));
-    let mounts: Vec<&str> = mc["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["mountPath"].as_str())
-        .collect();
-    for p in [
-        "/etc/mailcanary",
-        "/run/secrets/mailcanary",
-        "/var/lib/mailcanary",
-    ] {
-        assert!(mounts.contains(&p), "mount {p}");
-    }
-    assert_eq!(
-        pod["metadata"]["annotations"]["prometheus.io/port"].as_str(),
-        Some("9725")
-    );
     assert!(
         mc["securityContext"]["runAsUser"]
             .as_u64()
             .is_some_and(|u| u != 0)
     );
+}
 
-    // The ConfigMap's config is valid for `mailcanary check`, with the secrets it names
-    // provided as files (as the Secret's mount would).
-    let cm = find(&manifests, "ConfigMap");
-    let secret = find(&manifests, "Secret");
+/// The ConfigMap's config is valid for `mailcanary check`, with the secrets it names
+/// provided as files (as the Secret's mount would).
+fn config_map_checks(manifests: &[serde_yaml::Value]) {
+    let cm = find(manifests, "ConfigMap");
+    let secret = find(manifests, "Secret");
     let dir = tempfile::tempdir().unwrap();
     for (k, v) in secret["stringData"].as_mapping().unwrap() {
         std::fs::write(dir.path().join(k.as_str().unwrap()), v.as_str().unwrap()).unwrap();
@@ -289,11 +250,117 @@ fn kubernetes_sidecar_is_complete_and_its_config_checks() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn kubernetes_sidecar_is_complete_and_its_config_checks() {
+    let manifests = docs("deploy/kubernetes/sidecar.yaml");
+    for d in &manifests {
+        assert!(d["apiVersion"].as_str().is_some() && d["kind"].as_str().is_some());
+        assert!(d["metadata"]["name"].as_str().is_some());
+    }
+    let deploy = find(&manifests, "Deployment");
+    let pod = &deploy["spec"]["template"];
+    let containers = pod["spec"]["containers"].as_sequence().unwrap();
+    assert!(
+        containers.len() >= 2,
+        "mailcanary runs beside an app container"
+    );
+    let mc = containers
+        .iter()
+        .find(|c| c["name"].as_str() == Some("mailcanary"))
+        .expect("the mailcanary container");
+    probed_and_unprivileged(mc);
+    for k in ["requests", "limits"] {
+        assert!(
+            mc["resources"][k]["memory"].as_str().is_some(),
+            "resources.{k}"
+        );
+        assert!(
+            mc["resources"][k]["cpu"].as_str().is_some(),
+            "resources.{k}"
+        );
+    }
+    let args = strings(&mc["args"]);
+    assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:9725"]));
+    let mounts: Vec<&str> = mc["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    for p in [
+        "/etc/mailcanary",
+        "/run/secrets/mailcanary",
+        "/var/lib/mailcanary",
+    ] {
+        assert!(mounts.contains(&p), "mount {p}");
+    }
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"].as_str(),
+        Some("9725")
+    );
+
+    config_map_checks(&manifests);
     let sm = docs("deploy/kubernetes/servicemonitor.yaml");
     assert_eq!(
         find(&sm, "ServiceMonitor")["spec"]["endpoints"][0]["path"].as_str(),
         Some("/metrics")
     );
+}
+
+#[test]
+fn kubernetes_statefulset_shards_by_pod_ordinal_with_a_ledger_each() {
+    let manifests = docs("deploy/kubernetes/statefulset.yaml");
+    let sts = find(&manifests, "StatefulSet");
+    let replicas = sts["spec"]["replicas"].as_u64().expect("replicas");
+    assert!(replicas > 1);
+    assert_eq!(
+        sts["spec"]["podManagementPolicy"].as_str(),
+        Some("Parallel")
+    );
+    let mc = &sts["spec"]["template"]["spec"]["containers"][0];
+    let args = strings(&mc["args"]);
+    // K from the pod's hostname, N the replicas.
+    let shard = format!("auto/{replicas}");
+    assert!(
+        args.windows(2).any(|w| w == ["--shard", shard.as_str()]),
+        "{args:?}"
+    );
+    // A ledger per replica: a claim template mounted at the state dir, not a shared claim.
+    let claim = &sts["spec"]["volumeClaimTemplates"][0];
+    let name = claim["metadata"]["name"].as_str().unwrap();
+    let state = mc["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/var/lib/mailcanary"))
+        .expect("the state dir is mounted");
+    assert_eq!(state["name"].as_str(), Some(name));
+    assert_eq!(
+        claim["spec"]["accessModes"][0].as_str(),
+        Some("ReadWriteOnce")
+    );
+    // Stable pod names (the ordinal) come with the headless Service the set names.
+    let svc = find(&manifests, "Service");
+    assert_eq!(svc["spec"]["clusterIP"].as_str(), Some("None"));
+    assert_eq!(
+        sts["spec"]["serviceName"].as_str(),
+        svc["metadata"]["name"].as_str()
+    );
+    probed_and_unprivileged(mc);
+    config_map_checks(&manifests);
+    // Its config has a probe for more than one shard (replicas with nothing to do would
+    // prove little), by the binary's own hash of the probe names.
+    let cm = find(&manifests, "ConfigMap");
+    let text = cm["data"]["fleet.toml"].as_str().unwrap();
+    let shards: BTreeSet<u32> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = \""))
+        .map(|name| mailcanary::config::shard_index(name.trim_end_matches('"'), replicas as u32))
+        .collect();
+    let busy = shards.len();
+    assert!(busy >= 2, "only {busy} shard(s) of {replicas} get a probe");
 }
 
 #[test]

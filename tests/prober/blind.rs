@@ -676,16 +676,7 @@ async fn a_thousand_probes_in_flight_while_scraped() {
         poll_interval: "2s",
         ..Knobs::default()
     };
-    let text = config_text(&sb, &k);
-    let (head, probe) = text.split_at(text.find("[[probe]]").unwrap());
-    let mut all = head.to_string();
-    for i in 0..N {
-        all.push_str(&probe.replace(
-            &format!("name = \"{PROBE}\""),
-            &format!("name = \"p{i:04}\""),
-        ));
-    }
-    let cfg = mailcanary::config::parse_str(&all, "fleet.toml").unwrap();
+    let cfg = mailcanary::config::parse_str(&fleet_text(&sb, &k, N), "fleet.toml").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;
     let client = reqwest::Client::builder()

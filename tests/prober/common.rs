@@ -149,6 +149,20 @@ timeout = "5s"
     )
 }
 
+/// The drill config with `n` probes named `p0000`, `p0001`, … instead of the one drill probe.
+pub fn fleet_text(sb: &Sandbox, k: &Knobs, n: usize) -> String {
+    let text = config_text(sb, k);
+    let (head, probe) = text.split_at(text.find("[[probe]]").unwrap());
+    let mut all = head.to_string();
+    for i in 0..n {
+        all.push_str(&probe.replace(
+            &format!("name = \"{PROBE}\""),
+            &format!("name = \"p{i:04}\""),
+        ));
+    }
+    all
+}
+
 pub fn config(sb: &Sandbox, k: &Knobs) -> Config {
     config::parse_str(&config_text(sb, k), "drill.toml").expect("drill config parses")
 }

@@ -19,6 +19,7 @@ mod learned;
 mod reload;
 mod restart;
 mod security;
+mod shards;
 mod webhook;
 mod zammad;
 mod zendesk;
