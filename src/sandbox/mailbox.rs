@@ -24,6 +24,8 @@ use tokio::sync::watch;
 pub struct Mailboxes {
     password: String,
     boxes: Mutex<HashMap<String, Arc<Mailbox>>>,
+    /// Addresses whose mail is held (a receiving provider deferring it), with what waits.
+    held: Mutex<HashMap<String, Vec<Vec<u8>>>>,
 }
 
 impl Mailboxes {
@@ -31,13 +33,37 @@ impl Mailboxes {
         Arc::new(Self {
             password: password.into(),
             boxes: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
         })
     }
 
     /// Stores a message in `address`'s INBOX (creating the mailbox), wakes IDLE clients, and
-    /// returns its UID.
+    /// returns its UID; 0 if the address's mail is held ([`Mailboxes::hold`]).
     pub fn deliver(&self, address: &str, raw: Vec<u8>) -> u32 {
+        if let Some(queue) = lock(&self.held).get_mut(&address.trim().to_lowercase()) {
+            queue.push(raw);
+            return 0;
+        }
         self.open(address).append(raw, Flags::default(), None)
+    }
+
+    /// Holds every message for `address` from now on, as a provider that defers one
+    /// recipient's mail while others' flows: one mailbox late, the rest on time.
+    pub fn hold(&self, address: &str) {
+        lock(&self.held)
+            .entry(address.trim().to_lowercase())
+            .or_default();
+    }
+
+    /// Delivers what was held for `address`, in order, and stops holding; returns the UIDs.
+    pub fn release(&self, address: &str) -> Vec<u32> {
+        let queued = lock(&self.held)
+            .remove(&address.trim().to_lowercase())
+            .unwrap_or_default();
+        queued
+            .into_iter()
+            .map(|raw| self.open(address).append(raw, Flags::default(), None))
+            .collect()
     }
 
     /// Whether `password` is the one every mailbox takes.
@@ -327,6 +353,19 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_mail_waits_in_order_while_other_addresses_get_theirs() {
+        let boxes = Mailboxes::new("pw");
+        assert_eq!(boxes.deliver("a@x.test", b"1".to_vec()), 1);
+        boxes.hold("A@x.test");
+        assert_eq!(boxes.deliver("a@x.test", b"2".to_vec()), 0);
+        assert_eq!(boxes.deliver("a@x.test", b"3".to_vec()), 0);
+        assert_eq!(boxes.deliver("z@x.test", b"m".to_vec()), 1);
+        assert_eq!(boxes.open("a@x.test").snapshot().messages.len(), 1);
+        assert_eq!(boxes.release("a@x.test"), vec![2, 3]);
+        assert_eq!(boxes.deliver("a@x.test", b"4".to_vec()), 4);
+    }
 
     #[test]
     fn uids_ascend_and_are_never_reused() {
