@@ -18,7 +18,10 @@ pub mod webhook;
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use lettre::message::Mailbox;
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -94,6 +97,9 @@ pub struct ProbeMailbox {
     pub junk_key: Option<String>,
     inbox_commands: std::sync::OnceLock<mpsc::Sender<WatchCommand>>,
     junk_commands: std::sync::OnceLock<mpsc::Sender<WatchCommand>>,
+    /// True once the folder's watcher has selected it (or failed, or found no Junk folder).
+    inbox_ready: std::sync::OnceLock<watch::Receiver<bool>>,
+    junk_ready: std::sync::OnceLock<watch::Receiver<bool>>,
 }
 
 impl ProbeMailbox {
@@ -109,6 +115,29 @@ impl ProbeMailbox {
             Folder::Inbox => &self.inbox_commands,
             Folder::Junk => &self.junk_commands,
         }
+    }
+
+    fn ready(&self, folder: Folder) -> &std::sync::OnceLock<watch::Receiver<bool>> {
+        match folder {
+            Folder::Inbox => &self.inbox_ready,
+            Folder::Junk => &self.junk_ready,
+        }
+    }
+
+    /// Waits (at most the mailbox's IMAP timeout) until its watchers have selected their
+    /// folders. A fresh watcher starts at the folder's UIDNEXT, so a canary delivered before
+    /// that would never be seen: at start-up the first canary raced the watchers' login (and
+    /// the Junk watcher's LIST), and lost when it was fast. A watcher that cannot connect is
+    /// not waited for longer than its timeout: its failure is the mailbox's verdict.
+    pub async fn watchers_ready(&self) {
+        let wait = async {
+            for folder in Folder::ALL {
+                if let Some(rx) = self.ready(folder).get() {
+                    let _ = rx.clone().wait_for(|ready| *ready).await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.imap.timeout, wait).await;
     }
 }
 
@@ -294,6 +323,8 @@ impl Probe {
                 imap: m.imap.clone(),
                 inbox_commands: std::sync::OnceLock::new(),
                 junk_commands: std::sync::OnceLock::new(),
+                inbox_ready: std::sync::OnceLock::new(),
+                junk_ready: std::sync::OnceLock::new(),
             });
         }
         Ok(Probe {
@@ -467,9 +498,11 @@ impl Prober {
             target.idle_refresh = idle_refresh(w.readers.iter().map(|(p, _)| p.limits.delivery_ms));
             let (ev_tx, ev_rx) = mpsc::channel(256);
             let (cmd_tx, cmd_rx) = mpsc::channel(256);
+            let (ready_tx, ready_rx) = watch::channel(false);
             for (p, names) in &w.readers {
                 for m in p.mailboxes.iter().filter(|m| names.contains(&m.name)) {
                     let _ = m.commands(folder).set(cmd_tx.clone());
+                    let _ = m.ready(folder).set(ready_rx.clone());
                 }
             }
             let cursor = self.engine.ledger().cursor(&key).ok().flatten();
@@ -481,7 +514,7 @@ impl Prober {
                 self.engine.clone(),
                 (key, folder),
                 w.readers,
-                ev_rx,
+                (ev_rx, ready_tx),
                 shutdown.clone(),
             ));
         }
@@ -618,7 +651,7 @@ async fn dispatch(
     engine: Arc<Engine>,
     (mailbox_key, folder): (String, Folder),
     readers: Vec<(Arc<Probe>, Vec<String>)>,
-    mut events: mpsc::Receiver<WatchEvent>,
+    (mut events, ready): (mpsc::Receiver<WatchEvent>, watch::Sender<bool>),
     shutdown: CancellationToken,
 ) {
     let probes: Vec<Arc<Probe>> = readers.iter().map(|(p, _)| p.clone()).collect();
@@ -636,6 +669,12 @@ async fn dispatch(
             _ = shutdown.cancelled() => return,
             ev = events.recv() => match ev { Some(e) => e, None => return },
         };
+        if matches!(
+            ev,
+            WatchEvent::Connected { .. } | WatchEvent::Failed { .. } | WatchEvent::NoSuchFolder
+        ) {
+            ready.send_replace(true);
+        }
         match ev {
             WatchEvent::Connected { idle } => {
                 info!(mailbox = %mailbox_key, %folder, idle, "mailbox watcher connected");

@@ -28,6 +28,8 @@ pub async fn start_canary(engine: Arc<Engine>, probe: Arc<Probe>, mailbox: usize
     let Some(m) = probe.mailboxes.get(mailbox) else {
         return;
     };
+    // Not before its watchers look: they would never see what arrived before they did.
+    m.watchers_ready().await;
     let created = now_ms();
     let sent_at = std::time::UNIX_EPOCH + Duration::from_millis(created);
     let token = Token::issue(&probe.key, &probe.name, sent_at);

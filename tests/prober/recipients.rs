@@ -220,3 +220,34 @@ async fn one_mailbox_refusing_login_fails_only_that_mailbox() {
     assert_eq!(own["errors"][0][1]["reason"], "auth", "{own}");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_sent_at_start_waits_for_its_watchers_to_look() {
+    // Regression: a fresh watcher starts at the folder's UIDNEXT, and the first canary raced
+    // the watchers' login (and the Junk watcher's LIST): delivered before they selected their
+    // folder, it was never seen. On real Dovecot one first canary in six was lost so. Here
+    // every IMAP command takes 300 ms, the reply takes well under that, and each mailbox gets
+    // one canary only (interval 1h).
+    let sb = sandbox_with(|c| {
+        c.faults.push((
+            mailcanary::sandbox::Stage::Mailbox,
+            mailcanary::sandbox::Fault::Delay(Duration::from_millis(300)),
+        ))
+    })
+    .await;
+    let knobs = Knobs {
+        interval: "1h",
+        delivery_deadline: "20s",
+        end_to_end: "1m",
+        ..Knobs::default()
+    };
+    let (d, _dir) = start(&three_mailbox_config(&sb, &knobs)).await;
+    until(
+        d.addr,
+        Duration::from_secs(60),
+        "the first canary of each mailbox delivered",
+        |s| MAILBOXES.iter().all(|m| placed(s, m, "inbox") == 1.0),
+    )
+    .await;
+    d.stop().await;
+}
