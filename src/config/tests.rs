@@ -18,6 +18,7 @@ const ZENDESK_EXAMPLE: &str = include_str!("../../probes/zendesk.example.toml");
 const FRONT_EXAMPLE: &str = include_str!("../../probes/front.example.toml");
 const HELPSCOUT_EXAMPLE: &str = include_str!("../../probes/helpscout.example.toml");
 const FRESHDESK_EXAMPLE: &str = include_str!("../../probes/freshdesk.example.toml");
+const SEVERAL_MAILBOXES_EXAMPLE: &str = include_str!("../../probes/several-mailboxes.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -238,6 +239,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("front.example.toml", FRONT_EXAMPLE),
         ("helpscout.example.toml", HELPSCOUT_EXAMPLE),
         ("freshdesk.example.toml", FRESHDESK_EXAMPLE),
+        ("several-mailboxes.example.toml", SEVERAL_MAILBOXES_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -256,6 +258,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
             "mail-loop",
             "rt-support",
             "sandbox",
+            "deliverability",
             "zammad-support",
             "zendesk-support"
         ],
@@ -1282,4 +1285,23 @@ fn a_watcher_shared_by_two_probes_with_other_settings_is_refused() {
     assert!(e.message.contains("probe `a` mailbox `default`"), "{e}");
     // The same settings share one watcher, as before.
     assert!(parse(&format!("{}\n{}", mail_loop("a", ""), mail_loop("b", ""))).is_ok());
+}
+
+#[test]
+fn several_mailboxes_example_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_secret_files(SEVERAL_MAILBOXES_EXAMPLE, dir.path());
+    let c = parse_env(
+        &text,
+        "several-mailboxes.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = &c.probes[0];
+    let names: Vec<&str> = p.mailboxes.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["gmail", "m365", "own"]);
+    assert_eq!(p.mailboxes[2].imap.junk, Junk::Named("Spam".into()));
+    assert_eq!(p.mailboxes[0].imap.junk, Junk::SpecialUse);
+    assert_eq!(p.smtp.to, "", "the mailboxes are the recipients");
 }

@@ -43,6 +43,8 @@ const LEDGER_RETRY_MAX: Duration = Duration::from_secs(5);
 pub struct Event {
     pub probe: String,
     pub canary: String,
+    /// The canary's mailbox (the config's name).
+    pub mailbox: Option<String>,
     pub transition: Transition,
     /// The failure detail, for `StageFailed`.
     pub detail: Option<String>,
@@ -605,6 +607,7 @@ impl Engine {
             let _ = self.events.send(Event {
                 probe: canary.probe.clone(),
                 canary: canary.id.clone(),
+                mailbox: canary.mailbox.clone(),
                 transition: t.clone(),
                 detail,
             });
@@ -1327,9 +1330,15 @@ fn verdict(
         );
     }
     if let Some(((m, folder), f)) = ps.mailbox_errors.iter().next() {
+        // Which mailbox and folder, when there is more than the one inbox to say.
+        let which = if ps.mailboxes.len() == 1 && *folder == Folder::Inbox {
+            String::new()
+        } else {
+            format!(" {m} ({folder})")
+        };
         return (
             "failing",
-            format!("mailbox {m} ({folder}): {} ({})", f.reason, f.detail),
+            format!("mailbox{which}: {} ({})", f.reason, f.detail),
         );
     }
     if let Some(c) = in_flight.iter().find(|c| c.is_overdue()) {

@@ -209,11 +209,16 @@ pub async fn get_json(url: &str) -> serde_json::Value {
 
 /// Messages in the canary mailbox of `sb` (`canary@prober.test`), over IMAP.
 pub async fn inbox_count(sb: &Sandbox) -> u32 {
+    inbox_count_of(sb, "canary@prober.test").await
+}
+
+/// Messages in `address`'s sandbox mailbox, over IMAP.
+pub async fn inbox_count_of(sb: &Sandbox, address: &str) -> u32 {
     let tcp = tokio::net::TcpStream::connect(sb.imap_addr).await.unwrap();
     let mut client = async_imap::Client::new(tcp);
     let _greeting = client.read_response().await;
     let mut session = client
-        .login("canary@prober.test", "sandbox")
+        .login(address, "sandbox")
         .await
         .map_err(|(e, _)| e)
         .unwrap();

@@ -251,3 +251,32 @@ async fn a_canary_sent_at_start_waits_for_its_watchers_to_look() {
     .await;
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_follows_one_canary_per_mailbox() {
+    let sb = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("three.toml");
+    std::fs::write(&cfg, three_mailbox_config(&sb, &Knobs::default())).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        bin()
+            .args(["once", "--format", "nagios", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for m in MAILBOXES {
+        assert!(
+            text.contains(&format!("{PROBE}/{m}: ")),
+            "{m} has its own verdict: {text}"
+        );
+    }
+    // What once sent is gone from every mailbox.
+    for m in MAILBOXES {
+        assert_eq!(inbox_count_of(&sb, &address(m)).await, 0, "{m}");
+    }
+}
