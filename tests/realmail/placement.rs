@@ -250,3 +250,101 @@ async fn dovecot_gives_mailboxes_made_in_one_second_one_uidvalidity(p: &Prober, 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_holding_one_recipients_mail_makes_only_that_mailbox_late() {
+    let s = blocking(servers).await;
+    let probe = "onelate";
+    // A canary a second to each mailbox, a 3 s delivery deadline; no Junk rule for them here
+    // (`junky` is not among the held).
+    let text = config(&s, probe, false, true)
+        .replace("interval = \"1h\"", "interval = \"1s\"")
+        .replace("delivery = \"20s\"", "delivery = \"3s\"");
+    let p = Prober::start_text(&text).await;
+    until(p.addr(), Duration::from_secs(30), "a delivery each", |m| {
+        placed(m, probe, "gmail", "inbox") >= 1.0
+            && placed(m, probe, "m365", "inbox") >= 1.0
+            && placed(m, probe, "own", "junk") >= 1.0
+    })
+    .await;
+
+    // Postfix keeps accepting mail for m365 but delivers none of it (its own LMTP transport,
+    // deferred); mail to the others goes on.
+    let transport = s.dir.join("postfix/transport");
+    std::fs::write(
+        &transport,
+        format!(
+            "{} slowlmtp:unix:{}\n",
+            address("mbox"),
+            s.dir.join("dovecot/run/lmtp").display()
+        ),
+    )
+    .unwrap();
+    let sv = s.clone();
+    blocking(move || {
+        sv.postconf_reload(&[
+            &format!("transport_maps = texthash:{}", transport.display()),
+            "defer_transports = slowlmtp",
+        ])
+    })
+    .await;
+    let before = scrape(p.addr()).await;
+    let m = until(
+        p.addr(),
+        Duration::from_secs(30),
+        "m365 overdue while gmail delivers",
+        |m| {
+            v(
+                m,
+                probe,
+                "mailcanary_delivery_overdue",
+                &[("mailbox", "m365")],
+            ) >= 2.0
+                && placed(m, probe, "gmail", "inbox")
+                    >= placed(&before, probe, "gmail", "inbox") + 3.0
+        },
+    )
+    .await;
+    let mb = |m: &mailcanary::metrics::testing::Samples, name: &str, mailbox: &str| {
+        v(m, probe, name, &[("mailbox", mailbox)])
+    };
+    assert_eq!(mb(&m, "mailcanary_mailbox_success", "m365"), 0.0);
+    assert_eq!(mb(&m, "mailcanary_mailbox_success", "gmail"), 1.0);
+    assert_eq!(mb(&m, "mailcanary_delivery_overdue", "gmail"), 0.0);
+    let sv = s.clone();
+    assert!(
+        blocking(move || sv.queued()).await >= 2,
+        "Postfix holds m365's canaries"
+    );
+
+    // Released: m365's held canaries arrive late, counted against m365 only.
+    let sv = s.clone();
+    blocking(move || {
+        sv.postconf_reload(&["defer_transports ="]);
+        sv.postqueue_flush();
+    })
+    .await;
+    let m = until(p.addr(), Duration::from_secs(30), "m365 late", |m| {
+        mb(m, "mailcanary_delivery_late_total", "m365") >= 2.0
+            && mb(m, "mailcanary_delivery_overdue", "m365") == 0.0
+    })
+    .await;
+    for other in ["gmail", "own"] {
+        assert_eq!(
+            mb(&m, "mailcanary_delivery_late_total", other),
+            0.0,
+            "{other}"
+        );
+        assert_eq!(
+            v(
+                &m,
+                probe,
+                "mailcanary_delivery_failures_total",
+                &[("mailbox", other), ("reason", "deadline")]
+            ),
+            0.0,
+            "{other}"
+        );
+    }
+    p.stop().await;
+}
