@@ -1679,3 +1679,68 @@ mod learn_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod mailbox_tests {
+    use super::*;
+    use crate::canary::life::tests::limits;
+
+    const PLAN: [Stage; 2] = [Stage::Submit, Stage::Delivery];
+
+    fn canary(id: &str, at: u64) -> Canary {
+        Canary::new("p", id, id, id, PLAN.to_vec(), limits(), at)
+    }
+
+    #[test]
+    fn records_from_before_mailboxes_are_the_first_mailboxs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let now = now_ms();
+        // Written by a prober that knew one mailbox per probe: no `mailbox`, no `folder`.
+        let mut waiting = canary("waiting", now);
+        waiting.observe(Stage::Submit, now + 10);
+        let mut failed = canary("failed", now.saturating_sub(1_000));
+        failed.fail(Reason::Tempfail, "451", now.saturating_sub(900));
+        assert_eq!(
+            (waiting.mailbox.as_ref(), failed.mailbox.as_ref()),
+            (None, None)
+        );
+        ledger
+            .write(&[Write::Put(waiting), Write::Finish(failed)])
+            .unwrap();
+
+        let engine = Engine::new(ledger, Arc::new(Metrics::new("t", "t")));
+        let names = ["gmail".to_string(), "m365".to_string()];
+        engine.register_probe("p", &PLAN, &names);
+        let resumed = engine.resume();
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(resumed[0].mailbox.as_deref(), Some("gmail"));
+        let st = &engine.status(now_ms())[0];
+        assert_eq!(st.state, "failing");
+        assert!(st.why.contains("mailbox gmail"), "{}", st.why);
+        let m365 = st.mailboxes.iter().find(|m| m.name == "m365").unwrap();
+        assert_eq!(m365.state, "ok", "the old failure is not m365's");
+
+        // Seen by m365's watcher it is not m365's delivery; by gmail's it is.
+        fn at(mailboxes: &[String]) -> Found<'_> {
+            Found {
+                mailboxes,
+                folder: Folder::Inbox,
+                junk_is_ok: false,
+            }
+        }
+        let (gmail, m365) = (&names[..1], &names[1..]);
+        assert!(
+            engine
+                .delivered("p", "waiting", now + 200, (1, 7), at(m365), |_| false)
+                .is_none()
+        );
+        let done = engine
+            .delivered("p", "waiting", now + 300, (1, 7), at(gmail), |_| false)
+            .expect("delivered");
+        assert_eq!(done.outcome, Some(Outcome::OnTime));
+        assert_eq!(done.folder, Some(Folder::Inbox));
+        // The newest of gmail is now on time, and nothing of m365 failed: ok.
+        assert_eq!(engine.status(now_ms())[0].state, "ok");
+    }
+}
