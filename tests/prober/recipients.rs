@@ -1,8 +1,7 @@
 //! Several recipient mailboxes per probe, on the sandbox: one canary per mailbox each send,
 //! delivery judged per mailbox (`mailbox` label, status, dashboard), one mailbox held while
-//! the others flow. Junk placement is proven on real Dovecot (`tests/realmail/placement.rs`):
-//! the sandbox has one INBOX per address and no Junk folder (its watchers find no `\Junk`
-//! folder and watch none, which these drills also go through).
+//! the others flow, one filed into Junk (the sandbox's `Junk` folder, marked `\Junk` in
+//! LIST). Real Dovecot with Sieve does the same in `tests/realmail/placement.rs`.
 
 use std::time::Duration;
 
@@ -32,6 +31,14 @@ fn three_mailbox_config(sb: &mailcanary::sandbox::Sandbox, k: &Knobs) -> String 
         );
     }
     text
+}
+
+/// A prober of the three-mailbox probe of `sb`.
+async fn start_three(
+    sb: &mailcanary::sandbox::Sandbox,
+    knobs: &Knobs,
+) -> (mailcanary::daemon::Daemon, tempfile::TempDir) {
+    start(&three_mailbox_config(sb, knobs)).await
 }
 
 /// A prober of the config `text`, with its state dir.
@@ -69,7 +76,7 @@ async fn a_probe_with_three_mailboxes_reports_each_ones_delivery() {
         delivery_deadline: "10s",
         ..Knobs::default()
     };
-    let (d, _dir) = start(&three_mailbox_config(&sb, &knobs)).await;
+    let (d, _dir) = start_three(&sb, &knobs).await;
     let s = until(
         d.addr,
         Duration::from_secs(60),
@@ -126,7 +133,7 @@ async fn one_mailbox_held_is_late_while_the_others_are_on_time() {
         delivery_deadline: "2s",
         ..Knobs::default()
     };
-    let (d, _dir) = start(&three_mailbox_config(&sb, &knobs)).await;
+    let (d, _dir) = start_three(&sb, &knobs).await;
     until(d.addr, Duration::from_secs(60), "a delivery each", |s| {
         MAILBOXES.iter().all(|m| placed(s, m, "inbox") >= 1.0)
     })
@@ -241,7 +248,7 @@ async fn a_canary_sent_at_start_waits_for_its_watchers_to_look() {
         end_to_end: "1m",
         ..Knobs::default()
     };
-    let (d, _dir) = start(&three_mailbox_config(&sb, &knobs)).await;
+    let (d, _dir) = start_three(&sb, &knobs).await;
     until(
         d.addr,
         Duration::from_secs(60),
@@ -279,4 +286,126 @@ async fn once_follows_one_canary_per_mailbox() {
     for m in MAILBOXES {
         assert_eq!(inbox_count_of(&sb, &address(m)).await, 0, "{m}");
     }
+}
+
+/// Messages in `address`'s sandbox Junk folder, over IMAP (found by its `\Junk` attribute).
+async fn junk_count(sb: &mailcanary::sandbox::Sandbox, address: &str) -> u32 {
+    use futures::TryStreamExt;
+    let mut session = imap_session(sb, address).await;
+    let names: Vec<_> = session
+        .list(Some(""), Some("*"))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let junk = names
+        .iter()
+        .find(|n| {
+            n.attributes()
+                .iter()
+                .any(|a| matches!(a, async_imap::types::NameAttribute::Junk))
+        })
+        .expect("a folder marked \\Junk")
+        .name()
+        .to_string();
+    let exists = session.select(&junk).await.unwrap().exists;
+    let _ = session.logout().await;
+    exists
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_filed_into_junk_counts_as_junk_fails_with_spam_and_is_deleted_from_junk() {
+    let sb = sandbox().await;
+    sb.mailboxes().file_into_junk(&address("m365"), true);
+    // One canary per mailbox (the interval outlasts the test).
+    let knobs = Knobs {
+        interval: "1h",
+        delivery_deadline: "10s",
+        ..Knobs::default()
+    };
+    let (d, _dir) = start_three(&sb, &knobs).await;
+    let s = until(
+        d.addr,
+        Duration::from_secs(30),
+        "m365's canary in Junk, the others' in the inbox",
+        |s| {
+            placed(s, "m365", "junk") == 1.0
+                && placed(s, "gmail", "inbox") == 1.0
+                && placed(s, "own", "inbox") == 1.0
+        },
+    )
+    .await;
+    assert_eq!(placed(&s, "m365", "inbox"), 0.0);
+    let spam = |s: &mailcanary::metrics::testing::Samples| {
+        v(
+            s,
+            "mailcanary_delivery_failures_total",
+            &[("mailbox", "m365"), ("reason", "spam")],
+        )
+    };
+    assert_eq!(spam(&s), 1.0);
+    assert_eq!(
+        v(
+            &s,
+            "mailcanary_stage_failures_total",
+            &[("stage", "delivery"), ("reason", "spam")]
+        ),
+        1.0
+    );
+    assert_eq!(mb(&s, "mailcanary_mailbox_success", "m365"), 0.0);
+    assert_eq!(mb(&s, "mailcanary_mailbox_success", "gmail"), 1.0);
+    assert_eq!(v(&s, "mailcanary_probe_success", &[]), 0.0);
+    assert_eq!(v(&s, "mailcanary_canaries_completed_total", &[]), 2.0);
+    let status = status(d.addr.port()).await.expect("status");
+    let m365 = mailbox_status(&status, "m365");
+    assert_eq!(m365["state"], "failing", "{m365}");
+    assert_eq!(
+        (m365["junk"].as_u64(), m365["inbox"].as_u64()),
+        (Some(1), Some(0)),
+        "{m365}"
+    );
+    assert_eq!(m365["last_folder"], "junk", "{m365}");
+    // Cleanup deletes it from Junk.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while junk_count(&sb, &address("m365")).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still in Junk");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_is_ok_keeps_the_probe_green_with_a_mailbox_filing_into_junk() {
+    let sb = sandbox().await;
+    sb.mailboxes().file_into_junk(&address("m365"), true);
+    let knobs = Knobs {
+        interval: "1h",
+        ..Knobs::default()
+    };
+    // No cleanup here, so the canary stays where the metrics say it is.
+    let text = three_mailbox_config(&sb, &knobs).replacen(
+        "cleanup = true",
+        "cleanup = false\njunk_is_ok = true",
+        1,
+    );
+    let (d, _dir) = start(&text).await;
+    let s = until(d.addr, Duration::from_secs(60), "three completed", |s| {
+        v(s, "mailcanary_canaries_completed_total", &[]) == 3.0
+    })
+    .await;
+    assert_eq!(placed(&s, "m365", "junk"), 1.0);
+    assert_eq!(v(&s, "mailcanary_probe_success", &[]), 1.0);
+    assert_eq!(mb(&s, "mailcanary_mailbox_success", "m365"), 1.0);
+    assert_eq!(
+        v(
+            &s,
+            "mailcanary_stage_failures_total",
+            &[("stage", "delivery"), ("reason", "spam")]
+        ),
+        0.0
+    );
+    assert_eq!(junk_count(&sb, &address("m365")).await, 1);
+    assert_eq!(inbox_count_of(&sb, &address("m365")).await, 0);
+    d.stop().await;
 }
