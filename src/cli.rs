@@ -747,12 +747,20 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut events = daemon.engine.subscribe();
-    let mut runs: Vec<once::Run> = daemon
-        .prober
-        .probes
-        .iter()
-        .map(|p| once::Run::new(&p.name, &p.plan, &p.limits))
-        .collect();
+    // One run per canary: per probe and mailbox (named `probe/mailbox` when it has several).
+    let mut keys: Vec<(usize, String)> = Vec::new();
+    let mut runs: Vec<once::Run> = Vec::new();
+    for (i, p) in daemon.prober.probes.iter().enumerate() {
+        for m in &p.mailboxes {
+            let label = if p.mailboxes.len() > 1 {
+                format!("{}/{}", p.name, m.name)
+            } else {
+                p.name.clone()
+            };
+            keys.push((i, m.name.clone()));
+            runs.push(once::Run::new(&label, &p.plan, &p.limits));
+        }
+    }
     daemon.send_once();
     let give_up = tokio::time::sleep(timeout);
     tokio::pin!(give_up);
@@ -766,9 +774,13 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
                 Err(_) => break,
             },
         };
-        let Some(run) = runs.iter_mut().find(|r| r.probe == ev.probe) else {
+        let probes = &daemon.prober.probes;
+        let Some(at) = keys.iter().position(|(i, m)| {
+            probes[*i].name == ev.probe && ev.mailbox.as_ref().is_none_or(|e| e == m)
+        }) else {
             continue;
         };
+        let run = &mut runs[at];
         // Applied in both formats; printed as a timeline only in text.
         if let Some(line) = run.apply(&ev)
             && !nagios
@@ -780,7 +792,8 @@ async fn once(args: OnceArgs) -> anyhow::Result<ExitCode> {
     // ticket by the API); a canary that failed still has its ticket, if one was found.
     let engine = daemon.engine.clone();
     let cleanup = async {
-        for (p, r) in daemon.prober.probes.iter().zip(&runs) {
+        for ((i, _), r) in keys.iter().zip(&runs) {
+            let p = &daemon.prober.probes[*i];
             if let Some(c) = r.canary.as_deref().and_then(|id| engine.find(&p.name, id))
                 && !c.is_finished()
             {

@@ -57,7 +57,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::canary::life::{Outcome, Reason, Stage, Transition};
+use crate::canary::life::{Folder, Outcome, Reason, Stage, Transition};
 
 /// Buckets of `mailcanary_stage_duration_seconds`: from a fast SMTP reply to an hour-long import
 /// backlog. The client library's default stops at 10 s, where email latency only begins.
@@ -149,6 +149,12 @@ pub struct Metrics {
     message_ids: IntCounterVec,
     rate_limit_remaining: GaugeVec,
     ledger_errors: IntCounterVec,
+    placement: IntCounterVec,
+    mailbox_duration: HistogramVec,
+    mailbox_failures: IntCounterVec,
+    mailbox_late: IntCounterVec,
+    mailbox_overdue: IntGaugeVec,
+    mailbox_success: IntGaugeVec,
     config_reload: IntGauge,
     shard_info: IntGaugeVec,
     probes_configured: IntGauge,
@@ -237,6 +243,54 @@ impl Metrics {
         for op in crate::ledger::OPS {
             ledger_errors.with_label_values(&[op]);
         }
+        // Per mailbox of a probe (the config's name, never the address): delivery judged
+        // mailbox by mailbox, so "mail to one provider is late" is one query.
+        let placement = counter(
+            "mailcanary_delivery_placement_total",
+            "Delivered canaries by the folder of the mailbox they were found in (inbox, junk).",
+            &["probe", "mailbox", "folder"],
+        );
+        let mailbox_failures = counter(
+            "mailcanary_delivery_failures_total",
+            "Delivery failures by mailbox and reason (deadline, spam, and the watcher's connect, tls, auth, protocol, timeout).",
+            &["probe", "mailbox", "reason"],
+        );
+        let mailbox_late = counter(
+            "mailcanary_delivery_late_total",
+            "Deliveries into the mailbox that arrived after the delivery deadline.",
+            &["probe", "mailbox"],
+        );
+        let mailbox_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "mailcanary_delivery_duration_seconds",
+                    "Delivery stage durations by mailbox, late ones included.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["probe", "mailbox"],
+            ),
+        );
+        let mailbox_overdue = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "mailcanary_delivery_overdue",
+                    "Canaries past the delivery deadline and still awaited in the mailbox.",
+                ),
+                &["probe", "mailbox"],
+            ),
+        );
+        let mailbox_success = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "mailcanary_mailbox_success",
+                    "1 unless the mailbox's watcher is failing, a canary is overdue in it, or its newest delivery was late, in Junk or lost.",
+                ),
+                &["probe", "mailbox"],
+            ),
+        );
         let duration = register(
             &registry,
             HistogramVec::new(
@@ -381,6 +435,12 @@ impl Metrics {
             message_ids,
             rate_limit_remaining,
             ledger_errors,
+            placement,
+            mailbox_duration,
+            mailbox_failures,
+            mailbox_late,
+            mailbox_overdue,
+            mailbox_success,
             config_reload,
             registered: Mutex::new(HashMap::new()),
         }
@@ -447,6 +507,79 @@ impl Metrics {
             self.deadline.with_label_values(&ps);
             self.last_success.with_label_values(&ps);
         }
+    }
+
+    /// Creates every per-mailbox series of `probe` (`mailbox_success` at 1, as
+    /// `probe_success`).
+    pub fn register_mailboxes(&self, probe: &str, mailboxes: &[String]) {
+        for m in mailboxes {
+            let pm = [probe, m.as_str()];
+            for folder in Folder::ALL {
+                self.placement
+                    .with_label_values(&[probe, m.as_str(), folder.as_str()]);
+            }
+            for reason in Reason::ALL {
+                self.mailbox_failures
+                    .with_label_values(&[probe, m.as_str(), reason.as_str()]);
+            }
+            self.mailbox_duration.with_label_values(&pm);
+            self.mailbox_late.with_label_values(&pm);
+            self.mailbox_overdue.with_label_values(&pm).set(0);
+            self.mailbox_success.with_label_values(&pm).set(1);
+        }
+    }
+
+    /// Counts the delivery transitions of a canary for `mailbox`, in `folder` (where it was
+    /// found; inbox for a canary not yet found). Called beside [`Metrics::apply`].
+    pub fn apply_mailbox(
+        &self,
+        probe: &str,
+        mailbox: &str,
+        folder: Folder,
+        transitions: &[Transition],
+    ) {
+        let pm = [probe, mailbox];
+        for t in transitions {
+            match *t {
+                Transition::StageDone {
+                    stage: Stage::Delivery,
+                    duration_ms,
+                    late,
+                } => {
+                    self.mailbox_duration
+                        .with_label_values(&pm)
+                        .observe(duration_ms as f64 / 1000.0);
+                    if late {
+                        self.mailbox_late.with_label_values(&pm).inc();
+                    }
+                    self.placement
+                        .with_label_values(&[probe, mailbox, folder.as_str()])
+                        .inc();
+                }
+                Transition::StageFailed {
+                    stage: Stage::Delivery,
+                    reason,
+                } => self.mailbox_failure(probe, mailbox, reason),
+                _ => {}
+            }
+        }
+    }
+
+    /// A delivery failure of one mailbox (its watcher failing, or a canary's).
+    pub fn mailbox_failure(&self, probe: &str, mailbox: &str, reason: Reason) {
+        self.mailbox_failures
+            .with_label_values(&[probe, mailbox, reason.as_str()])
+            .inc();
+    }
+
+    pub fn set_mailbox(&self, probe: &str, mailbox: &str, overdue: usize, ok: bool) {
+        let pm = [probe, mailbox];
+        self.mailbox_overdue
+            .with_label_values(&pm)
+            .set(overdue as i64);
+        self.mailbox_success
+            .with_label_values(&pm)
+            .set(i64::from(ok));
     }
 
     /// Counts what a canary's life returned. `now_ms` (Unix milliseconds) is when the
@@ -976,6 +1109,9 @@ mod tests {
             if family != "mailcanary_build_info"
                 && family != "mailcanary_config_last_reload_successful"
                 && family != "mailcanary_ledger_errors_total"
+                && family != "mailcanary_shard_info"
+                && family != "mailcanary_probes_configured"
+                && family != "mailcanary_probes_owned"
             {
                 assert!(sample.label("probe").is_some(), "{sample:?}");
             }

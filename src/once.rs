@@ -279,6 +279,7 @@ mod tests {
         Event {
             probe: "p".into(),
             canary: "c1".into(),
+            mailbox: None,
             transition: t,
             detail: detail.map(str::to_string),
         }

@@ -35,6 +35,8 @@ command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 [ -x /usr/sbin/postfix ] || need_pkgs+=(postfix)
 [ -x /usr/lib/dovecot/imap ] || need_pkgs+=(dovecot-imapd)
 [ -x /usr/lib/dovecot/lmtp ] || need_pkgs+=(dovecot-lmtpd)
+# Sieve files a marked canary into Junk (tests/realmail/placement.rs).
+[ -e /usr/lib/dovecot/modules/lib90_sieve_plugin.so ] || need_pkgs+=(dovecot-sieve)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 # Headless Chromium for the dashboard test, amtool for the Alertmanager config, musl-gcc for
 # the static binary the container ships (ring's C parts).

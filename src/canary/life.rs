@@ -76,10 +76,13 @@ pub enum Reason {
     /// The prober could not record the canary in its ledger (state dir full, read-only or
     /// gone), so it did not send it: the prober, not the mail flow, is what failed.
     Ledger,
+    /// The canary was delivered, but into the mailbox's Junk folder (and the probe does not
+    /// say `junk_is_ok`): mail flows, deliverability does not.
+    Spam,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Connect,
         Reason::Tls,
         Reason::Auth,
@@ -90,6 +93,7 @@ impl Reason {
         Reason::Timeout,
         Reason::Deadline,
         Reason::Ledger,
+        Reason::Spam,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +108,7 @@ impl Reason {
             Reason::Timeout => "timeout",
             Reason::Deadline => "deadline",
             Reason::Ledger => "ledger",
+            Reason::Spam => "spam",
         }
     }
 }
@@ -196,6 +201,33 @@ impl Outcome {
     }
 }
 
+/// Where in a mailbox a canary was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Folder {
+    /// The folder the probe watches (`INBOX` unless configured otherwise).
+    Inbox,
+    /// The mailbox's Junk folder (`\Junk` by SPECIAL-USE, RFC 6154, or named in config).
+    Junk,
+}
+
+impl Folder {
+    pub const ALL: [Folder; 2] = [Folder::Inbox, Folder::Junk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Folder::Inbox => "inbox",
+            Folder::Junk => "junk",
+        }
+    }
+}
+
+impl fmt::Display for Folder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One canary, as the ledger stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Canary {
@@ -233,6 +265,19 @@ pub struct Canary {
     /// from another mail carrying the token (a copy, a forward, a re-sent canary).
     #[serde(default)]
     pub message_id_matched: Option<bool>,
+    /// The config's name of the mailbox this canary is for (one canary per probe and
+    /// mailbox). Absent in records written before probes had several mailboxes: those are
+    /// the probe's first mailbox's.
+    #[serde(default)]
+    pub mailbox: Option<String>,
+    /// The folder the delivered message was found in (absent before delivery, and in older
+    /// records, which were all found in the inbox).
+    #[serde(default)]
+    pub folder: Option<Folder>,
+    /// Delivered into Junk while the probe does not accept that: delivery is measured, then
+    /// fails with [`Reason::Spam`] (see [`Canary::observe_delivery`]).
+    #[serde(default)]
+    pub spam: bool,
 }
 
 /// An acknowledgement that arrived in the watched mailbox.
@@ -244,6 +289,9 @@ pub struct Acknowledged {
     /// Its UID in the watched mailbox, for cleanup.
     pub uid: u32,
     pub uid_validity: u32,
+    /// The folder it was found in (absent in older records: the inbox).
+    #[serde(default)]
+    pub folder: Option<Folder>,
 }
 
 /// A change worth counting. The metrics layer maps these one-to-one onto counters, so each is
@@ -302,6 +350,9 @@ impl Canary {
             delivered_uid_validity: None,
             acknowledged: None,
             message_id_matched: None,
+            mailbox: None,
+            folder: None,
+            spam: false,
             threaded: None,
             outcome: None,
             finished_ms: None,
@@ -413,6 +464,23 @@ impl Canary {
         out
     }
 
+    /// The delivered message was found at `at` in `folder`. Delivery is observed as any
+    /// stage is (its true duration, late or not); found in Junk while `junk_fails`, the
+    /// canary then ends `Failed` with [`Reason::Spam`] on the delivery stage once delivery is
+    /// its current stage (at once, or when an earlier stage ends, for an early arrival).
+    pub fn observe_delivery(
+        &mut self,
+        at: u64,
+        folder: Folder,
+        junk_fails: bool,
+    ) -> Vec<Transition> {
+        if self.folder.is_none() && !self.is_finished() {
+            self.folder = Some(folder);
+            self.spam = folder == Folder::Junk && junk_fails;
+        }
+        self.observe(Stage::Delivery, at)
+    }
+
     fn finish_stage(&mut self, stage: Stage, at: u64, out: &mut Vec<Transition>) {
         let deadline = self.limits.deadline(stage);
         let Some(rec) = self.record_mut(stage) else {
@@ -474,7 +542,21 @@ impl Canary {
                         late: e2e_late,
                     });
                 }
-                let outcome = if any_late || e2e_late {
+                let outcome = if self.spam && stage == Stage::Delivery {
+                    // Delivered, and measured, but not where a user would see it.
+                    if let Some(r) = self.record_mut(Stage::Delivery) {
+                        r.failed = Some(Failure {
+                            reason: Reason::Spam,
+                            detail: "delivered into the Junk folder".to_string(),
+                            at_ms: at,
+                        });
+                    }
+                    out.push(Transition::StageFailed {
+                        stage: Stage::Delivery,
+                        reason: Reason::Spam,
+                    });
+                    Outcome::Failed
+                } else if any_late || e2e_late {
                     Outcome::Late
                 } else {
                     Outcome::OnTime
@@ -612,6 +694,19 @@ pub(crate) mod tests {
             limits(),
             now,
         )
+    }
+
+    fn with_plan(plan: &[Stage], now: u64) -> Canary {
+        Canary::new("p", "id", "tok", "mid", plan.to_vec(), limits(), now)
+    }
+
+    fn mail_loop(now: u64) -> Canary {
+        with_plan(&[Stage::Submit, Stage::Delivery], now)
+    }
+
+    /// A helpdesk probe awaiting the auto-reply: no reply stage.
+    fn auto_reply(now: u64) -> Canary {
+        with_plan(&[Stage::Submit, Stage::Import, Stage::Delivery], now)
     }
 
     fn done(stage: Stage, duration_ms: u64, late: bool) -> Transition {
@@ -756,15 +851,7 @@ pub(crate) mod tests {
 
     #[test]
     fn an_early_delivery_is_applied_when_import_ends() {
-        let mut c = Canary::new(
-            "p",
-            "id",
-            "tok",
-            "mid",
-            vec![Stage::Submit, Stage::Import, Stage::Delivery],
-            limits(),
-            0,
-        );
+        let mut c = auto_reply(0);
         c.observe(Stage::Submit, 100);
         assert!(c.observe(Stage::Delivery, 900).is_empty());
         let t = c.observe(Stage::Import, 1_000);
@@ -805,6 +892,71 @@ pub(crate) mod tests {
             c.observe(Stage::Import, 3_000),
             vec![done(Stage::Import, 2_000, false)]
         );
+    }
+
+    #[test]
+    fn found_in_junk_is_delivered_and_measured_then_fails_with_spam() {
+        let mut c = mail_loop(0);
+        c.observe(Stage::Submit, 100);
+        let t = c.observe_delivery(600, Folder::Junk, true);
+        assert_eq!(
+            t,
+            vec![
+                done(Stage::Delivery, 500, false),
+                done(Stage::EndToEnd, 600, false),
+                Transition::StageFailed {
+                    stage: Stage::Delivery,
+                    reason: Reason::Spam
+                },
+                Transition::Finished {
+                    outcome: Outcome::Failed
+                }
+            ]
+        );
+        assert_eq!(c.folder, Some(Folder::Junk));
+        assert_eq!(
+            c.record(Stage::Delivery)
+                .and_then(|r| r.failed.as_ref())
+                .map(|f| f.reason),
+            Some(Reason::Spam)
+        );
+    }
+
+    #[test]
+    fn junk_is_ok_keeps_a_junk_delivery_on_time() {
+        let mut c = mail_loop(0);
+        c.observe(Stage::Submit, 100);
+        let t = c.observe_delivery(600, Folder::Junk, false);
+        assert_eq!(
+            t.last(),
+            Some(&Transition::Finished {
+                outcome: Outcome::OnTime
+            })
+        );
+        assert_eq!((c.folder, c.spam), (Some(Folder::Junk), false));
+    }
+
+    #[test]
+    fn an_early_junk_delivery_fails_with_spam_when_import_ends() {
+        let mut c = auto_reply(0);
+        c.observe(Stage::Submit, 100);
+        assert!(c.observe_delivery(900, Folder::Junk, true).is_empty());
+        let t = c.observe(Stage::Import, 1_000);
+        assert!(t.contains(&Transition::StageFailed {
+            stage: Stage::Delivery,
+            reason: Reason::Spam
+        }));
+        assert_eq!(c.outcome, Some(Outcome::Failed));
+    }
+
+    #[test]
+    fn a_record_from_before_mailboxes_and_folders_still_loads() {
+        let mut json: serde_json::Value = serde_json::to_value(helpdesk(0)).unwrap();
+        for k in ["mailbox", "folder", "spam"] {
+            json.as_object_mut().unwrap().remove(k);
+        }
+        let back: Canary = serde_json::from_value(json).unwrap();
+        assert_eq!((back.mailbox, back.folder, back.spam), (None, None, false));
     }
 
     #[test]

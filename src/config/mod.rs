@@ -108,7 +108,28 @@ pub struct ProbeConfig {
     pub smtp: SmtpConfig,
     /// `Some` exactly when `kind` is [`ProbeKind::Helpdesk`].
     pub helpdesk: Option<HelpdeskConfig>,
+    /// The watched mailboxes, at least one: `[probe.imap]` is one named
+    /// [`MailboxConfig::DEFAULT_NAME`], `[[probe.mailbox]]` any number. Each canary is for one.
+    pub mailboxes: Vec<MailboxConfig>,
+    /// A canary found in a Junk folder counts as delivered (placement still counted).
+    pub junk_is_ok: bool,
+}
+
+/// One watched mailbox of a probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MailboxConfig {
+    /// The `mailbox` metric label; never an address.
+    pub name: String,
+    /// The address it receives (`[[probe.mailbox]] address`): a mail loop's recipient, a
+    /// helpdesk probe's requester. `None` for `[probe.imap]`, where `smtp.to` / `smtp.from`
+    /// say it.
+    pub address: Option<String>,
     pub imap: ImapConfig,
+}
+
+impl MailboxConfig {
+    /// The name of the one mailbox of `[probe.imap]`.
+    pub const DEFAULT_NAME: &'static str = "default";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -321,6 +342,30 @@ pub struct ImapConfig {
     /// Polling interval (when IDLE is off or not offered).
     pub poll_interval: Duration,
     pub timeout: Duration,
+    /// The Junk folder watched beside `mailbox`.
+    pub junk: Junk,
+}
+
+impl ImapConfig {
+    /// Which mailbox these settings watch: one watcher (one connection) per key, shared by
+    /// every probe that reads it; also the key of its saved IMAP cursor.
+    pub fn watch_key(&self) -> String {
+        format!(
+            "{}@{}:{}/{}",
+            self.username, self.host, self.port, self.mailbox
+        )
+    }
+}
+
+/// Which folder of a mailbox is its Junk folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Junk {
+    /// The one LIST marks `\Junk` (RFC 6154); none watched if no folder is marked.
+    SpecialUse,
+    /// This folder (it must exist).
+    Named(String),
+    /// None is watched.
+    Off,
 }
 
 impl ProbeConfig {
@@ -352,28 +397,37 @@ impl Config {
         let hd = |d: Duration| humantime::format_duration(d).to_string();
         let mut out = Vec::new();
         for p in &self.probes {
-            let (i, d) = (&p.imap, &p.deadlines);
-            // The watcher ends IDLE every half deadline; a dead connection then costs one
-            // `timeout` more before the reconnect and catch-up.
-            if i.timeout * 2 > d.delivery {
-                out.push(format!(
-                    "probe {:?}: imap.timeout ({}) is more than half of deadlines.delivery ({}): \
-                     a mailbox connection that dies silently is noticed only after canaries went \
-                     overdue; keep imap.timeout under {}",
-                    p.name,
-                    hd(i.timeout),
-                    hd(d.delivery),
-                    hd(d.delivery / 2)
-                ));
-            }
-            if !i.idle && i.poll_interval >= d.delivery {
-                out.push(format!(
-                    "probe {:?}: imap.poll_interval ({}) is not shorter than deadlines.delivery \
-                     ({}) and idle is off: canaries go overdue before a poll can see them",
-                    p.name,
-                    hd(i.poll_interval),
-                    hd(d.delivery)
-                ));
+            let d = &p.deadlines;
+            for m in &p.mailboxes {
+                let i = &m.imap;
+                // `imap` for the one mailbox of `[probe.imap]`, the mailbox's name otherwise.
+                let at = match &m.address {
+                    None => "imap".to_string(),
+                    Some(_) => format!("mailbox {:?}: imap", m.name),
+                };
+                // The watcher ends IDLE every half deadline; a dead connection then costs one
+                // `timeout` more before the reconnect and catch-up.
+                if i.timeout * 2 > d.delivery {
+                    out.push(format!(
+                        "probe {:?}: {at}.timeout ({}) is more than half of deadlines.delivery \
+                         ({}): a mailbox connection that dies silently is noticed only after \
+                         canaries went overdue; keep {at}.timeout under {}",
+                        p.name,
+                        hd(i.timeout),
+                        hd(d.delivery),
+                        hd(d.delivery / 2)
+                    ));
+                }
+                if !i.idle && i.poll_interval >= d.delivery {
+                    out.push(format!(
+                        "probe {:?}: {at}.poll_interval ({}) is not shorter than \
+                         deadlines.delivery ({}) and idle is off: canaries go overdue before a \
+                         poll can see them",
+                        p.name,
+                        hd(i.poll_interval),
+                        hd(d.delivery)
+                    ));
+                }
             }
             if let Some(h) = &p.helpdesk
                 && h.webhook_secret.is_none()

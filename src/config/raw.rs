@@ -55,7 +55,33 @@ pub struct RawProbe {
     pub deadlines: Option<RawDeadlines>,
     pub smtp: Spanned<RawSmtp>,
     pub helpdesk: Option<Spanned<RawHelpdesk>>,
+    /// The one watched mailbox (the original form); or several, as `[[probe.mailbox]]`.
+    pub imap: Option<Spanned<RawImap>>,
+    pub mailbox: Option<Spanned<Vec<Spanned<RawMailbox>>>>,
+    /// A canary delivered into Junk is a success (still counted as junk placement).
+    pub junk_is_ok: Option<bool>,
+}
+
+/// One of a probe's mailboxes: `[[probe.mailbox]]` with its `[probe.mailbox.imap]` table
+/// (the same keys as `[probe.imap]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMailbox {
+    /// The `mailbox` metric label: `[a-z0-9_-]{1,64}`, unique within the probe.
+    pub name: Spanned<String>,
+    /// The address this mailbox receives: a mail loop's canary is sent to it, a helpdesk
+    /// probe's canary is sent from it (the requester, whom the helpdesk replies to).
+    pub address: Spanned<String>,
     pub imap: Spanned<RawImap>,
+}
+
+/// `junk = "Spam"` names the Junk folder, `junk = false` watches none, `junk = true` (the
+/// default) finds it by its `\Junk` SPECIAL-USE attribute.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawJunk {
+    Enabled(bool),
+    Named(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,8 +135,12 @@ pub struct RawSmtp {
     pub password: Option<Spanned<String>>,
     pub password_file: Option<Spanned<PathBuf>>,
     pub ca_file: Option<Spanned<PathBuf>>,
-    pub from: Spanned<String>,
-    pub to: Spanned<String>,
+    /// Required, except for a helpdesk probe with `[[probe.mailbox]]` (each canary is sent
+    /// from its mailbox's address there).
+    pub from: Option<Spanned<String>>,
+    /// Required, except for a mail loop with `[[probe.mailbox]]` (the mailboxes' addresses
+    /// are the recipients there).
+    pub to: Option<Spanned<String>>,
     pub timeout: Option<Spanned<HumanDuration>>,
     pub helo_name: Option<Spanned<String>>,
 }
@@ -244,6 +274,7 @@ pub struct RawImap {
     pub idle: Option<bool>,
     pub poll_interval: Option<Spanned<HumanDuration>>,
     pub timeout: Option<Spanned<HumanDuration>>,
+    pub junk: Option<Spanned<RawJunk>>,
 }
 
 /// A humantime duration string (`"30s"`, `"1m 30s"`, `"24h"`). Range checks come later.

@@ -16,8 +16,9 @@ use super::secret::{Secret, expand_env, read_secret_file};
 use crate::edges::helpdesk::generic::{self, Template};
 
 use super::{
-    Cleanup, Config, Deadlines, HelpdeskApi, HelpdeskConfig, ImapConfig, ProbeConfig, ProbeKind,
-    ProberSettings, ReplyMode, SmtpConfig, StageName, Tls, VendorConfig, stages_for,
+    Cleanup, Config, Deadlines, HelpdeskApi, HelpdeskConfig, ImapConfig, Junk, MailboxConfig,
+    ProbeConfig, ProbeKind, ProberSettings, ReplyMode, SmtpConfig, StageName, Tls, VendorConfig,
+    stages_for,
 };
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -130,6 +131,8 @@ pub(crate) fn resolve_files_with(
     let mut prober: Option<(ProberSettings, String, Position)> = None;
     let mut probes = Vec::new();
     let mut names: HashMap<String, (String, Position)> = HashMap::new();
+    // Every watched mailbox so far (by connection), its settings and who watches it.
+    let mut watched: HashMap<String, (ImapConfig, String)> = HashMap::new();
 
     for file in files {
         let src = Source {
@@ -176,6 +179,9 @@ pub(crate) fn resolve_files_with(
                 names.insert(name.clone(), (file.origin.clone(), name_pos));
             }
             let probe = cx.probe(*index, p);
+            if cx.errors.len() == before {
+                cx.shared_mailboxes(*index, p.get_ref(), &probe, &mut watched);
+            }
             if cx.errors.len() == before {
                 probes.push(probe);
             }
@@ -523,9 +529,121 @@ impl Ctx<'_> {
             cleanup: raw.cleanup.unwrap_or(true),
             heartbeat_url: self.heartbeat_url(&pre, raw),
             deadlines,
-            smtp: self.smtp(&key(&pre, "smtp"), &raw.smtp),
+            smtp: self.smtp(&key(&pre, "smtp"), &raw.smtp, kind, raw.mailbox.is_some()),
             helpdesk,
-            imap: self.imap(&key(&pre, "imap"), &raw.imap),
+            mailboxes: self.mailboxes(&pre, sp),
+            junk_is_ok: raw.junk_is_ok.unwrap_or(false),
+        }
+    }
+
+    /// `[probe.imap]` (one mailbox, [`MailboxConfig::DEFAULT_NAME`]) or `[[probe.mailbox]]`.
+    fn mailboxes(&mut self, pre: &str, sp: &Spanned<RawProbe>) -> Vec<MailboxConfig> {
+        let raw = sp.get_ref();
+        let list = match (&raw.imap, &raw.mailbox) {
+            (Some(imap), None) => {
+                return vec![MailboxConfig {
+                    name: MailboxConfig::DEFAULT_NAME.to_string(),
+                    address: None,
+                    imap: self.imap(&key(pre, "imap"), imap),
+                }];
+            }
+            (None, None) => {
+                self.err(
+                    sp.span(),
+                    key(pre, "imap"),
+                    "missing: a [probe.imap] table, or one [[probe.mailbox]] per watched mailbox",
+                );
+                return Vec::new();
+            }
+            (Some(_), Some(list)) => {
+                self.err(
+                    list.span(),
+                    key(pre, "mailbox"),
+                    "[probe.imap] and [[probe.mailbox]] both say which mailbox to watch: \
+                     keep one (several mailboxes: only [[probe.mailbox]])",
+                );
+                list
+            }
+            (None, Some(list)) => list,
+        };
+        if list.get_ref().is_empty() {
+            self.err(
+                list.span(),
+                key(pre, "mailbox"),
+                "at least one [[probe.mailbox]] is needed",
+            );
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (n, m) in list.get_ref().iter().enumerate() {
+            let pre = format!("{pre}.mailbox[{n}]");
+            let m = m.get_ref();
+            let name = m.name.get_ref().clone();
+            if !valid_name(&name) {
+                self.err(
+                    m.name.span(),
+                    key(&pre, "name"),
+                    format!(
+                        "`{name}` is not a valid mailbox name (the `mailbox` label): use 1 to 64 \
+                         of a-z, 0-9, `_`, `-`"
+                    ),
+                );
+            } else if let Some(first) = names.insert(name.clone(), n) {
+                self.err(
+                    m.name.span(),
+                    key(&pre, "name"),
+                    format!("duplicate mailbox name `{name}`, first used by mailbox[{first}]"),
+                );
+            }
+            out.push(MailboxConfig {
+                name,
+                address: Some(self.address(&m.address, key(&pre, "address"))),
+                imap: self.imap(&key(&pre, "imap"), &m.imap),
+            });
+        }
+        out
+    }
+
+    /// Mailboxes of this (valid) probe that another probe watches too: one mailbox is one
+    /// connection, so their settings must be the same (else one probe's would silently win).
+    fn shared_mailboxes(
+        &mut self,
+        index: usize,
+        raw: &RawProbe,
+        probe: &ProbeConfig,
+        seen: &mut HashMap<String, (ImapConfig, String)>,
+    ) {
+        let spans: Vec<(String, std::ops::Range<usize>)> = match (&raw.imap, &raw.mailbox) {
+            (Some(i), None) => vec![(format!("probe[{index}].imap"), i.span())],
+            (_, Some(list)) => list
+                .get_ref()
+                .iter()
+                .enumerate()
+                .map(|(n, m)| {
+                    (
+                        format!("probe[{index}].mailbox[{n}].imap"),
+                        m.get_ref().imap.span(),
+                    )
+                })
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        for (m, (k, span)) in probe.mailboxes.iter().zip(spans) {
+            let who = format!("probe `{}` mailbox `{}`", probe.name, m.name);
+            match seen.get(&m.imap.watch_key()) {
+                Some((other, first)) if *other != m.imap => self.err(
+                    span,
+                    k,
+                    format!(
+                        "the same mailbox as {first}, with other settings: a mailbox is watched \
+                         by one connection, so give both the same settings"
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    seen.insert(m.imap.watch_key(), (m.imap.clone(), who));
+                }
+            }
         }
     }
 
@@ -626,8 +744,54 @@ impl Ctx<'_> {
         out
     }
 
-    fn smtp(&mut self, pre: &str, sp: &Spanned<raw::RawSmtp>) -> SmtpConfig {
+    fn smtp(
+        &mut self,
+        pre: &str,
+        sp: &Spanned<raw::RawSmtp>,
+        kind: ProbeKind,
+        several: bool,
+    ) -> SmtpConfig {
         let raw = sp.get_ref();
+        // With `[[probe.mailbox]]` the mailboxes' addresses are a mail loop's recipients and
+        // a helpdesk probe's requesters.
+        let envelope = |cx: &mut Self, value: Option<&Spanned<String>>, field, needed| {
+            let k = key(pre, field);
+            match (value, needed) {
+                (Some(v), true) => cx.address(v, k),
+                (None, true) => {
+                    cx.err(sp.span(), k, format!("missing field `{field}`"));
+                    String::new()
+                }
+                (Some(v), false) => {
+                    let role = match kind {
+                        ProbeKind::MailLoop => "recipient",
+                        ProbeKind::Helpdesk => "sender (the requester the helpdesk replies to)",
+                    };
+                    cx.err(
+                        v.span(),
+                        k,
+                        format!(
+                            "not used with [[probe.mailbox]]: each mailbox's `address` is the \
+                             canary's {role}; remove it"
+                        ),
+                    );
+                    String::new()
+                }
+                (None, false) => String::new(),
+            }
+        };
+        let from = envelope(
+            self,
+            raw.from.as_ref(),
+            "from",
+            !(several && kind == ProbeKind::Helpdesk),
+        );
+        let to = envelope(
+            self,
+            raw.to.as_ref(),
+            "to",
+            !(several && kind == ProbeKind::MailLoop),
+        );
         let tls = raw.tls.unwrap_or(Tls::None);
         let default_port = match tls {
             Tls::None => 25,
@@ -671,8 +835,8 @@ impl Ctx<'_> {
             username: raw.username.as_ref().map(|u| u.get_ref().clone()),
             password,
             ca_file: self.ca_file(raw.ca_file.as_ref(), key(pre, "ca_file")),
-            from: self.address(&raw.from, key(pre, "from")),
-            to: self.address(&raw.to, key(pre, "to")),
+            from,
+            to,
             timeout: self.duration(
                 raw.timeout.as_ref(),
                 key(pre, "timeout"),
@@ -1200,6 +1364,20 @@ impl Ctx<'_> {
             Some(m) => m.get_ref().clone(),
             None => "INBOX".to_owned(),
         };
+        let junk = match raw.junk.as_ref().map(|j| (j.span(), j.get_ref())) {
+            None | Some((_, raw::RawJunk::Enabled(true))) => Junk::SpecialUse,
+            Some((_, raw::RawJunk::Enabled(false))) => Junk::Off,
+            Some((span, raw::RawJunk::Named(n))) => {
+                if n.is_empty() || n.eq_ignore_ascii_case(&mailbox) {
+                    self.err(
+                        span,
+                        key(pre, "junk"),
+                        "must name a folder other than `mailbox` (or be true / false)",
+                    );
+                }
+                Junk::Named(n.clone())
+            }
+        };
         ImapConfig {
             host: self.host(&raw.host, key(pre, "host")),
             port: self.port(raw.port.as_ref(), key(pre, "port"), default_port),
@@ -1225,6 +1403,7 @@ impl Ctx<'_> {
                 key(pre, "timeout"),
                 DEFAULT_IMAP_TIMEOUT,
             ),
+            junk,
         }
     }
 }

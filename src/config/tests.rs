@@ -18,6 +18,7 @@ const ZENDESK_EXAMPLE: &str = include_str!("../../probes/zendesk.example.toml");
 const FRONT_EXAMPLE: &str = include_str!("../../probes/front.example.toml");
 const HELPSCOUT_EXAMPLE: &str = include_str!("../../probes/helpscout.example.toml");
 const FRESHDESK_EXAMPLE: &str = include_str!("../../probes/freshdesk.example.toml");
+const SEVERAL_MAILBOXES_EXAMPLE: &str = include_str!("../../probes/several-mailboxes.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -121,9 +122,12 @@ fn sandbox_default_parses_and_probes_the_sandbox_defaults() {
     assert_eq!(h.base_url.as_str(), "http://127.0.0.1:8088/");
     assert_eq!(h.token.expose(), "sandbox");
     assert_eq!(h.reply, ReplyMode::Post);
-    assert_eq!((p.imap.host.as_str(), p.imap.port), ("127.0.0.1", 1143));
-    assert_eq!(p.imap.username, "canary@prober.test");
-    assert_eq!(p.imap.password.expose(), "sandbox");
+    assert_eq!(
+        (p.mailboxes[0].imap.host.as_str(), p.mailboxes[0].imap.port),
+        ("127.0.0.1", 1143)
+    );
+    assert_eq!(p.mailboxes[0].imap.username, "canary@prober.test");
+    assert_eq!(p.mailboxes[0].imap.password.expose(), "sandbox");
     assert_eq!(
         p.stages(),
         vec![
@@ -178,7 +182,7 @@ fn helpdesk_example_parses() {
     assert_eq!(p.smtp.password.as_ref().unwrap().expose(), "smtp-env");
     assert_eq!(p.helpdesk.as_ref().unwrap().token.expose(), "sb-token");
     assert_eq!(
-        p.imap.password.expose(),
+        p.mailboxes[0].imap.password.expose(),
         "imap-pw",
         "one trailing newline trimmed"
     );
@@ -205,9 +209,9 @@ fn mail_loop_example_parses() {
     assert_eq!(p.smtp.port, 587, "submission");
     assert_eq!(p.smtp.tls, Tls::StartTls);
     assert!(p.smtp.password.is_some(), "read from its file");
-    assert_eq!(p.imap.port, 993);
-    assert_eq!(p.imap.tls, Tls::Tls);
-    assert!(p.imap.idle);
+    assert_eq!(p.mailboxes[0].imap.port, 993);
+    assert_eq!(p.mailboxes[0].imap.tls, Tls::Tls);
+    assert!(p.mailboxes[0].imap.idle);
     assert_eq!(
         p.stages(),
         vec![StageName::Submit, StageName::Delivery, StageName::EndToEnd]
@@ -235,6 +239,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("front.example.toml", FRONT_EXAMPLE),
         ("helpscout.example.toml", HELPSCOUT_EXAMPLE),
         ("freshdesk.example.toml", FRESHDESK_EXAMPLE),
+        ("several-mailboxes.example.toml", SEVERAL_MAILBOXES_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -253,6 +258,7 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
             "mail-loop",
             "rt-support",
             "sandbox",
+            "deliverability",
             "zammad-support",
             "zendesk-support"
         ],
@@ -327,7 +333,10 @@ fn env_vars_expand_whole_or_embedded() {
         "password = \"${A}:${B_2}$${literal}$x\"",
     );
     let c = parse_env(&text, "t.toml", None, &[("A", "one"), ("B_2", "two")]).unwrap();
-    assert_eq!(c.probes[0].imap.password.expose(), "one:two${literal}$x");
+    assert_eq!(
+        c.probes[0].mailboxes[0].imap.password.expose(),
+        "one:two${literal}$x"
+    );
 }
 
 #[test]
@@ -362,7 +371,7 @@ fn secret_file_is_relative_to_the_config_file_and_loses_one_newline() {
     let text = mail_loop("a", "").replace("password = \"pw\"", "password_file = \"pw\"");
     std::fs::write(dir.path().join("a.toml"), text).unwrap();
     let c = load(&dir.path().join("a.toml")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.probes[0].imap.password.expose(), "secret\n");
+    assert_eq!(c.probes[0].mailboxes[0].imap.password.expose(), "secret\n");
 }
 
 #[test]
@@ -495,11 +504,11 @@ fn stages_and_default_deadlines_follow_kind_and_reply_mode() {
     assert_eq!(auto.deadlines.end_to_end, Duration::from_secs(30 + 60 + 60));
     let ml = &parse(&mail_loop("a", "")).unwrap().probes[0];
     assert_eq!(ml.deadlines.end_to_end, Duration::from_secs(90));
-    assert_eq!((ml.smtp.port, ml.imap.port), (25, 143));
+    assert_eq!((ml.smtp.port, ml.mailboxes[0].imap.port), (25, 143));
     assert_eq!(ml.interval, Duration::from_secs(60));
     assert_eq!(ml.lost_after, Duration::from_secs(86400));
-    assert_eq!(ml.imap.mailbox, "INBOX");
-    assert!(ml.cleanup && ml.imap.idle);
+    assert_eq!(ml.mailboxes[0].imap.mailbox, "INBOX");
+    assert!(ml.cleanup && ml.mailboxes[0].imap.idle);
 }
 
 // --- directories ---
@@ -1125,4 +1134,174 @@ fn the_shipped_helpscout_example_resolves_to_its_adapter() {
         crate::edges::helpdesk::webhook_verifier(h.api)("k", &d),
         Verdict::Authentic
     );
+}
+
+// --- several mailboxes per probe, Junk ---
+
+/// A mail loop to three mailboxes; `extra` goes into the second mailbox's imap table.
+fn three_mailboxes(kind: &str, smtp: &str, extra: &str) -> String {
+    let mut t = format!(
+        "[[probe]]\nname = \"multi\"\nkind = \"{kind}\"\n\n[probe.smtp]\nhost = \"127.0.0.1\"\n{smtp}\n"
+    );
+    if kind == "helpdesk" {
+        t += "\n[probe.helpdesk]\napi = \"supportbee\"\nbase_url = \"http://127.0.0.1:8088\"\ntoken = \"t\"\n";
+    }
+    for (i, name) in ["gmail", "m365", "own"].iter().enumerate() {
+        t += &format!(
+            "\n[[probe.mailbox]]\nname = \"{name}\"\naddress = \"{name}@example.test\"\n[probe.mailbox.imap]\nhost = \"127.0.0.1\"\nusername = \"{name}@example.test\"\npassword = \"pw\"\n{}",
+            if i == 1 { extra } else { "" }
+        );
+    }
+    t
+}
+
+#[test]
+fn several_mailboxes_resolve_in_order_with_their_addresses() {
+    let c = parse(&three_mailboxes(
+        "mail_loop",
+        "from = \"a@example.test\"",
+        "junk = \"Spam\"\n",
+    ))
+    .unwrap();
+    let p = &c.probes[0];
+    let names: Vec<&str> = p.mailboxes.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["gmail", "m365", "own"]);
+    assert_eq!(p.mailboxes[1].address.as_deref(), Some("m365@example.test"));
+    assert_eq!(p.mailboxes[1].imap.username, "m365@example.test");
+    assert_eq!(p.mailboxes[1].imap.junk, Junk::Named("Spam".into()));
+    assert_eq!(p.mailboxes[0].imap.junk, Junk::SpecialUse);
+    assert!(!p.junk_is_ok);
+}
+
+#[test]
+fn the_one_imap_table_is_the_default_mailbox() {
+    let c = parse(&mail_loop("a", "junk_is_ok = true")).unwrap();
+    let p = &c.probes[0];
+    assert_eq!(p.mailboxes.len(), 1);
+    assert_eq!(p.mailboxes[0].name, MailboxConfig::DEFAULT_NAME);
+    assert_eq!(p.mailboxes[0].address, None);
+    assert!(p.junk_is_ok);
+    let off = mail_loop("a", "").replace("password = \"pw\"", "password = \"pw\"\njunk = false");
+    assert_eq!(
+        parse(&off).unwrap().probes[0].mailboxes[0].imap.junk,
+        Junk::Off
+    );
+}
+
+#[test]
+fn a_mail_loop_with_mailboxes_takes_no_smtp_to() {
+    let text = three_mailboxes(
+        "mail_loop",
+        "from = \"a@example.test\"\nto = \"b@example.test\"",
+        "",
+    );
+    let e = single_error(&text, 8, "probe[0].smtp.to");
+    assert!(e.message.contains("each mailbox's `address`"), "{e}");
+}
+
+#[test]
+fn a_helpdesk_probe_with_mailboxes_sends_from_each_and_needs_smtp_to() {
+    let c = parse(&three_mailboxes(
+        "helpdesk",
+        "to = \"support@example.test\"",
+        "",
+    ))
+    .unwrap();
+    assert_eq!(c.probes[0].mailboxes.len(), 3);
+    let text = three_mailboxes(
+        "helpdesk",
+        "from = \"a@example.test\"\nto = \"support@example.test\"",
+        "",
+    );
+    let e = single_error(&text, 7, "probe[0].smtp.from");
+    assert!(e.message.contains("requester"), "{e}");
+    let e = single_error(&three_mailboxes("helpdesk", "", ""), 5, "probe[0].smtp.to");
+    assert!(e.message.contains("missing field `to`"), "{e}");
+}
+
+#[test]
+fn mailbox_names_are_labels_unique_within_the_probe() {
+    let text = three_mailboxes("mail_loop", "from = \"a@example.test\"", "")
+        .replace("name = \"own\"", "name = \"gmail\"");
+    let e = single_error(&text, 26, "probe[0].mailbox[2].name");
+    assert!(e.message.contains("duplicate mailbox name `gmail`"), "{e}");
+    let text = three_mailboxes("mail_loop", "from = \"a@example.test\"", "")
+        .replace("name = \"m365\"", "name = \"Microsoft 365\"");
+    let e = single_error(&text, 18, "probe[0].mailbox[1].name");
+    assert!(e.message.contains("not a valid mailbox name"), "{e}");
+}
+
+#[test]
+fn a_mailbox_key_error_names_file_line_and_key() {
+    let text = three_mailboxes("mail_loop", "from = \"a@example.test\"", "idle = \"yes\"\n");
+    let e = single_error(&text, 24, "probe[0].mailbox[1].imap.idle");
+    assert!(e.to_string().starts_with("t.toml:24:"), "{e}");
+    let text = three_mailboxes("mail_loop", "from = \"a@example.test\"", "").replace(
+        "address = \"own@example.test\"",
+        "address = \"Own <own@example.test>\"",
+    );
+    single_error(&text, 27, "probe[0].mailbox[2].address");
+}
+
+#[test]
+fn imap_and_mailbox_tables_are_one_or_the_other() {
+    let both = format!(
+        "{}\n[[probe.mailbox]]\nname = \"x\"\naddress = \"x@example.test\"\n[probe.mailbox.imap]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
+        mail_loop("a", "")
+    );
+    let errs = errors(&both);
+    assert!(
+        errs.iter()
+            .any(|e| e.key.as_deref() == Some("probe[0].mailbox") && e.message.contains("keep one")),
+        "{}",
+        ConfigErrors(errs.clone())
+    );
+    let neither = mail_loop("a", "")
+        .split("[probe.imap]")
+        .next()
+        .unwrap()
+        .to_string();
+    let e = single_error(&neither, 1, "probe[0].imap");
+    assert!(e.message.contains("[[probe.mailbox]]"), "{e}");
+}
+
+#[test]
+fn a_junk_folder_cannot_be_the_watched_folder() {
+    let text = three_mailboxes(
+        "mail_loop",
+        "from = \"a@example.test\"",
+        "junk = \"inbox\"\n",
+    );
+    single_error(&text, 24, "probe[0].mailbox[1].imap.junk");
+}
+
+#[test]
+fn a_watcher_shared_by_two_probes_with_other_settings_is_refused() {
+    // Regression: one connection per mailbox used the first probe's settings and silently
+    // ignored the second's.
+    let second = mail_loop("b", "").replace("password = \"pw\"", "password = \"other\"");
+    let text = format!("{}\n{second}", mail_loop("a", ""));
+    let e = single_error(&text, 24, "probe[1].imap");
+    assert!(e.message.contains("probe `a` mailbox `default`"), "{e}");
+    // The same settings share one watcher, as before.
+    assert!(parse(&format!("{}\n{}", mail_loop("a", ""), mail_loop("b", ""))).is_ok());
+}
+
+#[test]
+fn several_mailboxes_example_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_secret_files(SEVERAL_MAILBOXES_EXAMPLE, dir.path());
+    let c = parse_env(
+        &text,
+        "several-mailboxes.example.toml",
+        Some(dir.path()),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = &c.probes[0];
+    let names: Vec<&str> = p.mailboxes.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["gmail", "m365", "own"]);
+    assert_eq!(p.mailboxes[2].imap.junk, Junk::Named("Spam".into()));
+    assert_eq!(p.mailboxes[0].imap.junk, Junk::SpecialUse);
+    assert_eq!(p.smtp.to, "", "the mailboxes are the recipients");
 }

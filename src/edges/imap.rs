@@ -78,6 +78,12 @@ const POLL_FLOOR: Duration = Duration::from_millis(10);
 
 pub use super::TlsMode;
 
+/// A target `mailbox` of this value is the folder LIST marks `\Junk` (RFC 6154 SPECIAL-USE),
+/// looked up at every connect: the name differs by provider (`Junk`, `[Gmail]/Spam`, `Junk
+/// Email`) and by language. If no folder is marked, the watcher reports
+/// [`WatchEvent::NoSuchFolder`] once and watches nothing.
+pub const SPECIAL_USE_JUNK: &str = "\\Junk";
+
 /// Where and how to watch one mailbox.
 #[derive(Clone)]
 pub struct ImapTarget {
@@ -86,7 +92,7 @@ pub struct ImapTarget {
     pub tls: TlsMode,
     pub username: String,
     pub password: String,
-    /// Mailbox to SELECT, e.g. `INBOX`.
+    /// Mailbox to SELECT, e.g. `INBOX`, or [`SPECIAL_USE_JUNK`].
     pub mailbox: String,
     /// PEM certificates trusted in addition to webpki-roots (a private CA).
     pub extra_roots_pem: Option<Vec<u8>>,
@@ -158,6 +164,9 @@ pub enum WatchEvent {
     /// The deletes asked for these UIDs were carried out (or refused by the server, and
     /// dropped): nothing more will be done for them.
     Deleted { uid_validity: u32, uids: Vec<u32> },
+    /// The target is [`SPECIAL_USE_JUNK`] and no folder is marked `\Junk`: nothing to watch.
+    /// The watcher logs out and stays idle until shut down.
+    NoSuchFolder,
 }
 
 /// What a watcher can be told to do.
@@ -427,7 +436,12 @@ impl Watcher {
         let (mut session, offers) = self.connect().await?;
         let limit = self.target.timeout;
 
-        let mailbox = within(limit, "SELECT", session.select(&self.target.mailbox)).await?;
+        let Some(folder) = self.folder(&mut session).await? else {
+            self.emit(WatchEvent::NoSuchFolder).await?;
+            let _ = timeout(limit, session.logout()).await;
+            return std::future::pending().await;
+        };
+        let mailbox = within(limit, "SELECT", session.select(&folder)).await?;
         let validity = mailbox.uid_validity.ok_or_else(|| {
             Failure::new(Reason::Protocol, "SELECT: the server sent no UIDVALIDITY")
         })?;
@@ -497,6 +511,28 @@ impl Watcher {
             }
             self.fetch_new(&mut session).await?;
         }
+    }
+
+    /// The name of the folder to SELECT: the target's, or the one LIST marks `\Junk`.
+    async fn folder(&self, s: &mut Session<Conn>) -> Result<Option<String>, Failure> {
+        if self.target.mailbox != SPECIAL_USE_JUNK {
+            return Ok(Some(self.target.mailbox.clone()));
+        }
+        let names = within(self.target.timeout, "LIST", async {
+            s.list(Some(""), Some("*"))
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await?;
+        Ok(names
+            .iter()
+            .find(|n| {
+                n.attributes()
+                    .iter()
+                    .any(|a| matches!(a, async_imap::types::NameAttribute::Junk))
+            })
+            .map(|n| n.name().to_string()))
     }
 
     /// TCP, TLS as the target says, greeting, LOGIN and the server's capabilities.

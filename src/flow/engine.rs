@@ -6,14 +6,14 @@
 //! ledger and the metrics can never disagree about what happened.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard, Weak, mpsc},
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     history::{Series, StageHistory},
@@ -21,7 +21,7 @@ use super::{
 };
 pub use crate::clock::now_ms;
 use crate::{
-    canary::life::{Canary, Failure, Outcome, Reason, Stage, Transition},
+    canary::life::{Canary, Failure, Folder, Outcome, Reason, Stage, Transition},
     clock,
     ledger::{Ledger, LedgerError, Lookup, Write},
     metrics::{Ignored, Metrics, Skipped},
@@ -43,6 +43,8 @@ const LEDGER_RETRY_MAX: Duration = Duration::from_secs(5);
 pub struct Event {
     pub probe: String,
     pub canary: String,
+    /// The canary's mailbox (the config's name).
+    pub mailbox: Option<String>,
     pub transition: Transition,
     /// The failure detail, for `StageFailed`.
     pub detail: Option<String>,
@@ -52,12 +54,21 @@ pub struct Event {
 struct ProbeState {
     stages: Vec<Stage>,
     recent: VecDeque<Canary>,
-    /// Creation time and outcome of the newest finished canary (by creation, not finish: a
-    /// late canary of the outage must not mask the on-time canary sent after it).
-    newest_result: Option<(u64, Outcome)>,
-    /// The watched mailbox is failing (login refused, unreachable): the delivery stage cannot
-    /// be observed, so the probe fails until it recovers.
-    mailbox_error: Option<Failure>,
+    /// The probe's mailboxes by name, in config order; the first is the one of records
+    /// written before probes had several.
+    mailboxes: Vec<String>,
+    /// Per mailbox, creation time and outcome of its newest finished canary (by creation, not
+    /// finish: a late canary of the outage must not mask the on-time canary sent after it).
+    /// Per mailbox, because each send makes one canary per mailbox: the newest of the probe
+    /// would hide one mailbox's failure behind another's success sent a millisecond later.
+    newest_result: HashMap<String, (u64, Outcome)>,
+    /// Per mailbox, creation time of its newest canary that reached delivery and whether that
+    /// delivery was good (on time, not in Junk): `mailcanary_mailbox_success`.
+    newest_delivery: HashMap<String, (u64, bool)>,
+    /// Watched folders that are failing (login refused, unreachable), per mailbox and folder:
+    /// the delivery stage cannot be observed there, so the probe fails until each recovers.
+    /// One slot per folder, so one recovering never clears another's failure.
+    mailbox_errors: BTreeMap<(String, Folder), Failure>,
     /// Per stage, the backlog draining after a stall (held canaries arriving late).
     drains: HashMap<Stage, Drain>,
     /// The learned (`"auto"`) deadlines in use, frozen while the probe is failing.
@@ -305,19 +316,30 @@ impl Engine {
     }
 
     /// Registers a probe (every metric series at 0) and loads its recent history.
-    pub fn register_probe(&self, probe: &str, plan: &[Stage]) {
+    pub fn register_probe(&self, probe: &str, plan: &[Stage], mailboxes: &[String]) {
         let mut stages = plan.to_vec();
         stages.push(Stage::EndToEnd);
         self.metrics.register_probe(probe, &stages);
+        self.metrics.register_mailboxes(probe, mailboxes);
+        let default = mailboxes.first().cloned().unwrap_or_default();
         let recent: VecDeque<Canary> = self
             .ledger
             .recent(probe, RECENT_PER_PROBE)
             .unwrap_or_default()
-            .into();
-        let newest_result = recent
-            .iter()
-            .filter_map(|c| c.outcome.map(|o| (c.created_ms, o)))
-            .max_by_key(|(t, _)| *t);
+            .into_iter()
+            .map(|mut c| {
+                c.mailbox.get_or_insert_with(|| default.clone());
+                c
+            })
+            .collect();
+        let mut newest_result = HashMap::new();
+        let mut newest_delivery = HashMap::new();
+        // Oldest first, so the newest of each mailbox is what stays.
+        let mut by_age: Vec<&Canary> = recent.iter().collect();
+        by_age.sort_by_key(|c| c.created_ms);
+        for c in by_age {
+            note_result(&mut newest_result, &mut newest_delivery, c);
+        }
         // Incidents survive restarts: an open one goes on.
         let mut stored = self.ledger.incidents(probe).unwrap_or_else(|e| {
             self.metrics.ledger_error(e.op());
@@ -347,8 +369,10 @@ impl Engine {
             ProbeState {
                 stages,
                 recent,
+                mailboxes: mailboxes.to_vec(),
                 newest_result,
-                mailbox_error: None,
+                newest_delivery,
+                mailbox_errors: BTreeMap::new(),
                 drains: HashMap::new(),
                 learned: HashMap::new(),
                 incident,
@@ -371,10 +395,14 @@ impl Engine {
         };
         let mut st = lock(&self.state);
         let mut resumed = Vec::new();
-        for c in canaries {
-            if !st.probes.contains_key(&c.probe) {
+        for mut c in canaries {
+            let Some(ps) = st.probes.get(&c.probe) else {
                 warn!(probe = %c.probe, canary = %c.id, "in-flight canary of a probe no longer configured; left in the ledger");
                 continue;
+            };
+            // A record from before probes had several mailboxes is the first mailbox's.
+            if c.mailbox.is_none() {
+                c.mailbox = ps.mailboxes.first().cloned();
             }
             st.in_flight
                 .insert((c.probe.clone(), c.id.clone()), c.clone());
@@ -435,6 +463,15 @@ impl Engine {
             .in_flight
             .keys()
             .filter(|(p, _)| p == probe)
+            .count()
+    }
+
+    /// Number of unfinished canaries of `probe` for `mailbox`.
+    pub fn in_flight_count_for(&self, probe: &str, mailbox: &str) -> usize {
+        lock(&self.state)
+            .in_flight
+            .values()
+            .filter(|c| c.probe == probe && c.mailbox.as_deref() == Some(mailbox))
             .count()
     }
 
@@ -541,11 +578,7 @@ impl Engine {
             st.in_flight
                 .remove(&(canary.probe.clone(), canary.id.clone()));
             if let Some(ps) = st.probes.get_mut(&canary.probe) {
-                if let Some(o) = canary.outcome
-                    && ps.newest_result.is_none_or(|(t, _)| canary.created_ms >= t)
-                {
-                    ps.newest_result = Some((canary.created_ms, o));
-                }
+                note_result(&mut ps.newest_result, &mut ps.newest_delivery, &canary);
                 ps.recent.push_front(canary);
                 ps.recent.truncate(RECENT_PER_PROBE);
             }
@@ -560,6 +593,11 @@ impl Engine {
     fn publish(&self, canary: &Canary, transitions: &[Transition]) {
         self.metrics
             .apply(&canary.probe, transitions, clock::to_wall_ms(now_ms()));
+        if let Some(m) = &canary.mailbox {
+            let folder = canary.folder.unwrap_or(Folder::Inbox);
+            self.metrics
+                .apply_mailbox(&canary.probe, m, folder, transitions);
+        }
         for t in transitions {
             let detail = match t {
                 Transition::StageFailed { stage, reason } => canary.record(*stage).and_then(|r| {
@@ -575,6 +613,7 @@ impl Engine {
             let _ = self.events.send(Event {
                 probe: canary.probe.clone(),
                 canary: canary.id.clone(),
+                mailbox: canary.mailbox.clone(),
                 transition: t.clone(),
                 detail,
             });
@@ -902,6 +941,10 @@ impl Engine {
         // The same verdict the status page shows: the gauge and the page cannot disagree.
         self.metrics
             .set_probe_success(probe, verdict(ps, st.ledger_error.as_ref(), mine).0 == "ok");
+        for m in &ps.mailboxes {
+            let (overdue, ok) = mailbox_verdict(ps, m, mine);
+            self.metrics.set_mailbox(probe, m, overdue, ok.is_none());
+        }
     }
 
     /// A message that looked like a canary was ignored.
@@ -911,17 +954,21 @@ impl Engine {
 
     /// A delivered message whose token verified for `probe`: completes the delivery stage, or
     /// is counted as a duplicate (already finished) or unknown (not in our ledger).
+    ///
+    /// `at` is where it was found: the watcher's mailboxes (a canary for another mailbox of
+    /// the probe is not this one's delivery) and folder; found in Junk, the canary fails with
+    /// `spam` unless `junk_is_ok`.
     pub fn delivered(
         &self,
         probe: &str,
         id: &str,
         seen_at: u64,
-        uid_validity: u32,
-        uid: u32,
+        (uid_validity, uid): (u32, u32),
+        at: Found<'_>,
         threaded: impl FnOnce(&str) -> bool,
     ) -> Option<Canary> {
         let updated = self.update(probe, id, |c| {
-            if c.delivered_uid.is_some() {
+            if c.delivered_uid.is_some() || !at.is_for(c) {
                 return Vec::new();
             }
             c.delivered_uid = Some(uid);
@@ -934,11 +981,16 @@ impl Engine {
             if c.current() == Some(Stage::Reply) {
                 out.extend(c.observe(Stage::Reply, seen_at));
             }
-            out.extend(c.observe(Stage::Delivery, seen_at));
+            out.extend(c.observe_delivery(seen_at, at.folder, !at.junk_is_ok));
             out
         });
         match updated {
-            Some(c) if c.delivered_uid == Some(uid) => Some(c),
+            Some(c) if c.delivered_uid == Some(uid) && at.is_for(&c) => Some(c),
+            Some(c) if !at.is_for(&c) => {
+                debug!(%probe, canary = %id, mailbox = ?c.mailbox, "a canary for another mailbox of the probe; not this mailbox's delivery");
+                self.ignored(probe, Ignored::Unknown);
+                None
+            }
             Some(_) => {
                 self.ignored(probe, Ignored::Duplicate);
                 None
@@ -968,8 +1020,8 @@ impl Engine {
         probe: &str,
         id: &str,
         seen_at: u64,
-        uid_validity: u32,
-        uid: u32,
+        (uid_validity, uid): (u32, u32),
+        folder: Folder,
     ) -> bool {
         self.ignored(probe, Ignored::Acknowledgement);
         let recorded = self.update(probe, id, |c| {
@@ -979,6 +1031,7 @@ impl Engine {
                     after_ms: seen_at.saturating_sub(c.created_ms),
                     uid,
                     uid_validity,
+                    folder: Some(folder),
                 });
                 info!(probe = %c.probe, canary = %c.id, after_ms = seen_at.saturating_sub(c.created_ms), "acknowledgement arrived (not the reply)");
             }
@@ -987,22 +1040,37 @@ impl Engine {
         recorded.is_none()
     }
 
-    /// The mailbox the probe reads is failing (`Some`) or working again (`None`). Counted once
-    /// per episode as a delivery failure.
-    pub fn mailbox_status(&self, probe: &str, failure: Option<(Reason, String)>) {
+    /// A folder of one of the probe's mailboxes is failing (`Some`) or working again
+    /// (`None`). Counted once per episode as a delivery failure, of the probe and of the
+    /// mailbox.
+    pub fn mailbox_status(
+        &self,
+        probe: &str,
+        mailbox: &str,
+        folder: Folder,
+        failure: Option<(Reason, String)>,
+    ) {
         let mut st = lock(&self.state);
         let Some(ps) = st.probes.get_mut(probe) else {
             return;
         };
+        let slot = (mailbox.to_string(), folder);
         match failure {
             Some((reason, detail)) => {
-                let new_episode = ps.mailbox_error.as_ref().is_none_or(|f| f.reason != reason);
-                ps.mailbox_error = Some(Failure {
-                    reason,
-                    detail,
-                    at_ms: now_ms(),
-                });
+                let new_episode = ps
+                    .mailbox_errors
+                    .get(&slot)
+                    .is_none_or(|f| f.reason != reason);
+                ps.mailbox_errors.insert(
+                    slot,
+                    Failure {
+                        reason,
+                        detail,
+                        at_ms: now_ms(),
+                    },
+                );
                 if new_episode {
+                    self.metrics.mailbox_failure(probe, mailbox, reason);
                     self.metrics.apply(
                         probe,
                         &[Transition::StageFailed {
@@ -1013,7 +1081,9 @@ impl Engine {
                     );
                 }
             }
-            None => ps.mailbox_error = None,
+            None => {
+                ps.mailbox_errors.remove(&slot);
+            }
         }
     }
 
@@ -1121,7 +1191,12 @@ impl Engine {
                     state,
                     why,
                     stages,
-                    mailbox_error: ps.mailbox_error.clone(),
+                    mailbox_error: ps.mailbox_errors.values().next().cloned(),
+                    mailboxes: ps
+                        .mailboxes
+                        .iter()
+                        .map(|m| mailbox_status(ps, m, &refs, now))
+                        .collect(),
                     failures,
                     in_flight,
                     recent: ps.recent.iter().cloned().collect(),
@@ -1260,8 +1335,17 @@ fn verdict(
             ),
         );
     }
-    if let Some(f) = &ps.mailbox_error {
-        return ("failing", format!("mailbox: {} ({})", f.reason, f.detail));
+    if let Some(((m, folder), f)) = ps.mailbox_errors.iter().next() {
+        // Which mailbox and folder, when there is more than the one inbox to say.
+        let which = if ps.mailboxes.len() == 1 && *folder == Folder::Inbox {
+            String::new()
+        } else {
+            format!(" {m} ({folder})")
+        };
+        return (
+            "failing",
+            format!("mailbox{which}: {} ({})", f.reason, f.detail),
+        );
     }
     if let Some(c) = in_flight.iter().find(|c| c.is_overdue()) {
         let stage = c.current().map(|s| s.as_str()).unwrap_or("?");
@@ -1271,12 +1355,148 @@ fn verdict(
         let stage = c.current().map(|s| s.as_str()).unwrap_or("?");
         return ("degraded", format!("errors in {stage}; still retrying"));
     }
-    match ps.newest_result {
-        Some((_, Outcome::OnTime)) | None => ("ok", String::new()),
+    // Every mailbox's newest canary counts: mail to one that fails is not hidden by the
+    // others' on-time canaries of the same send.
+    let mut bad: Vec<(&String, Outcome)> = ps
+        .newest_result
+        .iter()
+        .filter(|(_, (_, o))| *o != Outcome::OnTime)
+        .map(|(m, (_, o))| (m, *o))
+        .collect();
+    bad.sort_by(|a, b| a.0.cmp(b.0));
+    match bad.first() {
+        None => ("ok", String::new()),
+        Some((m, o)) if ps.mailboxes.len() > 1 => (
+            "failing",
+            format!(
+                "the newest canary to mailbox {m} ended {}",
+                outcome_word(*o)
+            ),
+        ),
         Some((_, o)) => (
             "failing",
-            format!("the newest canary ended {o:?}").to_lowercase(),
+            format!("the newest canary ended {}", outcome_word(*o)),
         ),
+    }
+}
+
+fn outcome_word(o: Outcome) -> String {
+    format!("{o:?}").to_lowercase()
+}
+
+/// Remembers a finished canary as its mailbox's newest result (and newest delivery, if it
+/// reached delivery), when it is newer than what is there.
+fn note_result(
+    results: &mut HashMap<String, (u64, Outcome)>,
+    deliveries: &mut HashMap<String, (u64, bool)>,
+    c: &Canary,
+) {
+    let (Some(o), Some(m)) = (c.outcome, c.mailbox.as_ref()) else {
+        return;
+    };
+    if results.get(m).is_none_or(|(t, _)| c.created_ms >= *t) {
+        results.insert(m.clone(), (c.created_ms, o));
+    }
+    if let Some(r) = c.record(Stage::Delivery)
+        && r.started_ms.is_some()
+        && deliveries.get(m).is_none_or(|(t, _)| c.created_ms >= *t)
+    {
+        let good = r.done_ms.is_some() && !r.overdue && r.failed.is_none() && !c.spam;
+        deliveries.insert(m.clone(), (c.created_ms, good));
+    }
+}
+
+/// One mailbox's delivery: how many of its canaries are overdue in delivery, and why it is
+/// not ok (`None` when it is).
+fn mailbox_verdict(ps: &ProbeState, m: &str, in_flight: &[&Canary]) -> (usize, Option<String>) {
+    let overdue = in_flight
+        .iter()
+        .filter(|c| {
+            c.mailbox.as_deref() == Some(m)
+                && c.current() == Some(Stage::Delivery)
+                && c.record(Stage::Delivery).is_some_and(|r| r.overdue)
+        })
+        .count();
+    let why = if let Some((folder, f)) = ps
+        .mailbox_errors
+        .iter()
+        .find(|((name, _), _)| name == m)
+        .map(|((_, folder), f)| (folder, f))
+    {
+        Some(format!("{folder}: {} ({})", f.reason, f.detail))
+    } else if overdue > 0 {
+        Some(format!("{overdue} canary(ies) overdue in delivery"))
+    } else if ps.newest_delivery.get(m).is_some_and(|(_, good)| !good) {
+        Some("the newest delivery was late, in Junk or never came".to_string())
+    } else {
+        None
+    };
+    (overdue, why)
+}
+
+fn mailbox_status(ps: &ProbeState, m: &str, in_flight: &[&Canary], now: u64) -> MailboxStatus {
+    let (overdue, why) = mailbox_verdict(ps, m, in_flight);
+    let mine = |c: &&&Canary| c.mailbox.as_deref() == Some(m);
+    let waiting: Vec<u64> = in_flight
+        .iter()
+        .filter(mine)
+        .filter_map(|c| age_in(c, Stage::Delivery, now))
+        .collect();
+    let delivered: Vec<&Canary> = ps
+        .recent
+        .iter()
+        .filter(|c| c.mailbox.as_deref() == Some(m) && c.folder.is_some())
+        .collect();
+    let mut durations: Vec<u64> = delivered
+        .iter()
+        .filter_map(|c| stage_duration(c, Stage::Delivery))
+        .collect();
+    durations.sort_unstable();
+    let last = delivered
+        .iter()
+        .filter_map(|c| Some((c.record(Stage::Delivery)?.done_ms?, c.folder?)))
+        .max_by_key(|(t, _)| *t);
+    MailboxStatus {
+        name: m.to_string(),
+        state: if why.is_none() { "ok" } else { "failing" },
+        why: why.unwrap_or_default(),
+        errors: ps
+            .mailbox_errors
+            .iter()
+            .filter(|((name, _), _)| name == m)
+            .map(|((_, folder), f)| (*folder, f.clone()))
+            .collect(),
+        in_flight: waiting.len(),
+        overdue,
+        oldest_in_flight_ms: waiting.iter().copied().max(),
+        p50_ms: quantile(&durations, 0.50),
+        last_delivered_ms: last.map(|(t, _)| t),
+        last_folder: last.map(|(_, f)| f),
+        inbox: delivered
+            .iter()
+            .filter(|c| c.folder == Some(Folder::Inbox))
+            .count(),
+        junk: delivered
+            .iter()
+            .filter(|c| c.folder == Some(Folder::Junk))
+            .count(),
+    }
+}
+
+/// Where a delivered message was found, for [`Engine::delivered`].
+#[derive(Clone, Copy, Debug)]
+pub struct Found<'a> {
+    /// The mailboxes of the probe that this watcher's mailbox is.
+    pub mailboxes: &'a [String],
+    pub folder: Folder,
+    pub junk_is_ok: bool,
+}
+
+impl Found<'_> {
+    fn is_for(&self, c: &Canary) -> bool {
+        c.mailbox
+            .as_ref()
+            .is_none_or(|m| self.mailboxes.iter().any(|n| n == m))
     }
 }
 
@@ -1361,6 +1581,29 @@ pub struct FailureView {
     pub at_ms: u64,
 }
 
+/// One mailbox of a probe, for the status page: its delivery judged on its own.
+#[derive(Serialize)]
+pub struct MailboxStatus {
+    /// The config's name (the `mailbox` label), never the address.
+    pub name: String,
+    /// `ok` or `failing` (`mailcanary_mailbox_success`).
+    pub state: &'static str,
+    pub why: String,
+    /// Its watched folders that are failing.
+    pub errors: Vec<(Folder, Failure)>,
+    /// Canaries awaited in it, and of those past the delivery deadline.
+    pub in_flight: usize,
+    pub overdue: usize,
+    pub oldest_in_flight_ms: Option<u64>,
+    /// Over the recent finished canaries delivered into it.
+    pub p50_ms: Option<u64>,
+    pub last_delivered_ms: Option<u64>,
+    pub last_folder: Option<Folder>,
+    /// Recent deliveries by folder.
+    pub inbox: usize,
+    pub junk: usize,
+}
+
 #[derive(Serialize)]
 pub struct ProbeStatus {
     pub name: String,
@@ -1369,7 +1612,9 @@ pub struct ProbeStatus {
     /// Why, in a sentence, when not ok.
     pub why: String,
     pub stages: Vec<StageStatus>,
+    /// The first failing folder of its mailboxes (all of them: `mailboxes`).
     pub mailbox_error: Option<Failure>,
+    pub mailboxes: Vec<MailboxStatus>,
     /// Newest first.
     pub failures: Vec<FailureView>,
     pub in_flight: Vec<Canary>,
@@ -1438,5 +1683,70 @@ mod learn_tests {
             learn(with_outage.iter(), Stage::Import, 1_000, 300_000),
             Some(3_570)
         );
+    }
+}
+
+#[cfg(test)]
+mod mailbox_tests {
+    use super::*;
+    use crate::canary::life::tests::limits;
+
+    const PLAN: [Stage; 2] = [Stage::Submit, Stage::Delivery];
+
+    fn canary(id: &str, at: u64) -> Canary {
+        Canary::new("p", id, id, id, PLAN.to_vec(), limits(), at)
+    }
+
+    #[test]
+    fn records_from_before_mailboxes_are_the_first_mailboxs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let now = now_ms();
+        // Written by a prober that knew one mailbox per probe: no `mailbox`, no `folder`.
+        let mut waiting = canary("waiting", now);
+        waiting.observe(Stage::Submit, now + 10);
+        let mut failed = canary("failed", now.saturating_sub(1_000));
+        failed.fail(Reason::Tempfail, "451", now.saturating_sub(900));
+        assert_eq!(
+            (waiting.mailbox.as_ref(), failed.mailbox.as_ref()),
+            (None, None)
+        );
+        ledger
+            .write(&[Write::Put(waiting), Write::Finish(failed)])
+            .unwrap();
+
+        let engine = Engine::new(ledger, Arc::new(Metrics::new("t", "t")));
+        let names = ["gmail".to_string(), "m365".to_string()];
+        engine.register_probe("p", &PLAN, &names);
+        let resumed = engine.resume();
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(resumed[0].mailbox.as_deref(), Some("gmail"));
+        let st = &engine.status(now_ms())[0];
+        assert_eq!(st.state, "failing");
+        assert!(st.why.contains("mailbox gmail"), "{}", st.why);
+        let m365 = st.mailboxes.iter().find(|m| m.name == "m365").unwrap();
+        assert_eq!(m365.state, "ok", "the old failure is not m365's");
+
+        // Seen by m365's watcher it is not m365's delivery; by gmail's it is.
+        fn at(mailboxes: &[String]) -> Found<'_> {
+            Found {
+                mailboxes,
+                folder: Folder::Inbox,
+                junk_is_ok: false,
+            }
+        }
+        let (gmail, m365) = (&names[..1], &names[1..]);
+        assert!(
+            engine
+                .delivered("p", "waiting", now + 200, (1, 7), at(m365), |_| false)
+                .is_none()
+        );
+        let done = engine
+            .delivered("p", "waiting", now + 300, (1, 7), at(gmail), |_| false)
+            .expect("delivered");
+        assert_eq!(done.outcome, Some(Outcome::OnTime));
+        assert_eq!(done.folder, Some(Folder::Inbox));
+        // The newest of gmail is now on time, and nothing of m365 failed: ok.
+        assert_eq!(engine.status(now_ms())[0].state, "ok");
     }
 }

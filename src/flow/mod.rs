@@ -18,7 +18,10 @@ pub mod webhook;
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use lettre::message::Mailbox;
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -27,9 +30,9 @@ pub use engine::{Engine, Event, now_ms};
 use crate::{
     canary::{
         Classified, Inspected, Key, classify, inspect,
-        life::{Limits, Stage},
+        life::{Folder, Limits, Stage},
     },
-    config::{Config, ProbeConfig, ReplyMode, Tls},
+    config::{Config, Junk, ProbeConfig, ProbeKind, ReplyMode, Tls},
     edges::{
         helpdesk::{self, CleanupMode, Helpdesk},
         imap::{self, ImapTarget, WatchCommand, WatchEvent},
@@ -43,8 +46,10 @@ pub struct Probe {
     pub name: String,
     pub key: Key,
     pub hostname: String,
-    pub from: Mailbox,
-    pub to: Mailbox,
+    /// The watched mailboxes, in config order; each send makes one canary for each.
+    pub mailboxes: Vec<ProbeMailbox>,
+    /// A canary delivered into Junk does not fail the probe (its placement is still counted).
+    pub junk_is_ok: bool,
     pub plan: Vec<Stage>,
     pub limits: Limits,
     /// The stages whose deadline is learned (`"auto"`), if any.
@@ -64,20 +69,87 @@ pub struct Probe {
     pub poll_interval: Duration,
     pub submitter: Submitter,
     pub helpdesk: Option<Arc<Helpdesk>>,
-    pub mailbox_key: String,
-    mailbox_commands: std::sync::OnceLock<mpsc::Sender<WatchCommand>>,
     /// Clean-ups begun and not yet done (a delete the watcher has not carried out, a ticket
     /// call still running): `once` waits for them before it exits.
     cleanups: std::sync::atomic::AtomicUsize,
-    /// `(uidvalidity, uid)` of this probe's deletes the watcher has not reported done.
-    deleting: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
+    /// `(watched folder, uidvalidity, uid)` of this probe's deletes the watcher has not
+    /// reported done (by folder: two mailboxes made in the same second can share a
+    /// UIDVALIDITY, and then their UIDs too).
+    deleting: std::sync::Mutex<std::collections::HashSet<(String, u32, u32)>>,
     /// The engine's metrics, for what the clean-up finds (duplicate tickets).
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     /// The dead man's switch this probe pings (`heartbeat_url`), if any.
     pub heartbeat_url: Option<crate::config::Secret>,
 }
 
+/// One watched mailbox of a probe: where its canaries go and the watchers that see them.
+pub struct ProbeMailbox {
+    /// The config's name: the `mailbox` label and the canary's `mailbox`.
+    pub name: String,
+    /// The canary's sender and recipient for this mailbox (a mail loop sends to the mailbox's
+    /// address, a helpdesk probe from it: the requester the reply goes to).
+    pub from: Mailbox,
+    pub to: Mailbox,
+    imap: crate::config::ImapConfig,
+    /// The watched inbox's key ([`crate::config::ImapConfig::watch_key`]) and the Junk
+    /// folder's, if one is watched.
+    pub inbox_key: String,
+    pub junk_key: Option<String>,
+    inbox_commands: std::sync::OnceLock<mpsc::Sender<WatchCommand>>,
+    junk_commands: std::sync::OnceLock<mpsc::Sender<WatchCommand>>,
+    /// True once the folder's watcher has selected it (or failed, or found no Junk folder).
+    inbox_ready: std::sync::OnceLock<watch::Receiver<bool>>,
+    junk_ready: std::sync::OnceLock<watch::Receiver<bool>>,
+}
+
+impl ProbeMailbox {
+    fn key(&self, folder: Folder) -> Option<&str> {
+        match folder {
+            Folder::Inbox => Some(&self.inbox_key),
+            Folder::Junk => self.junk_key.as_deref(),
+        }
+    }
+
+    fn commands(&self, folder: Folder) -> &std::sync::OnceLock<mpsc::Sender<WatchCommand>> {
+        match folder {
+            Folder::Inbox => &self.inbox_commands,
+            Folder::Junk => &self.junk_commands,
+        }
+    }
+
+    fn ready(&self, folder: Folder) -> &std::sync::OnceLock<watch::Receiver<bool>> {
+        match folder {
+            Folder::Inbox => &self.inbox_ready,
+            Folder::Junk => &self.junk_ready,
+        }
+    }
+
+    /// Waits (at most the mailbox's IMAP timeout) until its watchers have selected their
+    /// folders. A fresh watcher starts at the folder's UIDNEXT, so a canary delivered before
+    /// that would never be seen: at start-up the first canary raced the watchers' login (and
+    /// the Junk watcher's LIST), and lost when it was fast. A watcher that cannot connect is
+    /// not waited for longer than its timeout: its failure is the mailbox's verdict.
+    pub async fn watchers_ready(&self) {
+        let wait = async {
+            for folder in Folder::ALL {
+                if let Some(rx) = self.ready(folder).get() {
+                    let _ = rx.clone().wait_for(|ready| *ready).await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.imap.timeout, wait).await;
+    }
+}
+
 impl Probe {
+    /// The mailbox a canary is for (a record from before mailboxes: the first).
+    pub fn mailbox_of(&self, c: &crate::canary::life::Canary) -> Option<&ProbeMailbox> {
+        match &c.mailbox {
+            Some(name) => self.mailboxes.iter().find(|m| &m.name == name),
+            None => self.mailboxes.first(),
+        }
+    }
+
     /// Whether delivery is the agent reply this prober posts (so an acknowledgement must not
     /// end it), rather than the helpdesk's auto-reply or the canary itself.
     pub fn expects_posted_reply(&self) -> bool {
@@ -89,12 +161,13 @@ impl Probe {
         self.cleanups.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// True if `(uid_validity, uid)` was a delete of this probe's, now done.
-    fn forget_delete(&self, uid_validity: u32, uid: u32) -> bool {
+    /// True if `(uid_validity, uid)` in the folder `key` was a delete of this probe's, now
+    /// done.
+    fn forget_delete(&self, key: &str, uid_validity: u32, uid: u32) -> bool {
         self.deleting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(uid_validity, uid))
+            .remove(&(key.to_string(), uid_validity, uid))
     }
 
     fn cleanup_begun(&self) {
@@ -160,7 +233,13 @@ impl Probe {
                         Stage::Import => {
                             cfg.helpdesk.as_ref().map_or(0, |h| 2 * ms(h.poll_interval))
                         }
-                        Stage::Delivery if !cfg.imap.idle => 2 * ms(cfg.imap.poll_interval),
+                        Stage::Delivery => cfg
+                            .mailboxes
+                            .iter()
+                            .filter(|m| !m.imap.idle)
+                            .map(|m| 2 * ms(m.imap.poll_interval))
+                            .max()
+                            .unwrap_or(0),
                         _ => 0,
                     };
                     (*s, floor)
@@ -211,19 +290,49 @@ impl Probe {
             ),
             None => (None, ReplyMode::Auto, Duration::from_secs(1), None),
         };
-        let imap = &cfg.imap;
+        let parse = |what: &str, a: &str| -> anyhow::Result<Mailbox> {
+            a.parse()
+                .map_err(|e| anyhow::anyhow!("probe {}: {what}: {e}", cfg.name))
+        };
+        let mut mailboxes = Vec::new();
+        for m in &cfg.mailboxes {
+            // `[probe.imap]`: the SMTP envelope says it all; `[[probe.mailbox]]`: the mailbox's
+            // address is a mail loop's recipient and a helpdesk probe's requester.
+            let (from, to) = match (&m.address, cfg.kind) {
+                (None, _) => (parse("smtp.from", &smtp.from)?, parse("smtp.to", &smtp.to)?),
+                (Some(a), ProbeKind::MailLoop) => (
+                    parse("smtp.from", &smtp.from)?,
+                    parse("mailbox.address", a)?,
+                ),
+                (Some(a), ProbeKind::Helpdesk) => {
+                    (parse("mailbox.address", a)?, parse("smtp.to", &smtp.to)?)
+                }
+            };
+            let junk_key = match &m.imap.junk {
+                Junk::Off => None,
+                Junk::SpecialUse => Some(junk_target(&m.imap, imap::SPECIAL_USE_JUNK)),
+                Junk::Named(n) => Some(junk_target(&m.imap, n)),
+            }
+            .map(|i| i.watch_key());
+            mailboxes.push(ProbeMailbox {
+                name: m.name.clone(),
+                from,
+                to,
+                inbox_key: m.imap.watch_key(),
+                junk_key,
+                imap: m.imap.clone(),
+                inbox_commands: std::sync::OnceLock::new(),
+                junk_commands: std::sync::OnceLock::new(),
+                inbox_ready: std::sync::OnceLock::new(),
+                junk_ready: std::sync::OnceLock::new(),
+            });
+        }
         Ok(Probe {
             name: cfg.name.clone(),
             key: key.clone(),
             hostname: hostname.to_string(),
-            from: smtp
-                .from
-                .parse()
-                .map_err(|e| anyhow::anyhow!("probe {}: smtp.from: {e}", cfg.name))?,
-            to: smtp
-                .to
-                .parse()
-                .map_err(|e| anyhow::anyhow!("probe {}: smtp.to: {e}", cfg.name))?,
+            mailboxes,
+            junk_is_ok: cfg.junk_is_ok,
             plan,
             limits,
             auto,
@@ -244,11 +353,6 @@ impl Probe {
             poll_interval,
             submitter,
             helpdesk,
-            mailbox_key: format!(
-                "{}@{}:{}/{}",
-                imap.username, imap.host, imap.port, imap.mailbox
-            ),
-            mailbox_commands: std::sync::OnceLock::new(),
             cleanups: Default::default(),
             deleting: Default::default(),
             metrics: std::sync::OnceLock::new(),
@@ -276,8 +380,15 @@ fn idle_refresh(delivery_deadlines_ms: impl Iterator<Item = u64>) -> Duration {
         .clamp(imap::IDLE_REFRESH_FLOOR, imap::IDLE_REFRESH)
 }
 
-fn imap_target(cfg: &ProbeConfig) -> anyhow::Result<ImapTarget> {
-    let i = &cfg.imap;
+/// The settings of a mailbox's Junk folder: the inbox's, with `folder` selected.
+fn junk_target(i: &crate::config::ImapConfig, folder: &str) -> crate::config::ImapConfig {
+    crate::config::ImapConfig {
+        mailbox: folder.to_string(),
+        ..i.clone()
+    }
+}
+
+fn imap_target(i: &crate::config::ImapConfig) -> anyhow::Result<ImapTarget> {
     Ok(ImapTarget {
         host: i.host.clone(),
         port: i.port,
@@ -310,7 +421,8 @@ impl Prober {
         let mut probes = Vec::new();
         for p in &config.probes {
             let probe = Probe::build(p, &key, &hostname)?;
-            engine.register_probe(&probe.name, &probe.plan);
+            let names: Vec<String> = probe.mailboxes.iter().map(|m| m.name.clone()).collect();
+            engine.register_probe(&probe.name, &probe.plan, &names);
             probes.push(Arc::new(probe));
         }
         Ok(Prober { engine, probes })
@@ -320,7 +432,7 @@ impl Prober {
     /// schedulers. Returns the tasks; they end when `shutdown` is cancelled.
     pub fn start(
         &self,
-        config: &Config,
+        _config: &Config,
         schedule: bool,
         shutdown: CancellationToken,
     ) -> anyhow::Result<JoinSet<()>> {
@@ -354,40 +466,55 @@ impl Prober {
                 ));
             }
         }
-        // One watcher per distinct mailbox, shared by the probes that read it.
-        let mut by_mailbox: HashMap<String, Vec<Arc<Probe>>> = HashMap::new();
+        // One watcher per distinct watched folder (a mailbox's inbox, its Junk folder), shared
+        // by the probes that read it; each started with that mailbox's own settings (`check`
+        // refuses two probes watching one mailbox with different ones).
+        let mut watched: HashMap<(String, Folder), Watched> = HashMap::new();
         for p in &self.probes {
-            by_mailbox
-                .entry(p.mailbox_key.clone())
-                .or_default()
-                .push(p.clone());
+            for m in &p.mailboxes {
+                for folder in Folder::ALL {
+                    let Some(key) = m.key(folder) else { continue };
+                    let w = watched
+                        .entry((key.to_string(), folder))
+                        .or_insert_with(|| Watched {
+                            imap: match folder {
+                                Folder::Inbox => m.imap.clone(),
+                                Folder::Junk => junk_target(&m.imap, junk_folder(&m.imap)),
+                            },
+                            readers: Vec::new(),
+                        });
+                    match w.readers.iter_mut().find(|(q, _)| Arc::ptr_eq(q, p)) {
+                        Some((_, names)) => names.push(m.name.clone()),
+                        None => w.readers.push((p.clone(), vec![m.name.clone()])),
+                    }
+                }
+            }
         }
-        for (mailbox_key, probes) in by_mailbox {
-            let cfg = config
-                .probes
-                .iter()
-                .find(|c| c.name == probes[0].name)
-                .expect("probe built from this config");
-            let mut target = imap_target(cfg)?;
+        for ((key, folder), w) in watched {
+            let mut target = imap_target(&w.imap)?;
             // A connection that died silently is found at the next IDLE refresh (plus the IMAP
             // timeout, which `check` wants under half a deadline): before any canary of this
             // mailbox could go overdue because of it.
-            target.idle_refresh = idle_refresh(probes.iter().map(|p| p.limits.delivery_ms));
+            target.idle_refresh = idle_refresh(w.readers.iter().map(|(p, _)| p.limits.delivery_ms));
             let (ev_tx, ev_rx) = mpsc::channel(256);
             let (cmd_tx, cmd_rx) = mpsc::channel(256);
-            for p in &probes {
-                let _ = p.mailbox_commands.set(cmd_tx.clone());
+            let (ready_tx, ready_rx) = watch::channel(false);
+            for (p, names) in &w.readers {
+                for m in p.mailboxes.iter().filter(|m| names.contains(&m.name)) {
+                    let _ = m.commands(folder).set(cmd_tx.clone());
+                    let _ = m.ready(folder).set(ready_rx.clone());
+                }
             }
-            let cursor = self.engine.ledger().cursor(&mailbox_key).ok().flatten();
+            let cursor = self.engine.ledger().cursor(&key).ok().flatten();
             let watcher = imap::spawn_watcher(target, cursor, ev_tx, cmd_rx, shutdown.clone());
             tasks.spawn(async move {
                 let _ = watcher.await;
             });
             tasks.spawn(dispatch(
                 self.engine.clone(),
-                mailbox_key,
-                probes,
-                ev_rx,
+                (key, folder),
+                w.readers,
+                (ev_rx, ready_tx),
                 shutdown.clone(),
             ));
         }
@@ -437,6 +564,20 @@ impl Prober {
     }
 }
 
+/// One watched folder and the probes (with their mailboxes' names) that read it.
+struct Watched {
+    imap: crate::config::ImapConfig,
+    readers: Vec<(Arc<Probe>, Vec<String>)>,
+}
+
+/// The folder a Junk watcher selects: the named one, or the `\Junk` marker.
+fn junk_folder(i: &crate::config::ImapConfig) -> &str {
+    match &i.junk {
+        Junk::Named(n) => n,
+        Junk::SpecialUse | Junk::Off => imap::SPECIAL_USE_JUNK,
+    }
+}
+
 /// Sends a canary every `interval` (± `jitter`), unless `max_in_flight` are already out.
 async fn scheduler(engine: Arc<Engine>, probe: Arc<Probe>, shutdown: CancellationToken) {
     use rand::RngExt;
@@ -465,14 +606,18 @@ async fn scheduler(engine: Arc<Engine>, probe: Arc<Probe>, shutdown: Cancellatio
         next += probe.interval;
         next += jitter(probe.jitter);
         next -= probe.jitter / 2;
-        let in_flight = engine.in_flight_count(&probe.name);
-        if in_flight >= probe.max_in_flight {
-            // Counted, so a graph of sent canaries tells "stalled and skipping" from "idle".
-            engine.skipped(&probe.name, Skipped::MaxInFlight);
-            warn!(probe = %probe.name, in_flight, "at max_in_flight; skipping this canary");
-            continue;
+        // One canary per mailbox, each with its own limit: a mailbox whose mail is held fills
+        // its own `max_in_flight`, not the others'.
+        for (i, m) in probe.mailboxes.iter().enumerate() {
+            let in_flight = engine.in_flight_count_for(&probe.name, &m.name);
+            if in_flight >= probe.max_in_flight {
+                // Counted, so a graph of sent canaries tells "stalled and skipping" from "idle".
+                engine.skipped(&probe.name, Skipped::MaxInFlight);
+                warn!(probe = %probe.name, mailbox = %m.name, in_flight, "at max_in_flight; skipping this canary");
+                continue;
+            }
+            runs.spawn(run::start_canary(engine.clone(), probe.clone(), i));
         }
-        runs.spawn(run::start_canary(engine.clone(), probe.clone()));
     }
 }
 
@@ -485,51 +630,68 @@ pub fn send_once(
     shutdown: &CancellationToken,
 ) {
     for p in probes {
-        let (run, sd) = (
-            run::start_canary(engine.clone(), p.clone()),
-            shutdown.clone(),
-        );
-        tasks.spawn(async move {
-            tokio::select! {
-                _ = sd.cancelled() => {}
-                _ = run => {}
-            }
-        });
+        for i in 0..p.mailboxes.len() {
+            let (run, sd) = (
+                run::start_canary(engine.clone(), p.clone(), i),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = sd.cancelled() => {}
+                    _ = run => {}
+                }
+            });
+        }
     }
 }
 
-/// Recognises what arrives in one mailbox and completes the delivery stage of its canary.
+/// Recognises what arrives in one watched folder and completes the delivery stage of its
+/// canary. `readers`: the probes reading it, each with the names its mailbox has there.
 async fn dispatch(
     engine: Arc<Engine>,
-    mailbox_key: String,
-    probes: Vec<Arc<Probe>>,
-    mut events: mpsc::Receiver<WatchEvent>,
+    (mailbox_key, folder): (String, Folder),
+    readers: Vec<(Arc<Probe>, Vec<String>)>,
+    (mut events, ready): (mpsc::Receiver<WatchEvent>, watch::Sender<bool>),
     shutdown: CancellationToken,
 ) {
+    let probes: Vec<Arc<Probe>> = readers.iter().map(|(p, _)| p.clone()).collect();
     let names: Vec<&str> = probes.iter().map(|p| p.name.as_str()).collect();
+    let status = |failure: Option<(crate::canary::life::Reason, String)>| {
+        for (p, mailboxes) in &readers {
+            for m in mailboxes {
+                engine.mailbox_status(&p.name, m, folder, failure.clone());
+            }
+        }
+    };
     let blame = names[0].to_string();
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => return,
             ev = events.recv() => match ev { Some(e) => e, None => return },
         };
+        if matches!(
+            ev,
+            WatchEvent::Connected { .. } | WatchEvent::Failed { .. } | WatchEvent::NoSuchFolder
+        ) {
+            ready.send_replace(true);
+        }
         match ev {
             WatchEvent::Connected { idle } => {
-                info!(mailbox = %mailbox_key, idle, "mailbox watcher connected");
-                for n in &names {
-                    engine.mailbox_status(n, None);
-                }
+                info!(mailbox = %mailbox_key, %folder, idle, "mailbox watcher connected");
+                status(None);
             }
             WatchEvent::Failed { reason, detail } => {
-                warn!(mailbox = %mailbox_key, %reason, %detail, "mailbox watcher failed; reconnecting");
-                for n in &names {
-                    engine.mailbox_status(n, Some((reason, detail.clone())));
-                }
+                warn!(mailbox = %mailbox_key, %folder, %reason, %detail, "mailbox watcher failed; reconnecting");
+                status(Some((reason, detail)));
+            }
+            WatchEvent::NoSuchFolder => {
+                info!(mailbox = %mailbox_key, "no folder is marked \\Junk (RFC 6154 SPECIAL-USE); no Junk folder is watched (name one with `junk = \"…\"`)");
+                status(None);
             }
             WatchEvent::Deleted { uid_validity, uids } => {
                 for uid in uids {
                     for p in &probes {
-                        if p.forget_delete(uid_validity, uid) {
+                        if p.forget_delete(&mailbox_key, uid_validity, uid) {
                             p.cleanup_done();
                         }
                     }
@@ -574,7 +736,8 @@ async fn dispatch(
                         token,
                         marked,
                     } => {
-                        let Some(p) = probes.iter().find(|p| p.name == probe) else {
+                        let Some((p, mailboxes)) = readers.iter().find(|(p, _)| p.name == probe)
+                        else {
                             continue;
                         };
                         // A probe that posts the agent reply waits for that reply: a mail with
@@ -584,20 +747,29 @@ async fn dispatch(
                                 &probe,
                                 token.id(),
                                 seen_at,
-                                a.uid_validity,
-                                a.uid,
+                                (a.uid_validity, a.uid),
+                                folder,
                             );
-                            if orphan && p.delete_delivered {
-                                delete_message(p, a.uid_validity, a.uid);
+                            if orphan
+                                && p.delete_delivered
+                                && let Some(m) =
+                                    p.mailboxes.iter().find(|m| mailboxes.contains(&m.name))
+                            {
+                                delete_message(p, m, folder, a.uid_validity, a.uid);
                             }
                             continue;
                         }
+                        let found = engine::Found {
+                            mailboxes,
+                            folder,
+                            junk_is_ok: p.junk_is_ok,
+                        };
                         let done = engine.delivered(
                             &probe,
                             token.id(),
                             seen_at,
-                            a.uid_validity,
-                            a.uid,
+                            (a.uid_validity, a.uid),
+                            found,
                             |mid| candidate.threaded_to(mid),
                         );
                         if let Some(c) = done
@@ -618,12 +790,17 @@ async fn dispatch(
 /// arrived early (RT mails the reply inside the reply POST, so it can be in the mailbox before
 /// the POST returns and the reply stage ends).
 pub(crate) fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary) {
-    if p.delete_delivered {
+    if p.delete_delivered
+        && let Some(m) = p.mailbox_of(c)
+    {
+        // From whichever folder it landed in.
         if let (Some(validity), Some(uid)) = (c.delivered_uid_validity, c.delivered_uid) {
-            delete_message(p, validity, uid);
+            let folder = c.folder.unwrap_or(Folder::Inbox);
+            delete_message(p, m, folder, validity, uid);
         }
         if let Some(ack) = &c.acknowledged {
-            delete_message(p, ack.uid_validity, ack.uid);
+            let folder = ack.folder.unwrap_or(Folder::Inbox);
+            delete_message(p, m, folder, ack.uid_validity, ack.uid);
         }
     }
     if c.ticket_id.is_some() && p.cleanup.is_some() && p.helpdesk.is_some() {
@@ -637,10 +814,10 @@ pub(crate) fn clean_up(p: &Arc<Probe>, c: &crate::canary::life::Canary) {
     }
 }
 
-/// Asks the mailbox's watcher to delete one message of this probe's; the clean-up is pending
-/// until the watcher reports it done.
-fn delete_message(p: &Arc<Probe>, uid_validity: u32, uid: u32) {
-    let Some(tx) = p.mailbox_commands.get() else {
+/// Asks the watcher of `m`'s `folder` to delete one message of this probe's; the clean-up is
+/// pending until the watcher reports it done.
+fn delete_message(p: &Arc<Probe>, m: &ProbeMailbox, folder: Folder, uid_validity: u32, uid: u32) {
+    let (Some(tx), Some(key)) = (m.commands(folder).get(), m.key(folder)) else {
         return;
     };
     p.cleanup_begun();
@@ -651,7 +828,7 @@ fn delete_message(p: &Arc<Probe>, uid_validity: u32, uid: u32) {
         p.deleting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((uid_validity, uid));
+            .insert((key.to_string(), uid_validity, uid));
     } else {
         p.cleanup_done();
     }

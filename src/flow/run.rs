@@ -22,21 +22,27 @@ use crate::{
     edges::helpdesk::TicketRef,
 };
 
-/// Sends a new canary for `probe` and drives it as far as this process can.
-pub async fn start_canary(engine: Arc<Engine>, probe: Arc<Probe>) {
+/// Sends a new canary for `probe`'s mailbox number `mailbox` and drives it as far as this
+/// process can.
+pub async fn start_canary(engine: Arc<Engine>, probe: Arc<Probe>, mailbox: usize) {
+    let Some(m) = probe.mailboxes.get(mailbox) else {
+        return;
+    };
+    // Not before its watchers look: they would never see what arrived before they did.
+    m.watchers_ready().await;
     let created = now_ms();
     let sent_at = std::time::UNIX_EPOCH + Duration::from_millis(created);
     let token = Token::issue(&probe.key, &probe.name, sent_at);
     let mail = CanaryMail {
         probe: probe.name.clone(),
         token: token.clone(),
-        from: probe.from.clone(),
-        to: probe.to.clone(),
+        from: m.from.clone(),
+        to: m.to.clone(),
         sent_at,
         hostname: probe.hostname.clone(),
     };
     let message = mail.build();
-    let canary = Canary::new(
+    let mut canary = Canary::new(
         &probe.name,
         token.id(),
         token.as_str(),
@@ -45,6 +51,7 @@ pub async fn start_canary(engine: Arc<Engine>, probe: Arc<Probe>) {
         engine.limits_for(&probe.name, &probe.limits, probe.auto.as_ref()),
         created,
     );
+    canary.mailbox = Some(m.name.clone());
     let id = canary.id.clone();
     // Written before DATA is sent: a crash from here on leaves a canary to resume, not a
     // canary nobody knows about.

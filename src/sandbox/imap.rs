@@ -63,7 +63,7 @@ use tracing::{debug, warn};
 
 use super::{
     faults::{Fault, FaultBoard, Stage},
-    mailbox::{FlagChange, Flags, Mailbox, Mailboxes, MessageState},
+    mailbox::{FlagChange, Flags, JUNK, Mailbox, Mailboxes, MessageState},
 };
 
 /// Largest literal a client may send (APPEND, LOGIN strings). The sandbox's own mail is small;
@@ -526,6 +526,14 @@ struct Session {
 }
 
 const NOT_SELECTED: &str = "no mailbox selected (SELECT INBOX first)";
+const NO_SUCH_MAILBOX: &str = "no such mailbox (only INBOX and Junk exist here)";
+
+/// `\Junk` (RFC 6154), which imap-types knows only as an extension attribute.
+fn special_use_junk() -> imap_next::imap_types::flag::FlagNameAttribute<'static> {
+    imap_next::imap_types::core::Atom::try_from("Junk")
+        .expect("a valid atom")
+        .into()
+}
 const NOT_AUTHENTICATED: &str = "log in first";
 
 impl Session {
@@ -543,6 +551,12 @@ impl Session {
             State::Selected(sel) => Some(sel.mailbox.subscribe()),
             _ => None,
         }
+    }
+
+    /// The logged-in user's INBOX (whatever folder is selected).
+    fn inbox(&self) -> Option<Arc<Mailbox>> {
+        self.user_mailbox()
+            .map(|m| self.mailboxes.open(m.address()))
     }
 
     fn user_mailbox(&self) -> Option<&Arc<Mailbox>> {
@@ -764,14 +778,18 @@ impl Session {
         read_only: bool,
         out: &mut Vec<Response<'static>>,
     ) -> Outcome {
-        let mailbox = Arc::clone(self.user_mailbox().ok_or_else(|| bad(NOT_AUTHENTICATED))?);
+        let inbox = self.inbox().ok_or_else(|| bad(NOT_AUTHENTICATED))?;
         // A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1).
         self.state = State::Authenticated {
-            mailbox: Arc::clone(&mailbox),
+            mailbox: Arc::clone(&inbox),
         };
-        if *name != ImapMailbox::Inbox {
-            return Err(no("no such mailbox (only INBOX exists here)"));
-        }
+        let mailbox = match name {
+            ImapMailbox::Inbox => inbox,
+            ImapMailbox::Other(n) if n.as_ref() == JUNK.as_bytes() => {
+                self.mailboxes.junk(inbox.address())
+            }
+            ImapMailbox::Other(_) => return Err(no(NO_SUCH_MAILBOX)),
+        };
         let snap = mailbox.snapshot();
         let uids: Vec<u32> = snap.messages.iter().map(|m| m.message.uid).collect();
         let recent: HashSet<u32> = if read_only {
@@ -834,7 +852,8 @@ impl Session {
         if expunge && !sel.read_only {
             sel.mailbox.expunge(None);
         }
-        let mailbox = Arc::clone(&sel.mailbox);
+        let address = sel.mailbox.address().to_string();
+        let mailbox = self.mailboxes.open(&address);
         self.state = State::Authenticated { mailbox };
         Ok((None, "mailbox closed".into()))
     }
@@ -870,8 +889,17 @@ impl Session {
             ImapMailbox::Other(other) => other.as_ref().to_vec(),
         };
         full.extend_from_slice(pattern);
-        if wildcard_match(&full.to_ascii_uppercase(), b"INBOX") {
-            let (items, mailbox) = (Vec::new(), ImapMailbox::Inbox);
+        // INBOX, and the Junk folder marked for RFC 6154 SPECIAL-USE.
+        let junk = ImapMailbox::try_from(JUNK).map(IntoStatic::into_static);
+        let folders = [
+            wildcard_match(&full.to_ascii_uppercase(), b"INBOX")
+                .then(|| (Vec::new(), ImapMailbox::Inbox)),
+            (wildcard_match(&full, JUNK.as_bytes()))
+                .then_some(junk.ok())
+                .flatten()
+                .map(|m| (vec![special_use_junk()], m)),
+        ];
+        for (items, mailbox) in folders.into_iter().flatten() {
             out.push(Response::Data(if lsub {
                 Data::Lsub {
                     items,
@@ -903,7 +931,7 @@ impl Session {
         items: &[StatusDataItemName],
         out: &mut Vec<Response<'static>>,
     ) -> Outcome {
-        let mailbox = self.user_mailbox().ok_or_else(|| bad(NOT_AUTHENTICATED))?;
+        let mailbox = &self.inbox().ok_or_else(|| bad(NOT_AUTHENTICATED))?;
         if *name != ImapMailbox::Inbox {
             return Err(no("no such mailbox (only INBOX exists here)"));
         }
@@ -940,7 +968,7 @@ impl Session {
         date: Option<DateTime>,
         message: LiteralOrLiteral8<'_>,
     ) -> Outcome {
-        let mailbox = self.user_mailbox().ok_or_else(|| bad(NOT_AUTHENTICATED))?;
+        let mailbox = &self.inbox().ok_or_else(|| bad(NOT_AUTHENTICATED))?;
         if *name != ImapMailbox::Inbox {
             return Err((
                 StatusKind::No,

@@ -1,4 +1,6 @@
-//! The sandbox's mailboxes: one INBOX per address, with UIDs as RFC 3501 says.
+//! The sandbox's mailboxes: one INBOX per address, with UIDs as RFC 3501 says, and a `Junk`
+//! folder beside it (marked `\Junk` in LIST) that mail to an address goes to once
+//! [`Mailboxes::file_into_junk`] says so, as a provider's spam filter would.
 //!
 //! This is a store, not a protocol: it knows UIDs, flags and delivery times, and nothing of IMAP's
 //! sequence numbers or wire types (each IMAP session keeps its own sequence-number view and syncs
@@ -24,20 +26,88 @@ use tokio::sync::watch;
 pub struct Mailboxes {
     password: String,
     boxes: Mutex<HashMap<String, Arc<Mailbox>>>,
+    /// Addresses whose mail is held (a receiving provider deferring it), with what waits.
+    held: Mutex<HashMap<String, Vec<Vec<u8>>>>,
+    /// Each address's Junk folder, made on first use.
+    junk: Mutex<HashMap<String, Arc<Mailbox>>>,
+    /// Addresses whose mail is filed into Junk.
+    junked: Mutex<BTreeSet<String>>,
 }
+
+/// The name of every address's Junk folder.
+pub const JUNK: &str = "Junk";
 
 impl Mailboxes {
     pub fn new(password: impl Into<String>) -> Arc<Self> {
         Arc::new(Self {
             password: password.into(),
             boxes: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            junk: Mutex::new(HashMap::new()),
+            junked: Mutex::new(BTreeSet::new()),
         })
     }
 
     /// Stores a message in `address`'s INBOX (creating the mailbox), wakes IDLE clients, and
-    /// returns its UID.
+    /// returns its UID; 0 if the address's mail is held ([`Mailboxes::hold`]).
     pub fn deliver(&self, address: &str, raw: Vec<u8>) -> u32 {
-        self.open(address).append(raw, Flags::default(), None)
+        let key = address.trim().to_lowercase();
+        if let Some(queue) = lock(&self.held).get_mut(&key) {
+            queue.push(raw);
+            return 0;
+        }
+        self.store(&key, raw)
+    }
+
+    /// Into the INBOX, or the Junk folder for an address whose mail is filed there.
+    fn store(&self, key: &str, raw: Vec<u8>) -> u32 {
+        let folder = if lock(&self.junked).contains(key) {
+            self.junk(key)
+        } else {
+            self.open(key)
+        };
+        folder.append(raw, Flags::default(), None)
+    }
+
+    /// Files mail to `address` into its Junk folder from now on (`false`: into the INBOX).
+    pub fn file_into_junk(&self, address: &str, junk: bool) {
+        let key = address.trim().to_lowercase();
+        let mut junked = lock(&self.junked);
+        if junk {
+            junked.insert(key);
+        } else {
+            junked.remove(&key);
+        }
+    }
+
+    /// The Junk folder of `address`, created empty if it does not exist yet.
+    pub fn junk(&self, address: &str) -> Arc<Mailbox> {
+        let key = address.trim().to_lowercase();
+        Arc::clone(
+            lock(&self.junk)
+                .entry(key)
+                .or_insert_with_key(|key| Arc::new(Mailbox::new(key.clone()))),
+        )
+    }
+
+    /// Holds every message for `address` from now on, as a provider that defers one
+    /// recipient's mail while others' flows: one mailbox late, the rest on time.
+    pub fn hold(&self, address: &str) {
+        lock(&self.held)
+            .entry(address.trim().to_lowercase())
+            .or_default();
+    }
+
+    /// Delivers what was held for `address`, in order, and stops holding; returns the UIDs.
+    pub fn release(&self, address: &str) -> Vec<u32> {
+        let queued = lock(&self.held)
+            .remove(&address.trim().to_lowercase())
+            .unwrap_or_default();
+        let key = address.trim().to_lowercase();
+        queued
+            .into_iter()
+            .map(|raw| self.store(&key, raw))
+            .collect()
     }
 
     /// Whether `password` is the one every mailbox takes.
@@ -327,6 +397,31 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn junked_mail_goes_to_the_junk_folder_with_its_own_uids() {
+        let boxes = Mailboxes::new("pw");
+        assert_eq!(boxes.deliver("a@x.test", b"1".to_vec()), 1);
+        boxes.file_into_junk("A@x.test", true);
+        assert_eq!(boxes.deliver("a@x.test", b"2".to_vec()), 1);
+        assert_eq!(boxes.junk("a@x.test").snapshot().messages.len(), 1);
+        assert_eq!(boxes.open("a@x.test").snapshot().messages.len(), 1);
+        boxes.file_into_junk("a@x.test", false);
+        assert_eq!(boxes.deliver("a@x.test", b"3".to_vec()), 2);
+    }
+
+    #[test]
+    fn held_mail_waits_in_order_while_other_addresses_get_theirs() {
+        let boxes = Mailboxes::new("pw");
+        assert_eq!(boxes.deliver("a@x.test", b"1".to_vec()), 1);
+        boxes.hold("A@x.test");
+        assert_eq!(boxes.deliver("a@x.test", b"2".to_vec()), 0);
+        assert_eq!(boxes.deliver("a@x.test", b"3".to_vec()), 0);
+        assert_eq!(boxes.deliver("z@x.test", b"m".to_vec()), 1);
+        assert_eq!(boxes.open("a@x.test").snapshot().messages.len(), 1);
+        assert_eq!(boxes.release("a@x.test"), vec![2, 3]);
+        assert_eq!(boxes.deliver("a@x.test", b"4".to_vec()), 4);
+    }
 
     #[test]
     fn uids_ascend_and_are_never_reused() {

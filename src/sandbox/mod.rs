@@ -240,6 +240,12 @@ impl Sandbox {
         &self.faults
     }
 
+    /// The mailboxes (every address a reply goes to has one), for drills that hold one
+    /// address's mail while the others' flows ([`mailbox::Mailboxes::hold`]).
+    pub fn mailboxes(&self) -> &Arc<mailbox::Mailboxes> {
+        &self.hub.mailboxes
+    }
+
     /// The ground-truth events, as `GET /sandbox/events` serves them.
     pub fn events(&self) -> Vec<events::MessageEvents> {
         self.hub.events_snapshot()

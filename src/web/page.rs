@@ -475,6 +475,42 @@ fn waterfall_row(out: &mut String, c: &Canary, now: u64, scale_ms: u64) {
     );
 }
 
+/// Delivery judged per mailbox (only for a probe with several: one mailbox is the stage
+/// table's delivery row).
+fn mailbox_table(out: &mut String, p: &ProbeStatus, now: u64) {
+    if p.mailboxes.len() < 2 {
+        return;
+    }
+    out.push_str(
+        "<h3>Delivery by mailbox</h3><table class=\"mailboxes\"><tr><th>mailbox</th>\
+         <th>state</th><th>awaited</th><th>overdue</th><th>oldest</th><th>p50</th>\
+         <th>last delivered</th><th>inbox / junk (recent)</th></tr>",
+    );
+    for m in &p.mailboxes {
+        let _ = write!(
+            out,
+            "<tr class=\"mailbox\" data-mailbox=\"{name}\" data-state=\"{state}\"><td>{name}</td>\
+             <td class=\"{state}\" title=\"{why}\">{state}</td><td class=\"num\">{n}</td>\
+             <td class=\"num\">{overdue}</td><td class=\"num\">{oldest}</td>\
+             <td class=\"num\">{p50}</td><td>{last}</td><td class=\"num\">{inbox} / {junk}</td></tr>",
+            name = esc(&m.name),
+            state = m.state,
+            why = esc(&m.why),
+            n = m.in_flight,
+            overdue = m.overdue,
+            oldest = m.oldest_in_flight_ms.map_or("-".into(), dur),
+            p50 = m.p50_ms.map_or("-".into(), dur),
+            last = match (m.last_delivered_ms, m.last_folder) {
+                (Some(t), Some(f)) => format!("{} ({f})", ago(now, t)),
+                _ => "-".into(),
+            },
+            inbox = m.inbox,
+            junk = m.junk,
+        );
+    }
+    out.push_str("</table>");
+}
+
 fn waterfall(out: &mut String, p: &ProbeStatus, now: u64) {
     let rows: Vec<&Canary> = p.in_flight.iter().chain(p.recent.iter()).take(50).collect();
     if rows.is_empty() {
@@ -514,15 +550,18 @@ fn failures(out: &mut String, p: &ProbeStatus, now: u64) {
         "<table class=\"failures\"><tr><th>when</th><th>canary</th><th>stage</th>\
          <th>reason</th><th>error</th></tr>",
     );
-    if let Some(f) = &p.mailbox_error {
-        let _ = write!(
-            out,
-            "<tr class=\"failure\"><td>{}</td><td>(mailbox)</td><td>delivery</td><td>{}</td>\
-             <td>{}</td></tr>",
-            ago(now, f.at_ms),
-            f.reason,
-            esc(&f.detail)
-        );
+    for m in &p.mailboxes {
+        for (folder, f) in &m.errors {
+            let _ = write!(
+                out,
+                "<tr class=\"failure\"><td>{}</td><td>(mailbox {} {folder})</td><td>delivery</td>\
+                 <td>{}</td><td>{}</td></tr>",
+                ago(now, f.at_ms),
+                esc(&m.name),
+                f.reason,
+                esc(&f.detail)
+            );
+        }
     }
     for f in &p.failures {
         let _ = write!(
@@ -577,6 +616,7 @@ pub fn render(
             let _ = write!(out, "<p class=\"why\">{}</p>", esc(&p.why));
         }
         stage_table(&mut out, p, now);
+        mailbox_table(&mut out, p, now);
         if let Some((_, h)) = history.iter().find(|(name, _)| *name == p.name) {
             history_table(&mut out, h, now_wall);
         }

@@ -238,17 +238,30 @@ pub async fn get_json(url: &str) -> serde_json::Value {
 
 /// Messages in the canary mailbox of `sb` (`canary@prober.test`), over IMAP.
 pub async fn inbox_count(sb: &Sandbox) -> u32 {
-    let tcp = tokio::net::TcpStream::connect(sb.imap_addr).await.unwrap();
-    let mut client = async_imap::Client::new(tcp);
-    let _greeting = client.read_response().await;
-    let mut session = client
-        .login("canary@prober.test", "sandbox")
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
+    inbox_count_of(sb, "canary@prober.test").await
+}
+
+/// Messages in `address`'s sandbox mailbox, over IMAP.
+pub async fn inbox_count_of(sb: &Sandbox, address: &str) -> u32 {
+    let mut session = imap_session(sb, address).await;
     let exists = session.select("INBOX").await.unwrap().exists;
     let _ = session.logout().await;
     exists
+}
+
+/// An IMAP session of `sb` logged in as `address`.
+pub async fn imap_session(
+    sb: &Sandbox,
+    address: &str,
+) -> async_imap::Session<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(sb.imap_addr).await.unwrap();
+    let mut client = async_imap::Client::new(tcp);
+    let _greeting = client.read_response().await;
+    client
+        .login(address, "sandbox")
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap()
 }
 
 pub async fn get_text(url: &str) -> String {

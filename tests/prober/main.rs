@@ -16,6 +16,7 @@ mod heartbeat;
 mod helpscout;
 mod incident;
 mod learned;
+mod recipients;
 mod reload;
 mod restart;
 mod security;

@@ -214,8 +214,16 @@ pub struct Prober {
 
 impl Prober {
     pub async fn start(s: &Servers, probes: &[ProbeSpec], schedule: bool) -> Prober {
-        let text = config_text(s, probes);
-        let cfg = config::parse_str(&text, "realmail.toml")
+        Self::start_with(&config_text(s, probes), schedule).await
+    }
+
+    /// A scheduling prober of the config `text`.
+    pub async fn start_text(text: &str) -> Prober {
+        Self::start_with(text, true).await
+    }
+
+    async fn start_with(text: &str, schedule: bool) -> Prober {
+        let cfg = config::parse_str(text, "realmail.toml")
             .unwrap_or_else(|e| panic!("realmail config does not parse: {e}\n{text}"));
         let _ = rustls::crypto::ring::default_provider().install_default();
         let state = tempfile::tempdir().unwrap();

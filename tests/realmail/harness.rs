@@ -74,6 +74,9 @@ pub struct Setup {
     pub users: Vec<String>,
     /// Whether Dovecot advertises IDLE.
     pub idle: bool,
+    /// A Sieve script run for every delivery before any user's (`sieve_before`), e.g. one
+    /// filing marked mail into `Junk` (Debian's `dovecot-sieve`).
+    pub sieve: Option<String>,
 }
 
 impl Setup {
@@ -81,6 +84,7 @@ impl Setup {
         Setup {
             users: users.iter().map(|u| u.to_string()).collect(),
             idle: true,
+            sieve: None,
         }
     }
 }
@@ -162,6 +166,15 @@ impl Servers {
         }
         fs::write(dir.join("dovecot/passwd"), passwd).unwrap();
         fs::write(dir.join("postfix/vmailbox"), vmailbox).unwrap();
+        if let Some(script) = &setup.sieve {
+            // Owned by the delivering user, so LMTP can compile it in place.
+            let sieve = dir.join("dovecot/sieve");
+            fs::create_dir_all(&sieve).unwrap();
+            fs::write(sieve.join("before.sieve"), script).unwrap();
+            for p in [sieve.clone(), sieve.join("before.sieve")] {
+                std::os::unix::fs::chown(p, Some(mail_uid), Some(mail_uid)).unwrap();
+            }
+        }
 
         let mut last_error = String::new();
         for _attempt in 0..3 {
@@ -214,7 +227,16 @@ impl Servers {
         } else {
             format!("imap_capability = {CAPABILITIES_WITHOUT_IDLE}")
         };
+        let (lmtp_plugins, sieve) = match &self.setup.sieve {
+            Some(_) => (
+                "sieve",
+                "plugin {\n  sieve_before = {{DIR}}/dovecot/sieve/before.sieve\n}",
+            ),
+            None => ("", ""),
+        };
         template
+            .replace("{{LMTP_PLUGINS}}", lmtp_plugins)
+            .replace("{{SIEVE}}", sieve)
             .replace("{{DIR}}", &self.dir.display().to_string())
             .replace("{{NAME}}", self.dir.file_name().unwrap().to_str().unwrap())
             .replace("{{SMTP}}", &format!("127.0.0.1:{}", p.smtp))
@@ -467,6 +489,7 @@ fn preflight() {
         "/usr/lib/dovecot/lmtp",
         "/usr/lib/dovecot/imap",
         "/usr/bin/openssl",
+        "/usr/lib/dovecot/modules/lib90_sieve_plugin.so",
     ]
     .into_iter()
     .filter(|p| !Path::new(p).exists())
@@ -475,7 +498,7 @@ fn preflight() {
         missing.is_empty(),
         "the realmail tests need Postfix and Dovecot, and {missing:?} is missing: run \
          tests/run.sh, which installs the Debian packages postfix dovecot-imapd dovecot-lmtpd \
-         openssl"
+         dovecot-sieve openssl"
     );
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid = status

@@ -13,5 +13,6 @@ mod helpdesks;
 mod mailbox;
 mod modes;
 mod outages;
+mod placement;
 mod process;
 mod rt;
