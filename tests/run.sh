@@ -4,7 +4,7 @@
 #
 #   tests/run.sh              # everything
 #   tests/run.sh --no-lint    # skip fmt/clippy (quick local loop)
-#   tests/run.sh --no-static  # skip building and running the static musl binary
+#   tests/run.sh --no-static  # skip building and running the static musl binary and its image
 #   tests/run.sh --no-bench   # skip the quick benchmark run (cargo bench --bench mailcanary)
 #   tests/run.sh --install-only  # install what the tests need, run nothing
 set -euo pipefail
@@ -43,6 +43,12 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v amtool >/dev/null 2>&1 || need_pkgs+=(prometheus-alertmanager)
 command -v musl-gcc >/dev/null 2>&1 || need_pkgs+=(musl-tools)
+# podman (with runc: crun fails on this machine's cgroups) builds and runs the runtime image
+# of deploy/Dockerfile from that static binary (tests/container_smoke.py).
+if [ "$static" -eq 1 ]; then
+  command -v podman >/dev/null 2>&1 || need_pkgs+=(podman)
+  command -v runc >/dev/null 2>&1 || need_pkgs+=(runc)
+fi
 # The never-blind drills (tests/prober/blind.rs): libfaketime steps the wall clock under the
 # real binary; mkfs.ext4/e2fsck make and repair the loop-mounted state dir that goes read-only.
 [ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_pkgs+=(libfaketime)
@@ -126,6 +132,8 @@ if [ "$static" -eq 1 ]; then
   rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
   cargo build --release --locked --quiet --target "$target"
   tests/static_smoke.py "target/$target/release/mailcanary"
+  step "container image (deploy/Dockerfile's runtime stage, podman, read-only, uid 65532)"
+  tests/container_smoke.py "target/$target/release/mailcanary"
 fi
 
 step "all green"
