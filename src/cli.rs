@@ -536,7 +536,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let configured = config.probes.len();
     let shard = match args.shard.map(resolve_shard).transpose() {
         Ok(shard) => shard,
         Err(e) => {
@@ -550,7 +549,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             shard = k,
             shards = n,
             owned = config.probes.len(),
-            configured,
+            configured = config.shard.map_or(0, |s| s.configured),
             "running one shard of the probes"
         );
     }

@@ -335,25 +335,11 @@ pub fn message_id_verdict(seen: Option<&str>, sent: &str) -> (&'static str, Opti
     }
 }
 
-/// The Message-ID header of a raw RFC 5322 message (folded lines joined), if it has one.
+/// The Message-ID header of a raw RFC 5322 message, in its angle brackets, if it has one
+/// (read by mail-parser, as every arrived message is).
 pub(crate) fn header_message_id(raw: &str) -> Option<String> {
-    let head = raw.split("\r\n\r\n").next()?.split("\n\n").next()?;
-    let mut lines = head.lines().peekable();
-    while let Some(line) = lines.next() {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        if !name.trim().eq_ignore_ascii_case("message-id") {
-            continue;
-        }
-        let mut value = value.trim().to_string();
-        while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
-            value.push_str(next.trim());
-            lines.next();
-        }
-        return Some(value).filter(|v| !v.is_empty());
-    }
-    None
+    let message = mail_parser::MessageParser::default().parse(raw.as_bytes())?;
+    Some(format!("<{}>", message.message_id()?))
 }
 
 fn earliest(tickets: Vec<TicketRef>) -> Option<TicketRef> {
