@@ -12,7 +12,7 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{Notify, broadcast, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::{
@@ -48,6 +48,34 @@ pub struct Event {
     pub transition: Transition,
     /// The failure detail, for `StageFailed`.
     pub detail: Option<String>,
+}
+
+/// A canary's bell (see [`Engine::bell`]): the run of that canary waits on it.
+pub struct Bell {
+    engine: Weak<Engine>,
+    key: (String, String),
+    notify: Arc<Notify>,
+}
+
+impl Bell {
+    /// Resolves at the next ring (or at once if one came since the last wait).
+    pub async fn rung(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Bell {
+    fn drop(&mut self) {
+        if let Some(engine) = self.engine.upgrade() {
+            let mut bells = engine.bells.lock().unwrap_or_else(|p| p.into_inner());
+            if bells
+                .get(&self.key)
+                .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+            {
+                bells.remove(&self.key);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -179,8 +207,9 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
-    /// Canaries a webhook named, `(probe, id)`: their runs look at the helpdesk now.
-    hints: broadcast::Sender<(String, String)>,
+    /// One bell per canary whose run is waiting, `(probe, id)`: rung when that canary changes
+    /// or a webhook names it, so an event wakes its own run only (not every run in flight).
+    bells: Mutex<HashMap<(String, String), Arc<Notify>>>,
     /// To the ledger writer thread. Disk work never happens under `state`'s lock, so a scrape
     /// or the status page never waits on an fsync.
     writer: mpsc::Sender<Job>,
@@ -209,7 +238,6 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Engine {
     pub fn new(ledger: Ledger, metrics: Arc<Metrics>) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
-        let (hints, _) = broadcast::channel(256);
         Arc::new_cyclic(|weak: &Weak<Engine>| {
             let (writer, jobs) = mpsc::channel();
             let weak = weak.clone();
@@ -222,7 +250,7 @@ impl Engine {
                 metrics,
                 state: Mutex::new(State::default()),
                 events,
-                hints,
+                bells: Mutex::new(HashMap::new()),
                 writer,
                 on_reopen: Mutex::new(None),
             }
@@ -306,13 +334,35 @@ impl Engine {
             .get(&(probe.to_string(), id.to_string()))
             .is_some_and(|c| c.current() == Some(Stage::Import));
         if waiting {
-            let _ = self.hints.send((probe.to_string(), id.to_string()));
+            self.ring(probe, id);
         }
         waiting
     }
 
-    pub fn subscribe_hints(&self) -> broadcast::Receiver<(String, String)> {
-        self.hints.subscribe()
+    /// The bell of canary `id` of `probe`, rung when the canary changes or a webhook names
+    /// it. A ring while nobody waits is kept (one permit), so none is missed between looks.
+    /// The bell is taken down when the returned guard drops.
+    pub fn bell(self: &Arc<Self>, probe: &str, id: &str) -> Bell {
+        let key = (probe.to_string(), id.to_string());
+        let notify = self
+            .bells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        Bell {
+            engine: Arc::downgrade(self),
+            key,
+            notify,
+        }
+    }
+
+    fn ring(&self, probe: &str, id: &str) {
+        let bells = self.bells.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = bells.get(&(probe.to_string(), id.to_string())) {
+            n.notify_one();
+        }
     }
 
     /// Registers a probe (every metric series at 0) and loads its recent history.
@@ -610,6 +660,7 @@ impl Engine {
                 _ => None,
             };
             log_transition(canary, t, detail.as_deref());
+            self.ring(&canary.probe, &canary.id);
             let _ = self.events.send(Event {
                 probe: canary.probe.clone(),
                 canary: canary.id.clone(),
@@ -1748,5 +1799,52 @@ mod mailbox_tests {
         assert_eq!(done.folder, Some(Folder::Inbox));
         // The newest of gmail is now on time, and nothing of m365 failed: ok.
         assert_eq!(engine.status(now_ms())[0].state, "ok");
+    }
+}
+
+#[cfg(test)]
+mod bell_tests {
+    use super::*;
+    use crate::canary::life::tests::limits;
+
+    const PLAN: [Stage; 2] = [Stage::Submit, Stage::Delivery];
+
+    /// A change to one canary rings that canary's bell only: with a thousand canaries in
+    /// flight, one event wakes one run, not a thousand.
+    #[tokio::test]
+    async fn an_event_rings_its_own_canarys_bell_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(
+            Ledger::open(dir.path()).unwrap(),
+            Arc::new(Metrics::new("t", "t")),
+        );
+        engine.register_probe("p", &PLAN, &[]);
+        let now = now_ms();
+        for id in ["a", "b"] {
+            engine
+                .begin(Canary::new("p", id, id, id, PLAN.to_vec(), limits(), now))
+                .await
+                .unwrap();
+        }
+        let (a, b) = (engine.bell("p", "a"), engine.bell("p", "b"));
+        engine.update("p", "a", |c| c.observe(Stage::Submit, now + 5));
+        tokio::time::timeout(Duration::from_secs(10), a.rung())
+            .await
+            .expect("a's change rings a's bell");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), b.rung())
+                .await
+                .is_err(),
+            "a's change must not ring b's bell"
+        );
+        // A ring while the run is busy elsewhere is kept for its next wait.
+        engine.update("p", "b", |c| c.observe(Stage::Submit, now + 6));
+        engine.flush(Duration::from_secs(10));
+        tokio::time::timeout(Duration::from_secs(10), b.rung())
+            .await
+            .expect("b's change is kept until b waits");
+        // Dropped bells are taken down.
+        drop((a, b));
+        assert!(engine.bells.lock().unwrap().is_empty());
     }
 }

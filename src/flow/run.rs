@@ -84,9 +84,9 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
     // A reply POST of this run failed in a way that may have taken effect (a timeout, a 5xx
     // other than 503): it is never sent again unless the vendor says the reply is not there.
     let mut reply_maybe_posted = false;
-    // Woken early when something else (a webhook, the dispatcher) changes this canary.
-    let mut changes = engine.subscribe();
-    let mut hints = engine.subscribe_hints();
+    // Woken early when something else (a webhook, the dispatcher) changes or names this
+    // canary: its own bell, so another canary's event does not wake this run.
+    let bell = engine.bell(&probe.name, &id);
     loop {
         let Some(c) = engine.get(&probe.name, &id) else {
             return; // finished meanwhile (lost, or delivered early and completed)
@@ -181,8 +181,7 @@ pub async fn drive(engine: Arc<Engine>, probe: Arc<Probe>, id: String) {
         }
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
-            _ = changed(&mut changes, &probe.name, &id) => {}
-            _ = hinted(&mut hints, &probe.name, &id) => {}
+            _ = bell.rung() => {}
         }
     }
 }
@@ -220,33 +219,6 @@ async fn check_message_id(engine: Arc<Engine>, probe: Arc<Probe>, c: Canary, tic
 fn clean_up_if_finished(probe: &Arc<Probe>, c: Option<Canary>) {
     if let Some(c) = c.filter(Canary::is_finished) {
         super::clean_up(probe, &c);
-    }
-}
-
-/// Resolves when an event about this canary is published (or events were missed, in which
-/// case the caller simply looks again).
-async fn changed(rx: &mut tokio::sync::broadcast::Receiver<super::Event>, probe: &str, id: &str) {
-    loop {
-        match rx.recv().await {
-            Ok(e) if e.probe == probe && e.canary == id => return,
-            Ok(_) => continue,
-            Err(_) => return,
-        }
-    }
-}
-
-/// Resolves when a webhook names this canary (or hints were missed: look again).
-async fn hinted(
-    rx: &mut tokio::sync::broadcast::Receiver<(String, String)>,
-    probe: &str,
-    id: &str,
-) {
-    loop {
-        match rx.recv().await {
-            Ok((p, i)) if p == probe && i == id => return,
-            Ok(_) => continue,
-            Err(_) => return,
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! boundary is the point (kill -9, logs, SIGHUP reload).
 
 mod blind;
+mod chaos;
 mod cli;
 mod common;
 mod dashboard;
