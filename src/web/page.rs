@@ -447,11 +447,11 @@ fn waterfall_row(out: &mut String, c: &Canary, now: u64, scale_ms: u64) {
         }
         let what = match (&r.failed, r.done_ms, r.overdue) {
             (Some(f), _, _) => format!("{stage}: failed ({}) {}", f.reason, f.detail),
-            (None, Some(_), true) => format!("{stage}: {} (late)", dur(stop - start)),
-            (None, Some(_), false) => format!("{stage}: {}", dur(stop - start)),
+            (None, Some(_), true) => format!("{stage}: {} (late)", dur(stop.saturating_sub(start))),
+            (None, Some(_), false) => format!("{stage}: {}", dur(stop.saturating_sub(start))),
             (None, None, o) => format!(
                 "{stage}: in flight {}{}",
-                dur(stop - start),
+                dur(stop.saturating_sub(start)),
                 if o { " OVERDUE" } else { "" }
             ),
         };
@@ -691,6 +691,32 @@ mod tests {
         assert_eq!(dur(1_234), "1.23 s");
         assert_eq!(dur(300_000), "5.0 min");
         assert_eq!(dur(10_800_000), "3.0 h");
+    }
+
+    /// Seen under load in `chromium_draws_the_history_and_it_survives_a_restart`: a stage whose
+    /// recorded end precedes its start (the reply's arrival recorded before the run heard its
+    /// POST answered) made the page panic on `stop - start` in a debug build, and print a
+    /// wrapped duration in a release one.
+    #[test]
+    fn a_stage_that_ends_before_it_starts_renders_as_zero() {
+        let mut c = Canary::new(
+            "p",
+            "id",
+            "tok",
+            "mid",
+            vec![Stage::Submit, Stage::Delivery],
+            crate::canary::life::tests::limits(),
+            1_000,
+        );
+        for (stage, r) in &mut c.stages {
+            if *stage == Stage::Delivery {
+                r.started_ms = Some(2_000);
+                r.done_ms = Some(1_900);
+            }
+        }
+        let mut out = String::new();
+        waterfall_row(&mut out, &c, 3_000, 10_000);
+        assert!(out.contains("delivery: 0 ms"), "{out}");
     }
 
     #[test]

@@ -26,6 +26,10 @@ async fn a_webhook_ends_the_import_stage_before_the_next_poll() {
         interval: "1h",
         poll_interval: "60s",
         webhook_secret: Some("hook-secret-9"),
+        // Far past the time the test takes to post its webhooks on a loaded machine: a
+        // deadline failure would wake the run too, and it would find the ticket by polling.
+        import_deadline: "20s",
+        end_to_end: "40s",
         ..Knobs::default()
     };
     let dir = tempfile::tempdir().unwrap();

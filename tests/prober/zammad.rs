@@ -126,6 +126,10 @@ fn slow_poll() -> Knobs {
         interval: "1h",
         poll_interval: "60s",
         webhook_secret: Some(HOOK_SECRET),
+        // Far past the time the test takes to post its webhooks on a loaded machine: a
+        // deadline failure would wake the run too, and it would find the ticket by polling.
+        import_deadline: "20s",
+        end_to_end: "40s",
         ..Knobs::default()
     }
 }
