@@ -660,7 +660,9 @@ impl Engine {
                 _ => None,
             };
             log_transition(canary, t, detail.as_deref());
-            self.ring(&canary.probe, &canary.id);
+            if wakes_the_run(t) {
+                self.ring(&canary.probe, &canary.id);
+            }
             let _ = self.events.send(Event {
                 probe: canary.probe.clone(),
                 canary: canary.id.clone(),
@@ -1551,6 +1553,18 @@ impl Found<'_> {
     }
 }
 
+/// Whether `t` is news for the canary's own run, which waits for its ticket or its reply: a
+/// later stage done elsewhere (the dispatcher saw the reply arrive early), or the canary ended.
+/// Its own submit and a deadline miss are not (a missed deadline changes nothing it does), so
+/// a run wakes for neither and keeps to its poll interval.
+fn wakes_the_run(t: &Transition) -> bool {
+    match t {
+        Transition::StageDone { stage, .. } => *stage != Stage::Submit,
+        Transition::Lost { .. } | Transition::Finished { .. } => true,
+        Transition::StageFailed { .. } => false,
+    }
+}
+
 fn log_transition(c: &Canary, t: &Transition, detail: Option<&str>) {
     match t {
         Transition::StageDone {
@@ -1809,6 +1823,13 @@ mod bell_tests {
 
     const PLAN: [Stage; 2] = [Stage::Submit, Stage::Delivery];
 
+    /// Whether `bell` stays silent for 200 ms.
+    async fn unrung(bell: &Bell) -> bool {
+        tokio::time::timeout(Duration::from_millis(200), bell.rung())
+            .await
+            .is_err()
+    }
+
     /// A change to one canary rings that canary's bell only: with a thousand canaries in
     /// flight, one event wakes one run, not a thousand.
     #[tokio::test]
@@ -1827,18 +1848,19 @@ mod bell_tests {
                 .unwrap();
         }
         let (a, b) = (engine.bell("p", "a"), engine.bell("p", "b"));
+        // A canary's own submit is no news for its run (nor is a missed deadline).
         engine.update("p", "a", |c| c.observe(Stage::Submit, now + 5));
+        engine.update("p", "b", |c| c.observe(Stage::Submit, now + 6));
+        engine.flush(Duration::from_secs(10));
+        assert!(unrung(&a).await, "a's own submit must not wake a's run");
+        // The reply arriving (the dispatcher's change) is, and for a only.
+        engine.update("p", "a", |c| c.observe(Stage::Delivery, now + 50));
         tokio::time::timeout(Duration::from_secs(10), a.rung())
             .await
-            .expect("a's change rings a's bell");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), b.rung())
-                .await
-                .is_err(),
-            "a's change must not ring b's bell"
-        );
+            .expect("a's delivery rings a's bell");
+        assert!(unrung(&b).await, "a's change must not ring b's bell");
         // A ring while the run is busy elsewhere is kept for its next wait.
-        engine.update("p", "b", |c| c.observe(Stage::Submit, now + 6));
+        engine.update("p", "b", |c| c.observe(Stage::Delivery, now + 60));
         engine.flush(Duration::from_secs(10));
         tokio::time::timeout(Duration::from_secs(10), b.rung())
             .await
