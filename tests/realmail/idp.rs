@@ -34,6 +34,8 @@ struct Inner {
     /// Tokens granted, and introspections answered (active or not).
     granted: u64,
     introspected: u64,
+    /// Every access token ever issued (tokens are removed from `tokens` when revoked).
+    issued: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -94,6 +96,7 @@ fn grant(inner: &Mutex<Inner>, body: &str) -> axum::response::Response {
     i.granted += 1;
     let access = format!("at-{}-{:x}", i.seq, rand_part());
     let lifetime = i.lifetime;
+    i.issued.push(access.clone());
     i.tokens
         .insert(access.clone(), (user, Instant::now() + lifetime));
     Json(json!({
@@ -200,6 +203,7 @@ impl Idp {
         let mut i = self.inner.lock().unwrap();
         i.seq += 1;
         let t = format!("file-{}-{:x}", i.seq, rand_part());
+        i.issued.push(t.clone());
         i.tokens
             .insert(t.clone(), (user.into(), Instant::now() + life));
         t
@@ -237,6 +241,11 @@ impl Idp {
     /// Tokens granted by the token endpoint so far.
     pub fn granted(&self) -> u64 {
         self.inner.lock().unwrap().granted
+    }
+
+    /// Every access token issued so far, revoked ones included.
+    pub fn issued(&self) -> Vec<String> {
+        self.inner.lock().unwrap().issued.clone()
     }
 
     /// Introspections Dovecot made so far.

@@ -284,3 +284,99 @@ async fn revoked_tokens_are_renewed_and_a_token_endpoint_down_fails_with_token_t
     assert!(failures(&s, "drill", "submit", "token") >= 2.0);
     prober.stop().await;
 }
+
+/// No access token, client secret or refresh token in the prober's log (JSON, debug level),
+/// /metrics, /api/v1/status or the dashboard page, with the error paths forced: a token the
+/// server refuses (`auth`, Dovecot's error challenge echoed back), a revoked grant and a token
+/// endpoint down (`token`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_client_secret_or_refresh_token_in_logs_metrics_status_or_page() {
+    use std::process::{Command, Stdio};
+    // Longer than Dovecot's penalty for the refused probe's failures (same client IP), so the
+    // healthy probe's tokens outlive the delay.
+    let idp = Idp::start(Duration::from_secs(30)).await;
+    let servers = servers(&idp, &["ok", "refused", "granted"]).await;
+    let files = tempfile::tempdir().unwrap();
+    use ImapMode::*;
+    use SmtpMode::*;
+    let mut ok = probe("ok", Submission587, Tls993, "ok");
+    ok.smtp_oauth2 = Some(refresh_token(&idp, "oauthbearer", "ok"));
+    ok.imap_oauth2 = Some(client_credentials(&idp, "xoauth2", "ok"));
+    let dead = idp.issue(&address("refused"), Duration::from_secs(3600));
+    let mut refused = probe("refused", Submissions465, Tls993, "refused");
+    refused.smtp_oauth2 = Some(token_file(files.path(), "xoauth2", "dead", &dead));
+    refused.imap_oauth2 = refused.smtp_oauth2.clone();
+    let mut granted = probe("granted", Submission587, Tls993, "granted");
+    granted.smtp_oauth2 = Some(client_credentials(&idp, "xoauth2", "granted"));
+    idp.revoke_tokens();
+    idp.revoke_grant("app-granted");
+    let text = config_text(&servers, &[ok, refused, granted])
+        .replace("timeout = \"10s\"", "timeout = \"20s\"")
+        .replace("submit = \"15s\"", "submit = \"30s\"");
+    let cfg = files.path().join("p.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = files.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailcanary"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(files.path().join("state"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("MAILCANARY_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the prober never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until(
+        addr,
+        Duration::from_secs(60),
+        "every error path taken",
+        |s| {
+            completed(s, "ok") >= 2.0
+                && failures(s, "refused", "submit", "auth") >= 1.0
+                && failures(s, "granted", "submit", "token") >= 1.0
+        },
+    )
+    .await;
+    idp.set_down(true).await;
+    until(
+        addr,
+        Duration::from_secs(60),
+        "the endpoint down seen",
+        |s| failures(s, "ok", "submit", "token") >= 1.0,
+    )
+    .await;
+    let mut seen = String::new();
+    for path in ["/metrics", "/api/v1/status", "/"] {
+        let url = format!("http://{addr}{path}");
+        seen.push_str(&reqwest::get(&url).await.unwrap().text().await.unwrap());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    seen.push_str(&std::fs::read_to_string(&log).unwrap());
+    assert!(seen.contains("oauth2 token"), "the token errors were shown");
+    let mut secrets = idp.issued();
+    assert!(secrets.len() >= 3, "{secrets:?}");
+    for user in ["ok", "granted"] {
+        secrets.push(format!("cs-{user}-s3cr3t"));
+    }
+    secrets.push("gcs-ok-s3cr3t".into());
+    secrets.push("1//rt-ok-s3cr3t".into());
+    for secret in &secrets {
+        assert!(!seen.contains(secret.as_str()), "secret {secret} leaked");
+    }
+}
