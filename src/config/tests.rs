@@ -19,6 +19,8 @@ const FRONT_EXAMPLE: &str = include_str!("../../probes/front.example.toml");
 const HELPSCOUT_EXAMPLE: &str = include_str!("../../probes/helpscout.example.toml");
 const FRESHDESK_EXAMPLE: &str = include_str!("../../probes/freshdesk.example.toml");
 const SEVERAL_MAILBOXES_EXAMPLE: &str = include_str!("../../probes/several-mailboxes.example.toml");
+const M365_EXAMPLE: &str = include_str!("../../probes/microsoft365.example.toml");
+const GMAIL_EXAMPLE: &str = include_str!("../../probes/gmail.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -158,6 +160,9 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("helpscout/webhook-secret", "helpscout-hook-secret\n"),
         ("freshdesk/api-key", "fd-api-key\n"),
         ("freshdesk/webhook", "fd-hook-secret\n"),
+        ("m365/client_secret", "m365-client-secret\n"),
+        ("gmail/client_secret", "gmail-client-secret\n"),
+        ("gmail/refresh_token", "1//gmail-refresh-token\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -240,6 +245,8 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("helpscout.example.toml", HELPSCOUT_EXAMPLE),
         ("freshdesk.example.toml", FRESHDESK_EXAMPLE),
         ("several-mailboxes.example.toml", SEVERAL_MAILBOXES_EXAMPLE),
+        ("microsoft365.example.toml", M365_EXAMPLE),
+        ("gmail.example.toml", GMAIL_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -253,9 +260,11 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
             "freshdesk-support",
             "front-support",
             "any-helpdesk",
+            "gmail-loop",
             "supportbee-prod",
             "helpscout-support",
             "mail-loop",
+            "m365-loop",
             "rt-support",
             "sandbox",
             "deliverability",
@@ -1473,4 +1482,55 @@ token_file = "/run/token"
 "#;
     let cfg = parse(text).unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.probes[0].mailboxes[0].imap.oauth2.is_some());
+}
+
+#[test]
+fn oauth2_examples_parse_with_their_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let m365 = parse_env(
+        &with_secret_files(M365_EXAMPLE, dir.path()),
+        "m.toml",
+        None,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = &m365.probes[0];
+    for o in [
+        p.smtp.oauth2.as_ref().unwrap(),
+        p.mailboxes[0].imap.oauth2.as_ref().unwrap(),
+    ] {
+        match &o.source {
+            OAuth2Source::ClientCredentials {
+                client_secret,
+                scope,
+                ..
+            } => {
+                assert_eq!(client_secret.expose(), "m365-client-secret");
+                assert_eq!(
+                    scope.as_deref(),
+                    Some("https://outlook.office365.com/.default")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let gmail = parse_env(
+        &with_secret_files(GMAIL_EXAMPLE, dir.path()),
+        "g.toml",
+        None,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    match &gmail.probes[0].mailboxes[0]
+        .imap
+        .oauth2
+        .as_ref()
+        .unwrap()
+        .source
+    {
+        OAuth2Source::RefreshToken { refresh_token, .. } => {
+            assert_eq!(refresh_token.expose(), "1//gmail-refresh-token")
+        }
+        other => panic!("{other:?}"),
+    }
 }
