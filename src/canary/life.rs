@@ -79,10 +79,13 @@ pub enum Reason {
     /// The canary was delivered, but into the mailbox's Junk folder (and the probe does not
     /// say `junk_is_ok`): mail flows, deliverability does not.
     Spam,
+    /// The OAuth2 token endpoint failed, could not be reached or refused the grant, or the
+    /// token file could not be read: no token to log in with (a refused token is `auth`).
+    Token,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Connect,
         Reason::Tls,
         Reason::Auth,
@@ -94,6 +97,7 @@ impl Reason {
         Reason::Deadline,
         Reason::Ledger,
         Reason::Spam,
+        Reason::Token,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +113,7 @@ impl Reason {
             Reason::Deadline => "deadline",
             Reason::Ledger => "ledger",
             Reason::Spam => "spam",
+            Reason::Token => "token",
         }
     }
 }

@@ -222,6 +222,46 @@ pub struct SmtpConfig {
     pub to: String,
     pub timeout: Duration,
     pub helo_name: Option<String>,
+    /// AUTH with an OAuth2 token instead of `password` (`username` required).
+    pub oauth2: Option<OAuth2Config>,
+}
+
+/// `[probe.smtp.oauth2]` / `[probe.imap.oauth2]`: which SASL mechanism, and where the bearer
+/// token comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuth2Config {
+    pub mechanism: OAuth2Mechanism,
+    pub source: OAuth2Source,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OAuth2Mechanism {
+    #[serde(rename = "xoauth2")]
+    XOAuth2,
+    /// RFC 7628.
+    #[serde(rename = "oauthbearer")]
+    OAuthBearer,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OAuth2Source {
+    /// A token another process keeps fresh in this file.
+    TokenFile(PathBuf),
+    /// `grant_type=client_credentials` (Microsoft 365 app-only).
+    ClientCredentials {
+        token_endpoint: String,
+        client_id: String,
+        client_secret: Secret,
+        scope: Option<String>,
+    },
+    /// `grant_type=refresh_token` (Gmail with your own OAuth client).
+    RefreshToken {
+        token_endpoint: String,
+        client_id: String,
+        client_secret: Secret,
+        refresh_token: Secret,
+        scope: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -334,7 +374,10 @@ pub struct ImapConfig {
     pub port: u16,
     pub tls: Tls,
     pub username: String,
+    /// Empty when `oauth2` is set.
     pub password: Secret,
+    /// AUTHENTICATE with an OAuth2 token instead of LOGIN with `password`.
+    pub oauth2: Option<OAuth2Config>,
     pub mailbox: String,
     pub ca_file: Option<PathBuf>,
     /// Use IDLE when offered; false forces polling.

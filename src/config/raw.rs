@@ -19,7 +19,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::error::{ConfigError, Source};
-use super::{Cleanup, HelpdeskApi, ProbeKind, ReplyMode, Tls};
+use super::{Cleanup, HelpdeskApi, OAuth2Mechanism, ProbeKind, ReplyMode, Tls};
 
 /// One config file: an optional `[prober]` table and any number of `[[probe]]` tables.
 #[derive(Debug, Default)]
@@ -143,6 +143,24 @@ pub struct RawSmtp {
     pub to: Option<Spanned<String>>,
     pub timeout: Option<Spanned<HumanDuration>>,
     pub helo_name: Option<Spanned<String>>,
+    pub oauth2: Option<Spanned<RawOAuth2>>,
+}
+
+/// `[probe.smtp.oauth2]`, `[probe.imap.oauth2]`: log in with an OAuth2 bearer token.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth2 {
+    pub mechanism: Option<OAuth2Mechanism>,
+    /// `client_credentials` or `refresh_token`; absent with `token_file`.
+    pub grant: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<PathBuf>>,
+    pub token_endpoint: Option<Spanned<String>>,
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret: Option<Spanned<String>>,
+    pub client_secret_file: Option<Spanned<PathBuf>>,
+    pub refresh_token: Option<Spanned<String>>,
+    pub refresh_token_file: Option<Spanned<PathBuf>>,
+    pub scope: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,6 +293,7 @@ pub struct RawImap {
     pub poll_interval: Option<Spanned<HumanDuration>>,
     pub timeout: Option<Spanned<HumanDuration>>,
     pub junk: Option<Spanned<RawJunk>>,
+    pub oauth2: Option<Spanned<RawOAuth2>>,
 }
 
 /// A humantime duration string (`"30s"`, `"1m 30s"`, `"24h"`). Range checks come later.

@@ -17,8 +17,8 @@ use crate::edges::helpdesk::generic::{self, Template};
 
 use super::{
     Cleanup, Config, Deadlines, HelpdeskApi, HelpdeskConfig, ImapConfig, Junk, MailboxConfig,
-    ProbeConfig, ProbeKind, ProberSettings, ReplyMode, SmtpConfig, StageName, Tls, VendorConfig,
-    stages_for,
+    OAuth2Config, OAuth2Mechanism, OAuth2Source, ProbeConfig, ProbeKind, ProberSettings, ReplyMode,
+    SmtpConfig, StageName, Tls, VendorConfig, stages_for,
 };
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -798,15 +798,31 @@ impl Ctx<'_> {
             Tls::StartTls => 587,
             Tls::Tls => 465,
         };
-        let password = self
-            .secret(
+        // With `oauth2` a password is an error of its own (below), not a file to read.
+        let password = if raw.oauth2.is_some() {
+            None
+        } else {
+            self.secret(
                 pre,
                 "password",
                 raw.password.as_ref(),
                 raw.password_file.as_ref(),
             )
-            .unwrap_or(None);
+            .unwrap_or(None)
+        };
+        let oauth2 = raw.oauth2.as_ref().map(|o| self.oauth2(pre, o));
+        if raw.oauth2.is_some() {
+            self.no_password_with_oauth2(pre, raw.password.as_ref(), raw.password_file.as_ref());
+            if raw.username.is_none() {
+                self.err(
+                    sp.span(),
+                    key(pre, "username"),
+                    "OAuth2 needs a `username` (the mailbox the token is for)",
+                );
+            }
+        }
         match (&raw.username, &password) {
+            _ if raw.oauth2.is_some() => {}
             (Some(u), None) if raw.password.is_none() && raw.password_file.is_none() => {
                 self.err(
                     u.span(),
@@ -843,7 +859,189 @@ impl Ctx<'_> {
                 DEFAULT_SMTP_TIMEOUT,
             ),
             helo_name: raw.helo_name.as_ref().map(|h| h.get_ref().clone()),
+            oauth2,
         }
+    }
+
+    /// `password` / `password_file` beside an `oauth2` section is an error: which would log in?
+    fn no_password_with_oauth2(
+        &mut self,
+        pre: &str,
+        password: Option<&Spanned<String>>,
+        password_file: Option<&Spanned<PathBuf>>,
+    ) {
+        let given = password
+            .map(|p| (p.span(), "password"))
+            .or_else(|| password_file.map(|p| (p.span(), "password_file")));
+        if let Some((span, field)) = given {
+            self.err(
+                span,
+                key(pre, field),
+                "set either a password or an `oauth2` section, not both",
+            );
+        }
+    }
+
+    /// `[PRE.oauth2]`: the mechanism and the token source.
+    fn oauth2(&mut self, pre: &str, sp: &Spanned<raw::RawOAuth2>) -> OAuth2Config {
+        let pre = key(pre, "oauth2");
+        let pre = pre.as_str();
+        let raw = sp.get_ref();
+        let mechanism = raw.mechanism.unwrap_or(OAuth2Mechanism::XOAuth2);
+        let endpoint_keys: [(&str, Option<std::ops::Range<usize>>); 7] = [
+            (
+                "token_endpoint",
+                raw.token_endpoint.as_ref().map(|v| v.span()),
+            ),
+            ("client_id", raw.client_id.as_ref().map(|v| v.span())),
+            (
+                "client_secret",
+                raw.client_secret.as_ref().map(|v| v.span()),
+            ),
+            (
+                "client_secret_file",
+                raw.client_secret_file.as_ref().map(|v| v.span()),
+            ),
+            (
+                "refresh_token",
+                raw.refresh_token.as_ref().map(|v| v.span()),
+            ),
+            (
+                "refresh_token_file",
+                raw.refresh_token_file.as_ref().map(|v| v.span()),
+            ),
+            ("scope", raw.scope.as_ref().map(|v| v.span())),
+        ];
+        if let Some(path) = &raw.token_file {
+            if let Some(g) = &raw.grant {
+                self.err(g.span(), key(pre, "grant"), "not used with `token_file`");
+            }
+            for (field, span) in endpoint_keys {
+                if let Some(span) = span {
+                    self.err(span, key(pre, field), "not used with `token_file`");
+                }
+            }
+            return OAuth2Config {
+                mechanism,
+                source: OAuth2Source::TokenFile(self.path(path.get_ref())),
+            };
+        }
+        let grant = match &raw.grant {
+            None => {
+                self.err(
+                    sp.span(),
+                    key(pre, "grant"),
+                    "missing: set `token_file`, or `grant` = \"client_credentials\" or \"refresh_token\"",
+                );
+                return OAuth2Config {
+                    mechanism,
+                    source: OAuth2Source::TokenFile(PathBuf::new()),
+                };
+            }
+            Some(g) => g,
+        };
+        let refresh = match grant.get_ref().as_str() {
+            "client_credentials" => false,
+            "refresh_token" => true,
+            other => {
+                self.err(
+                    grant.span(),
+                    key(pre, "grant"),
+                    format!("{other:?}: must be \"client_credentials\" or \"refresh_token\""),
+                );
+                false
+            }
+        };
+        let token_endpoint = match &raw.token_endpoint {
+            None => {
+                self.err(
+                    sp.span(),
+                    key(pre, "token_endpoint"),
+                    "missing field `token_endpoint`",
+                );
+                String::new()
+            }
+            Some(u) => match reqwest::Url::parse(u.get_ref()) {
+                Ok(url)
+                    if (url.scheme() == "http" || url.scheme() == "https") && url.has_host() =>
+                {
+                    u.get_ref().clone()
+                }
+                _ => {
+                    self.err(
+                        u.span(),
+                        key(pre, "token_endpoint"),
+                        "must be an http:// or https:// URL with a host",
+                    );
+                    String::new()
+                }
+            },
+        };
+        let client_id = match &raw.client_id {
+            Some(c) if !c.get_ref().is_empty() => c.get_ref().clone(),
+            Some(c) => {
+                self.err(c.span(), key(pre, "client_id"), "must not be empty");
+                String::new()
+            }
+            None => {
+                self.err(
+                    sp.span(),
+                    key(pre, "client_id"),
+                    "missing field `client_id`",
+                );
+                String::new()
+            }
+        };
+        let client_secret = self.required_secret(
+            sp.span(),
+            pre,
+            "client_secret",
+            raw.client_secret.as_ref(),
+            raw.client_secret_file.as_ref(),
+        );
+        let scope = raw.scope.as_ref().map(|s| s.get_ref().clone());
+        let source = if refresh {
+            let refresh_token = self.required_secret(
+                sp.span(),
+                pre,
+                "refresh_token",
+                raw.refresh_token.as_ref(),
+                raw.refresh_token_file.as_ref(),
+            );
+            OAuth2Source::RefreshToken {
+                token_endpoint,
+                client_id,
+                client_secret,
+                refresh_token,
+                scope,
+            }
+        } else {
+            for (field, value) in [
+                (
+                    "refresh_token",
+                    raw.refresh_token.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "refresh_token_file",
+                    raw.refresh_token_file.as_ref().map(|v| v.span()),
+                ),
+            ] {
+                if let Some(span) = value {
+                    self.err(
+                        span,
+                        key(pre, field),
+                        "only used with grant = \"refresh_token\"",
+                    );
+                }
+            }
+            OAuth2Source::ClientCredentials {
+                token_endpoint,
+                client_id,
+                client_secret,
+                scope,
+            }
+        };
+        OAuth2Config { mechanism, source }
     }
 
     fn helpdesk(&mut self, pre: &str, sp: &Spanned<raw::RawHelpdesk>) -> HelpdeskConfig {
@@ -1378,18 +1576,26 @@ impl Ctx<'_> {
                 Junk::Named(n.clone())
             }
         };
-        ImapConfig {
-            host: self.host(&raw.host, key(pre, "host")),
-            port: self.port(raw.port.as_ref(), key(pre, "port"), default_port),
-            tls,
-            username: raw.username.get_ref().clone(),
-            password: self.required_secret(
+        let oauth2 = raw.oauth2.as_ref().map(|o| self.oauth2(pre, o));
+        let password = if oauth2.is_some() {
+            self.no_password_with_oauth2(pre, raw.password.as_ref(), raw.password_file.as_ref());
+            Secret::new("")
+        } else {
+            self.required_secret(
                 sp.span(),
                 pre,
                 "password",
                 raw.password.as_ref(),
                 raw.password_file.as_ref(),
-            ),
+            )
+        };
+        ImapConfig {
+            host: self.host(&raw.host, key(pre, "host")),
+            port: self.port(raw.port.as_ref(), key(pre, "port"), default_port),
+            tls,
+            username: raw.username.get_ref().clone(),
+            password,
+            oauth2,
             mailbox,
             ca_file: self.ca_file(raw.ca_file.as_ref(), key(pre, "ca_file")),
             idle: raw.idle.unwrap_or(true),

@@ -19,6 +19,8 @@ const FRONT_EXAMPLE: &str = include_str!("../../probes/front.example.toml");
 const HELPSCOUT_EXAMPLE: &str = include_str!("../../probes/helpscout.example.toml");
 const FRESHDESK_EXAMPLE: &str = include_str!("../../probes/freshdesk.example.toml");
 const SEVERAL_MAILBOXES_EXAMPLE: &str = include_str!("../../probes/several-mailboxes.example.toml");
+const M365_EXAMPLE: &str = include_str!("../../probes/microsoft365.example.toml");
+const GMAIL_EXAMPLE: &str = include_str!("../../probes/gmail.example.toml");
 
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = vars
@@ -158,6 +160,9 @@ fn with_secret_files(text: &str, dir: &Path) -> String {
         ("helpscout/webhook-secret", "helpscout-hook-secret\n"),
         ("freshdesk/api-key", "fd-api-key\n"),
         ("freshdesk/webhook", "fd-hook-secret\n"),
+        ("m365/client_secret", "m365-client-secret\n"),
+        ("gmail/client_secret", "gmail-client-secret\n"),
+        ("gmail/refresh_token", "1//gmail-refresh-token\n"),
     ] {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -240,6 +245,8 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
         ("helpscout.example.toml", HELPSCOUT_EXAMPLE),
         ("freshdesk.example.toml", FRESHDESK_EXAMPLE),
         ("several-mailboxes.example.toml", SEVERAL_MAILBOXES_EXAMPLE),
+        ("microsoft365.example.toml", M365_EXAMPLE),
+        ("gmail.example.toml", GMAIL_EXAMPLE),
     ] {
         std::fs::write(dir.path().join(name), with_secret_files(text, dir.path())).unwrap();
     }
@@ -253,9 +260,11 @@ fn the_probes_directory_loads_as_a_whole_given_its_secrets() {
             "freshdesk-support",
             "front-support",
             "any-helpdesk",
+            "gmail-loop",
             "supportbee-prod",
             "helpscout-support",
             "mail-loop",
+            "m365-loop",
             "rt-support",
             "sandbox",
             "deliverability",
@@ -1304,4 +1313,224 @@ fn several_mailboxes_example_parses() {
     assert_eq!(p.mailboxes[2].imap.junk, Junk::Named("Spam".into()));
     assert_eq!(p.mailboxes[0].imap.junk, Junk::SpecialUse);
     assert_eq!(p.smtp.to, "", "the mailboxes are the recipients");
+}
+
+// --- OAuth2 ---
+
+/// [`mail_loop`] with `[probe.imap.oauth2]` of `body` in place of the IMAP password.
+fn imap_oauth2(body: &str) -> String {
+    mail_loop("a", "").replace(
+        "password = \"pw\"\n",
+        &format!("\n[probe.imap.oauth2]\n{body}"),
+    )
+}
+
+#[test]
+fn oauth2_sources_parse() {
+    let cfg = parse(&imap_oauth2("token_file = \"/run/token\"\n")).unwrap();
+    let imap = &cfg.probes[0].mailboxes[0].imap;
+    assert_eq!(
+        imap.oauth2,
+        Some(OAuth2Config {
+            mechanism: OAuth2Mechanism::XOAuth2,
+            source: OAuth2Source::TokenFile("/run/token".into()),
+        })
+    );
+    assert_eq!(imap.password.expose(), "");
+
+    let cfg = parse(&imap_oauth2(
+        "mechanism = \"oauthbearer\"\ngrant = \"client_credentials\"\n\
+         token_endpoint = \"https://login.example/t\"\nclient_id = \"app\"\n\
+         client_secret = \"s3cret\"\nscope = \"https://outlook.office365.com/.default\"\n",
+    ))
+    .unwrap();
+    let o = cfg.probes[0].mailboxes[0].imap.oauth2.clone().unwrap();
+    assert_eq!(o.mechanism, OAuth2Mechanism::OAuthBearer);
+    match o.source {
+        OAuth2Source::ClientCredentials {
+            token_endpoint,
+            client_id,
+            client_secret,
+            scope,
+        } => {
+            assert_eq!(token_endpoint, "https://login.example/t");
+            assert_eq!(client_id, "app");
+            assert_eq!(client_secret.expose(), "s3cret");
+            assert_eq!(
+                scope.as_deref(),
+                Some("https://outlook.office365.com/.default")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Debug of the whole config never shows the secret.
+    assert!(!format!("{cfg:?}").contains("s3cret"));
+
+    let cfg = parse(&imap_oauth2(
+        "grant = \"refresh_token\"\ntoken_endpoint = \"https://oauth2.example/token\"\n\
+         client_id = \"c\"\nclient_secret = \"cs\"\nrefresh_token = \"rt-1\"\n",
+    ))
+    .unwrap();
+    assert!(matches!(
+        cfg.probes[0].mailboxes[0].imap.oauth2.as_ref().unwrap().source,
+        OAuth2Source::RefreshToken { ref refresh_token, .. } if refresh_token.expose() == "rt-1"
+    ));
+}
+
+#[test]
+fn oauth2_and_a_password_together_is_an_error() {
+    let text = mail_loop("a", "").replace(
+        "password = \"pw\"\n",
+        "password = \"pw\"\n\n[probe.imap.oauth2]\ntoken_file = \"/run/token\"\n",
+    );
+    let e = single_error(&text, 13, "probe[0].imap.password");
+    assert!(e.message.contains("not both"), "{e}");
+
+    let text = mail_loop("a", "").replace(
+        "to = \"b@example.test\"\n",
+        "to = \"b@example.test\"\nusername = \"a@example.test\"\npassword_file = \"/dev/null\"\n\
+         [probe.smtp.oauth2]\ntoken_file = \"/run/token\"\n",
+    );
+    let e = single_error(&text, 10, "probe[0].smtp.password_file");
+    assert!(e.message.contains("not both"), "{e}");
+}
+
+#[test]
+fn smtp_oauth2_needs_a_username() {
+    let text = mail_loop("a", "").replace(
+        "to = \"b@example.test\"\n",
+        "to = \"b@example.test\"\n[probe.smtp.oauth2]\ntoken_file = \"/run/token\"\n",
+    );
+    single_error(&text, 5, "probe[0].smtp.username");
+}
+
+#[test]
+fn oauth2_grant_rules() {
+    // Neither a token file nor a grant.
+    single_error(
+        &imap_oauth2("mechanism = \"xoauth2\"\n"),
+        14,
+        "probe[0].imap.oauth2.grant",
+    );
+    // An unknown grant, an unknown mechanism.
+    single_error(
+        &imap_oauth2(
+            "grant = \"password\"\ntoken_endpoint = \"https://x/t\"\nclient_id = \"c\"\n\
+             client_secret = \"s\"\n",
+        ),
+        15,
+        "probe[0].imap.oauth2.grant",
+    );
+    let errs = errors(&imap_oauth2("mechanism = \"plain\"\ntoken_file = \"/t\"\n"));
+    assert!(
+        errs.iter().any(|e| e.position.map(|p| p.line) == Some(15)),
+        "{}",
+        ConfigErrors(errs.clone())
+    );
+    // Endpoint keys beside a token file.
+    single_error(
+        &imap_oauth2("token_file = \"/t\"\nclient_id = \"c\"\n"),
+        16,
+        "probe[0].imap.oauth2.client_id",
+    );
+    // A client secret is required; a refresh token only with the refresh_token grant.
+    single_error(
+        &imap_oauth2(
+            "grant = \"client_credentials\"\ntoken_endpoint = \"https://x/t\"\nclient_id = \"c\"\n",
+        ),
+        14,
+        "probe[0].imap.oauth2.client_secret",
+    );
+    single_error(
+        &imap_oauth2(
+            "grant = \"client_credentials\"\ntoken_endpoint = \"https://x/t\"\nclient_id = \"c\"\n\
+             client_secret = \"s\"\nrefresh_token = \"r\"\n",
+        ),
+        19,
+        "probe[0].imap.oauth2.refresh_token",
+    );
+    single_error(
+        &imap_oauth2(
+            "grant = \"refresh_token\"\ntoken_endpoint = \"ftp://x/t\"\nclient_id = \"c\"\n\
+             client_secret = \"s\"\nrefresh_token = \"r\"\n",
+        ),
+        16,
+        "probe[0].imap.oauth2.token_endpoint",
+    );
+}
+
+#[test]
+fn a_mailbox_imap_takes_oauth2() {
+    let text = r#"[[probe]]
+name = "m"
+kind = "mail_loop"
+
+[probe.smtp]
+host = "127.0.0.1"
+from = "a@example.test"
+
+[[probe.mailbox]]
+name = "m365"
+address = "b@example.test"
+
+[probe.mailbox.imap]
+host = "127.0.0.1"
+username = "b@example.test"
+
+[probe.mailbox.imap.oauth2]
+token_file = "/run/token"
+"#;
+    let cfg = parse(text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.probes[0].mailboxes[0].imap.oauth2.is_some());
+}
+
+#[test]
+fn oauth2_examples_parse_with_their_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let m365 = parse_env(
+        &with_secret_files(M365_EXAMPLE, dir.path()),
+        "m.toml",
+        None,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = &m365.probes[0];
+    for o in [
+        p.smtp.oauth2.as_ref().unwrap(),
+        p.mailboxes[0].imap.oauth2.as_ref().unwrap(),
+    ] {
+        match &o.source {
+            OAuth2Source::ClientCredentials {
+                client_secret,
+                scope,
+                ..
+            } => {
+                assert_eq!(client_secret.expose(), "m365-client-secret");
+                assert_eq!(
+                    scope.as_deref(),
+                    Some("https://outlook.office365.com/.default")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let gmail = parse_env(
+        &with_secret_files(GMAIL_EXAMPLE, dir.path()),
+        "g.toml",
+        None,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    match &gmail.probes[0].mailboxes[0]
+        .imap
+        .oauth2
+        .as_ref()
+        .unwrap()
+        .source
+    {
+        OAuth2Source::RefreshToken { refresh_token, .. } => {
+            assert_eq!(refresh_token.expose(), "1//gmail-refresh-token")
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -91,7 +91,11 @@ pub struct ImapTarget {
     pub port: u16,
     pub tls: TlsMode,
     pub username: String,
+    /// For LOGIN; unused when `oauth2` is set.
     pub password: String,
+    /// Log in with `AUTHENTICATE XOAUTH2` / `OAUTHBEARER` and a token from this source instead
+    /// of LOGIN; a fresh token (if the cached one is old or was refused) on every reconnect.
+    pub oauth2: Option<super::oauth2::Login>,
     /// Mailbox to SELECT, e.g. `INBOX`, or [`SPECIAL_USE_JUNK`].
     pub mailbox: String,
     /// PEM certificates trusted in addition to webpki-roots (a private CA).
@@ -119,6 +123,7 @@ impl fmt::Debug for ImapTarget {
             .field("tls", &self.tls)
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field("oauth2", &self.oauth2.as_ref().map(|o| o.mechanism))
             .field("mailbox", &self.mailbox)
             .field(
                 "extra_roots_pem",
@@ -601,26 +606,9 @@ impl Watcher {
         };
 
         let t = &self.target;
-        let login = timeout(
-            limit,
-            client.login_with_capabilities(&t.username, &t.password),
-        )
-        .await;
-        let (mut session, caps) = match login {
-            Ok(Ok(ok)) => ok,
-            Ok(Err((e, _))) => {
-                let reason = match e {
-                    ImapError::Io(_) | ImapError::ConnectionLost => Reason::Connect,
-                    // NO is a refusal; BAD to LOGIN means plaintext login is disabled or the
-                    // credentials cannot be sent: either way the operator fixes credentials/TLS.
-                    _ => Reason::Auth,
-                };
-                return Err(Failure::new(
-                    reason,
-                    format!("LOGIN as {:?}: {e}", t.username),
-                ));
-            }
-            Err(_) => return Err(Failure::timeout("LOGIN", limit)),
+        let (mut session, caps) = match &t.oauth2 {
+            None => login(client, t, limit).await?,
+            Some(o) => (authenticate(client, t, o, limit).await?, None),
         };
         let caps = match caps {
             Some(c) => c,
@@ -920,6 +908,94 @@ impl Watcher {
 }
 
 /// Reads the greeting: `* OK` or `* PREAUTH` go on, `* BYE` is a refused connection.
+/// LOGIN with the password.
+async fn login(
+    client: Client<Conn>,
+    t: &ImapTarget,
+    limit: Duration,
+) -> Result<(Session<Conn>, Option<Capabilities>), Failure> {
+    match timeout(
+        limit,
+        client.login_with_capabilities(&t.username, &t.password),
+    )
+    .await
+    {
+        Ok(Ok(ok)) => Ok(ok),
+        Ok(Err((e, _))) => {
+            let reason = match e {
+                ImapError::Io(_) | ImapError::ConnectionLost => Reason::Connect,
+                // NO is a refusal; BAD to LOGIN means plaintext login is disabled or the
+                // credentials cannot be sent: either way the operator fixes credentials/TLS.
+                _ => Reason::Auth,
+            };
+            Err(Failure::new(
+                reason,
+                format!("LOGIN as {:?}: {e}", t.username),
+            ))
+        }
+        Err(_) => Err(Failure::timeout("LOGIN", limit)),
+    }
+}
+
+/// `AUTHENTICATE XOAUTH2|OAUTHBEARER` with a token from the target's source. A token endpoint
+/// that fails is `token`; a refused token is `auth`, and the source drops that token so the
+/// next reconnect asks for a new one.
+async fn authenticate(
+    client: Client<Conn>,
+    t: &ImapTarget,
+    o: &super::oauth2::Login,
+    limit: Duration,
+) -> Result<Session<Conn>, Failure> {
+    let token = o
+        .source
+        .token()
+        .await
+        .map_err(|e| Failure::new(Reason::Token, e.to_string()))?;
+    let auth = OAuth2Authenticator {
+        first: Some(o.mechanism.initial_response(&t.username, &token)),
+        ack: o.mechanism.error_ack(),
+    };
+    let mechanism = o.mechanism.as_str();
+    let outcome = timeout(limit, client.authenticate(mechanism, auth)).await;
+    let refused = |e: ImapError| {
+        let reason = match e {
+            ImapError::Io(_) | ImapError::ConnectionLost => Reason::Connect,
+            _ => Reason::Auth,
+        };
+        let detail = super::redact(
+            &format!("AUTHENTICATE {mechanism} as {:?}: {e}", t.username),
+            token.expose(),
+        );
+        (reason, detail)
+    };
+    match outcome {
+        Ok(Ok(session)) => Ok(session),
+        Ok(Err((e, _))) => {
+            let (reason, detail) = refused(e);
+            if reason == Reason::Auth {
+                o.source.refused(&token).await;
+            }
+            Err(Failure::new(reason, detail))
+        }
+        Err(_) => Err(Failure::timeout("AUTHENTICATE", limit)),
+    }
+}
+
+/// Sends the initial response at the first continuation, and the mechanism's
+/// acknowledgement to any later one (the server's error challenge).
+struct OAuth2Authenticator {
+    first: Option<Vec<u8>>,
+    ack: &'static [u8],
+}
+
+impl async_imap::Authenticator for OAuth2Authenticator {
+    type Response = Vec<u8>;
+
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        self.first.take().unwrap_or_else(|| self.ack.to_vec())
+    }
+}
+
 async fn greeting(client: &mut Client<Conn>, limit: Duration) -> Result<(), Failure> {
     let response = match timeout(limit, client.read_response()).await {
         Ok(Ok(Some(r))) => r,
@@ -1033,6 +1109,7 @@ mod tests {
             tls: TlsMode::Tls,
             username: "u".into(),
             password: "hunter2".into(),
+            oauth2: None,
             mailbox: "INBOX".into(),
             extra_roots_pem: None,
             timeout: Duration::from_secs(5),

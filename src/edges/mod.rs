@@ -13,6 +13,7 @@
 
 pub mod helpdesk;
 pub mod imap;
+pub mod oauth2;
 pub mod smtp;
 
 /// How a connection is secured, for SMTP and IMAP alike.

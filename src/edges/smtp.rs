@@ -34,7 +34,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::{error_chain, redact, rustls_client_config};
+use super::{error_chain, oauth2, redact, rustls_client_config};
 use crate::canary::life::Reason;
 
 pub use super::TlsMode;
@@ -47,6 +47,8 @@ pub struct SmtpTarget {
     pub tls: TlsMode,
     /// `(user, password)` for AUTH (PLAIN, else LOGIN).
     pub credentials: Option<(String, String)>,
+    /// `(user, login)` for AUTH XOAUTH2 / OAUTHBEARER with a token, instead of `credentials`.
+    pub oauth2: Option<(String, oauth2::Login)>,
     /// PEM certificates trusted in addition to webpki-roots (a private CA).
     pub extra_roots_pem: Option<Vec<u8>>,
     /// Bound on one whole submission, from TCP connect to the reply to DATA.
@@ -62,6 +64,10 @@ impl fmt::Debug for SmtpTarget {
             .field("port", &self.port)
             .field("tls", &self.tls)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .field(
+                "oauth2",
+                &self.oauth2.as_ref().map(|(u, o)| (u, o.mechanism)),
+            )
             .field("extra_roots_pem", &self.extra_roots_pem.is_some())
             .field("timeout", &self.timeout)
             .field("helo_name", &self.helo_name)
@@ -134,6 +140,7 @@ pub struct Submitter {
     timeout: Duration,
     hello: ClientId,
     credentials: Option<Credentials>,
+    oauth2: Option<(String, oauth2::Login)>,
     /// Kept only to scrub it from error details.
     password: String,
     /// Implicit TLS (`TlsMode::Tls`).
@@ -151,6 +158,7 @@ impl fmt::Debug for Submitter {
             .field("implicit_tls", &self.implicit_tls.is_some())
             .field("starttls", &self.starttls.is_some())
             .field("auth", &self.credentials.is_some())
+            .field("oauth2", &self.oauth2.as_ref().map(|(_, o)| o.mechanism))
             .finish()
     }
 }
@@ -206,6 +214,7 @@ impl Submitter {
             timeout: target.timeout,
             hello: target.helo_name.map(ClientId::Domain).unwrap_or_default(),
             credentials,
+            oauth2: target.oauth2,
             password,
             implicit_tls,
             starttls,
@@ -297,6 +306,11 @@ impl Submitter {
                 .map_err(|e| self.classify(*phase, &e))?;
         }
 
+        if let Some((user, login)) = &self.oauth2 {
+            *phase = SmtpPhase::Auth;
+            self.auth_oauth2(&mut conn, user, login).await?;
+        }
+
         *phase = SmtpPhase::Transaction;
         let response = conn
             .send(message.envelope(), &message.formatted())
@@ -310,6 +324,69 @@ impl Submitter {
             ),
         };
         Ok((submitted, conn))
+    }
+
+    /// AUTH XOAUTH2 / OAUTHBEARER with the initial response, driven line by line rather than
+    /// with lettre's `auth`: a server refusing the token answers with an error challenge,
+    /// `334 <base64 JSON>` (Dovecot's, relayed by Postfix), which the client must acknowledge
+    /// (an empty line for XOAUTH2, `%x01` for OAUTHBEARER) to get the final 5xx; lettre's
+    /// XOAUTH2 cannot answer it. A refusal is `auth` whatever the final code (Dovecot's growing
+    /// failure penalty can turn it into a `454`); a 4xx without a challenge is `tempfail`; a
+    /// token endpoint that fails is `token`.
+    async fn auth_oauth2(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        user: &str,
+        login: &oauth2::Login,
+    ) -> Result<(), SmtpError> {
+        let phase = SmtpPhase::Auth;
+        let token = login
+            .source
+            .token()
+            .await
+            .map_err(|e| self.error(Reason::Token, phase, e.to_string()))?;
+        let mechanism = login.mechanism;
+        let scrub = |e: SmtpError| SmtpError {
+            detail: redact(&e.detail, token.expose()),
+            ..e
+        };
+        let first = conn
+            .command(Line(format!(
+                "AUTH {} {}",
+                mechanism.as_str(),
+                mechanism.initial_response_base64(user, &token)
+            )))
+            .await;
+        let challenge = match first {
+            Ok(r) if r.has_code(334) => r.message().collect::<Vec<_>>().join(" "),
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let e = scrub(self.classify(phase, &e));
+                if e.reason == Reason::Auth {
+                    login.source.refused(&token).await;
+                }
+                return Err(e);
+            }
+        };
+        login.source.refused(&token).await;
+        let ack = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            mechanism.error_ack(),
+        );
+        let why = describe_challenge(&challenge);
+        let detail = match conn.command(Line(ack)).await {
+            Ok(r) => format!(
+                "{} refused the token ({why}), then answered {} to the acknowledgement",
+                mechanism.as_str(),
+                r.code()
+            ),
+            Err(e) => format!(
+                "{} refused the token ({why}): {}",
+                mechanism.as_str(),
+                error_chain(&e)
+            ),
+        };
+        Err(scrub(self.error(Reason::Auth, phase, detail)))
     }
 
     fn addr(&self) -> String {
@@ -348,6 +425,37 @@ impl Submitter {
             }
         };
         self.error(reason, phase, error_chain(e))
+    }
+}
+
+/// One command line as lettre's `command` writes it.
+struct Line(String);
+
+impl fmt::Display for Line {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\r\n", self.0)
+    }
+}
+
+/// The `status` of an RFC 7628 error challenge (base64 JSON), or a note that it had none.
+fn describe_challenge(challenge: &str) -> String {
+    let json = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, challenge.trim())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    match json
+        .as_ref()
+        .and_then(|j| j.get("status"))
+        .and_then(|s| s.as_str())
+    {
+        Some(status) => format!(
+            "status {:?}",
+            status
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(32)
+                .collect::<String>()
+        ),
+        None => "error challenge".into(),
     }
 }
 

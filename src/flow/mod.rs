@@ -259,6 +259,10 @@ impl Probe {
                 .username
                 .clone()
                 .zip(smtp.password.as_ref().map(|p| p.expose().to_string())),
+            oauth2: match (&smtp.oauth2, &smtp.username) {
+                (Some(o), Some(user)) => Some((user.clone(), oauth2_login(o, smtp.timeout)?)),
+                _ => None,
+            },
             extra_roots_pem: read_roots(smtp.ca_file.as_deref())?,
             timeout: smtp.timeout,
             helo_name: smtp.helo_name.clone(),
@@ -388,6 +392,50 @@ fn junk_target(i: &crate::config::ImapConfig, folder: &str) -> crate::config::Im
     }
 }
 
+/// The token source and mechanism of an `oauth2` section; the endpoint's requests are bounded
+/// by the section's server timeout.
+fn oauth2_login(
+    o: &crate::config::OAuth2Config,
+    timeout: Duration,
+) -> anyhow::Result<crate::edges::oauth2::Login> {
+    use crate::config::{OAuth2Mechanism, OAuth2Source};
+    use crate::edges::oauth2::{Grant, Hidden, Login, Mechanism, TokenSource};
+    let grant = match &o.source {
+        OAuth2Source::TokenFile(path) => Grant::File { path: path.clone() },
+        OAuth2Source::ClientCredentials {
+            token_endpoint,
+            client_id,
+            client_secret,
+            scope,
+        } => Grant::ClientCredentials {
+            token_endpoint: token_endpoint.clone(),
+            client_id: client_id.clone(),
+            client_secret: Hidden::new(client_secret.expose()),
+            scope: scope.clone(),
+        },
+        OAuth2Source::RefreshToken {
+            token_endpoint,
+            client_id,
+            client_secret,
+            refresh_token,
+            scope,
+        } => Grant::RefreshToken {
+            token_endpoint: token_endpoint.clone(),
+            client_id: client_id.clone(),
+            client_secret: Hidden::new(client_secret.expose()),
+            refresh_token: Hidden::new(refresh_token.expose()),
+            scope: scope.clone(),
+        },
+    };
+    Ok(Login {
+        mechanism: match o.mechanism {
+            OAuth2Mechanism::XOAuth2 => Mechanism::XOAuth2,
+            OAuth2Mechanism::OAuthBearer => Mechanism::OAuthBearer,
+        },
+        source: Arc::new(TokenSource::new(grant, timeout, None)?),
+    })
+}
+
 fn imap_target(i: &crate::config::ImapConfig) -> anyhow::Result<ImapTarget> {
     Ok(ImapTarget {
         host: i.host.clone(),
@@ -395,6 +443,11 @@ fn imap_target(i: &crate::config::ImapConfig) -> anyhow::Result<ImapTarget> {
         tls: tls_mode(i.tls),
         username: i.username.clone(),
         password: i.password.expose().to_string(),
+        oauth2: i
+            .oauth2
+            .as_ref()
+            .map(|o| oauth2_login(o, i.timeout))
+            .transpose()?,
         mailbox: i.mailbox.clone(),
         extra_roots_pem: read_roots(i.ca_file.as_deref())?,
         timeout: i.timeout,

@@ -121,6 +121,7 @@ fn target(addr: SocketAddr) -> ImapTarget {
         tls: TlsMode::None,
         username: USER.into(),
         password: PASSWORD.into(),
+        oauth2: None,
         mailbox: "INBOX".into(),
         extra_roots_pem: None,
         timeout: Duration::from_secs(5),
@@ -606,6 +607,7 @@ async fn wrong_password_is_auth_and_never_echoed() {
     let mut w = Watch::start(
         ImapTarget {
             password: secret.into(),
+            oauth2: None,
             ..target(server.addr)
         },
         None,

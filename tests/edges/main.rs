@@ -94,6 +94,7 @@ pub async fn send_canary(sb: &Sandbox) -> String {
         port: sb.smtp_addr.port(),
         tls: TlsMode::None,
         credentials: None,
+        oauth2: None,
         extra_roots_pem: None,
         timeout: Duration::from_secs(5),
         helo_name: Some("prober.test".into()),

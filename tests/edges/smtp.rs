@@ -20,6 +20,7 @@ fn target(addr: std::net::SocketAddr) -> SmtpTarget {
         port: addr.port(),
         tls: TlsMode::None,
         credentials: None,
+        oauth2: None,
         extra_roots_pem: None,
         timeout: Duration::from_secs(5),
         helo_name: Some("prober.test".into()),

@@ -250,6 +250,8 @@ fn check_syntax_only_lints_every_shipped_example_without_its_secrets() {
         "supportbee-prod",
         "rt-support",
         "zammad-support",
+        "m365-loop",
+        "gmail-loop",
     ] {
         assert!(out.contains(name), "{out}");
     }

@@ -82,6 +82,10 @@ pub struct ProbeSpec {
     pub rcpt: Option<String>,
     pub smtp_password: Option<String>,
     pub imap_password: Option<String>,
+    /// The body of `[probe.smtp.oauth2]` (AUTH with a token instead of the password; 587/465).
+    pub smtp_oauth2: Option<String>,
+    /// The body of `[probe.imap.oauth2]` (AUTHENTICATE with a token instead of LOGIN).
+    pub imap_oauth2: Option<String>,
     pub smtp_ca: Option<PathBuf>,
     pub imap_ca: Option<PathBuf>,
     pub interval: &'static str,
@@ -102,6 +106,8 @@ impl ProbeSpec {
             rcpt: None,
             smtp_password: None,
             imap_password: None,
+            smtp_oauth2: None,
+            imap_oauth2: None,
             smtp_ca: None,
             imap_ca: None,
             interval: "1s",
@@ -123,7 +129,9 @@ impl ProbeSpec {
             SmtpMode::Submission587 => (p.submission, "starttls", true),
             SmtpMode::Submissions465 => (p.submissions, "tls", true),
         };
-        let smtp_auth = if auth {
+        let smtp_auth = if auth && self.smtp_oauth2.is_some() {
+            format!("username = \"{mailbox}\"\n")
+        } else if auth {
             let pw = self
                 .smtp_password
                 .clone()
@@ -167,18 +175,17 @@ from = "{from}"
 to = "{rcpt}"
 timeout = "10s"
 helo_name = "{HOSTNAME}"
-
+{smtp_oauth2}
 [probe.imap]
 host = "{host}"
 port = {imap_port}
 tls = "{imap_tls}"
 username = "{mailbox}"
-password = "{imap_pw}"
-ca_file = "{imap_ca}"
+{imap_pw}ca_file = "{imap_ca}"
 idle = {idle}
 poll_interval = "{poll}"
 timeout = "10s"
-"#,
+{imap_oauth2}"#,
             name = self.name,
             host = self.host,
             interval = self.interval,
@@ -186,10 +193,23 @@ timeout = "10s"
             delivery = self.delivery_deadline,
             smtp_ca = self.smtp_ca.as_ref().unwrap_or(&ca).display(),
             imap_ca = self.imap_ca.as_ref().unwrap_or(&ca).display(),
-            imap_pw = self
-                .imap_password
-                .clone()
-                .unwrap_or_else(|| password(&self.mailbox)),
+            imap_pw = match &self.imap_oauth2 {
+                Some(_) => String::new(),
+                None => format!(
+                    "password = \"{}\"\n",
+                    self.imap_password
+                        .clone()
+                        .unwrap_or_else(|| password(&self.mailbox))
+                ),
+            },
+            smtp_oauth2 = match &self.smtp_oauth2 {
+                Some(body) if auth => format!("\n[probe.smtp.oauth2]\n{body}\n"),
+                _ => String::new(),
+            },
+            imap_oauth2 = match &self.imap_oauth2 {
+                Some(body) => format!("\n[probe.imap.oauth2]\n{body}\n"),
+                None => String::new(),
+            },
             idle = self.idle,
             poll = self.poll_interval,
         )

@@ -77,6 +77,10 @@ pub struct Setup {
     /// A Sieve script run for every delivery before any user's (`sieve_before`), e.g. one
     /// filing marked mail into `Junk` (Debian's `dovecot-sieve`).
     pub sieve: Option<String>,
+    /// An OAuth2 introspection URL (tests/realmail/idp.rs): Dovecot then also takes XOAUTH2
+    /// and OAUTHBEARER (IMAP, and Postfix's submission AUTH through Dovecot SASL), checking
+    /// each token with its `oauth2` passdb (`introspection_mode = post`).
+    pub oauth2_introspection: Option<String>,
 }
 
 impl Setup {
@@ -85,6 +89,7 @@ impl Setup {
             users: users.iter().map(|u| u.to_string()).collect(),
             idle: true,
             sieve: None,
+            oauth2_introspection: None,
         }
     }
 }
@@ -165,6 +170,18 @@ impl Servers {
             vmailbox.push_str(&format!("{} {u}\n", address(u)));
         }
         fs::write(dir.join("dovecot/passwd"), passwd).unwrap();
+        if let Some(url) = &setup.oauth2_introspection {
+            // RFC 7662 introspection: `{"active": true, "username": "user@example.test"}`.
+            fs::write(
+                dir.join("dovecot/oauth2.conf.ext"),
+                format!(
+                    "introspection_mode = post\nintrospection_url = {url}\n\
+                     username_attribute = username\nactive_attribute = active\n\
+                     active_value = true\ntimeout_msecs = 5000\n"
+                ),
+            )
+            .unwrap();
+        }
         fs::write(dir.join("postfix/vmailbox"), vmailbox).unwrap();
         if let Some(script) = &setup.sieve {
             // Owned by the delivering user, so LMTP can compile it in place.
@@ -234,7 +251,20 @@ impl Servers {
             ),
             None => ("", ""),
         };
+        let (mechanisms, oauth2_passdb) = match &self.setup.oauth2_introspection {
+            // `auth_failure_delay = 0`: no fixed 2 s delay after a refused token. Dovecot's
+            // growing per-IP auth failure penalty stays (2.3.19 has no setting to turn it off;
+            // see the dovecot_penalty_grows test in oauth2.rs for what it does).
+            Some(_) => (
+                "plain login xoauth2 oauthbearer",
+                "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  \
+                 args = {{DIR}}/dovecot/oauth2.conf.ext\n}\nauth_failure_delay = 0",
+            ),
+            None => ("plain login", ""),
+        };
         template
+            .replace("{{AUTH_MECHANISMS}}", mechanisms)
+            .replace("{{OAUTH2_PASSDB}}", oauth2_passdb)
             .replace("{{LMTP_PLUGINS}}", lmtp_plugins)
             .replace("{{SIEVE}}", sieve)
             .replace("{{DIR}}", &self.dir.display().to_string())

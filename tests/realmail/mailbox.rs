@@ -71,6 +71,7 @@ fn submitter(s: &Servers) -> Submitter {
         port: s.ports.smtp,
         tls: TlsMode::None,
         credentials: None,
+        oauth2: None,
         extra_roots_pem: None,
         timeout: Duration::from_secs(10),
         helo_name: Some("sender.test".into()),
