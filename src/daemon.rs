@@ -53,6 +53,8 @@ pub fn key_for(config: &Config, state_dir: &Path) -> anyhow::Result<Key> {
 
 impl Daemon {
     pub async fn start(config: &Config, opts: Options) -> anyhow::Result<Daemon> {
+        // First, so that a state dir this user cannot write is one clear line.
+        crate::ledger::check_writable(&opts.state_dir)?;
         let key = key_for(config, &opts.state_dir)?;
         let ledger = Ledger::open(&opts.state_dir).context("opening the ledger")?;
         let metrics = Arc::new(Metrics::new(

@@ -34,6 +34,7 @@
 //! | `mailcanary_shard_info` | shard, shards | [`Metrics::set_shard`] |
 //! | `mailcanary_probes_configured`, `mailcanary_probes_owned` | | [`Metrics::set_shard`] |
 //! | `mailcanary_ledger_errors_total` | op | [`Metrics::ledger_error`] |
+//! | `mailcanary_ledger_recovered_total` | | [`Metrics::ledger_recovered`] |
 //! | `mailcanary_canaries_skipped_total` | probe, reason | [`Metrics::skipped`] |
 //! | `mailcanary_helpdesk_duplicate_tickets_total` | probe | [`Metrics::duplicate_tickets`] |
 //! | `mailcanary_heartbeat_errors_total` | probe | [`Metrics::heartbeat_error`] |
@@ -53,8 +54,8 @@ use std::sync::Mutex;
 
 use prometheus::core::Collector;
 use prometheus::{
-    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::canary::life::{Folder, Outcome, Reason, Stage, Transition};
@@ -149,6 +150,7 @@ pub struct Metrics {
     message_ids: IntCounterVec,
     rate_limit_remaining: GaugeVec,
     ledger_errors: IntCounterVec,
+    ledger_recovered: IntCounter,
     placement: IntCounterVec,
     mailbox_duration: HistogramVec,
     mailbox_failures: IntCounterVec,
@@ -243,6 +245,13 @@ impl Metrics {
         for op in crate::ledger::OPS {
             ledger_errors.with_label_values(&[op]);
         }
+        let ledger_recovered = register(
+            &registry,
+            IntCounter::new(
+                "mailcanary_ledger_recovered_total",
+                "Corrupt ledger files moved aside (ledger.redb.corrupt-<unix time> in the state dir) and replaced by a fresh ledger; the canaries in flight in them were not resumed.",
+            ),
+        );
         // Per mailbox of a probe (the config's name, never the address): delivery judged
         // mailbox by mailbox, so "mail to one provider is late" is one query.
         let placement = counter(
@@ -435,6 +444,7 @@ impl Metrics {
             message_ids,
             rate_limit_remaining,
             ledger_errors,
+            ledger_recovered,
             placement,
             mailbox_duration,
             mailbox_failures,
@@ -698,6 +708,11 @@ impl Metrics {
     /// An operation on the ledger failed; `op` is one of [`crate::ledger::OPS`].
     pub fn ledger_error(&self, op: &str) {
         self.ledger_errors.with_label_values(&[op]).inc();
+    }
+
+    /// `n` corrupt ledger files were moved aside and replaced by fresh ones.
+    pub fn ledger_recovered(&self, n: u64) {
+        self.ledger_recovered.inc_by(n);
     }
 
     /// How many canaries wait in `stage`, how many of them are past its deadline, and the age
@@ -1074,6 +1089,7 @@ mod tests {
             ("mailcanary_helpdesk_rate_limit_remaining", "gauge"),
             ("mailcanary_import_message_id_total", "counter"),
             ("mailcanary_ledger_errors_total", "counter"),
+            ("mailcanary_ledger_recovered_total", "counter"),
             ("mailcanary_messages_ignored_total", "counter"),
             ("mailcanary_probe_success", "gauge"),
             ("mailcanary_probes_configured", "gauge"),
@@ -1109,6 +1125,7 @@ mod tests {
             if family != "mailcanary_build_info"
                 && family != "mailcanary_config_last_reload_successful"
                 && family != "mailcanary_ledger_errors_total"
+                && family != "mailcanary_ledger_recovered_total"
                 && family != "mailcanary_shard_info"
                 && family != "mailcanary_probes_configured"
                 && family != "mailcanary_probes_owned"

@@ -6,6 +6,7 @@
 #   tests/run.sh --no-lint    # skip fmt/clippy (quick local loop)
 #   tests/run.sh --no-static  # skip building and running the static musl binary and its image
 #   tests/run.sh --no-bench   # skip the quick benchmark run (cargo bench --bench mailcanary)
+#   tests/run.sh --no-fuzz    # skip the fuzz targets (fuzz/run.sh, nightly, FUZZ_SECONDS each)
 #   tests/run.sh --install-only  # install what the tests need, run nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,14 +14,16 @@ cd "$(dirname "$0")/.."
 lint=1
 static=1
 bench=1
+fuzz=1
 install_only=0
 for a in "$@"; do
   case "$a" in
     --no-lint) lint=0 ;;
     --no-static) static=0 ;;
     --no-bench) bench=0 ;;
+    --no-fuzz) fuzz=0 ;;
     --install-only) install_only=1 ;;
-    *) echo "usage: tests/run.sh [--no-lint] [--no-static] [--no-bench] [--install-only]" >&2; exit 2 ;;
+    *) echo "usage: tests/run.sh [--no-lint] [--no-static] [--no-bench] [--no-fuzz] [--install-only]" >&2; exit 2 ;;
   esac
 done
 
@@ -53,6 +56,10 @@ fi
 # real binary; mkfs.ext4/e2fsck make and repair the loop-mounted state dir that goes read-only.
 [ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_pkgs+=(libfaketime)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+# The state-dir drills (tests/prober/state_dir.rs): strace delays the ledger's fsyncs, setpriv
+# runs the binary as nobody.
+command -v strace >/dev/null 2>&1 || need_pkgs+=(strace)
+command -v setpriv >/dev/null 2>&1 || need_pkgs+=(util-linux)
 command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
 # Request Tracker 5 for tests/realmail/helpdesks.rs (SQLite, Starlet; started by the test on
 # loopback). dbconfig-no-thanks first, so the package does not set up a database of its own.
@@ -121,6 +128,15 @@ if [ "$bench" -eq 1 ]; then
   # a figure cannot be measured. Its figures are not the README's (those come from --full).
   step "benchmark, quick mode (cargo bench --bench mailcanary -- --quick)"
   cargo bench --locked --quiet --bench mailcanary -- --quick --out target/bench/quick
+fi
+
+if [ "$fuzz" -eq 1 ]; then
+  # Every fuzz target for FUZZ_SECONDS (30 s) on nightly, in its own target dir so that the
+  # sanitizer build never invalidates the stable one; a crash fails the run.
+  step "fuzz targets (fuzz/run.sh, ${FUZZ_SECONDS:-30}s each)"
+  rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+  cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+  CARGO_TARGET_DIR="$PWD/target/fuzz" fuzz/run.sh
 fi
 
 if [ "$static" -eq 1 ]; then

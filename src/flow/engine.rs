@@ -238,6 +238,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Engine {
     pub fn new(ledger: Ledger, metrics: Arc<Metrics>) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
+        metrics.ledger_recovered(ledger.take_recovered());
         Arc::new_cyclic(|weak: &Weak<Engine>| {
             let (writer, jobs) = mpsc::channel();
             let weak = weak.clone();
@@ -741,6 +742,7 @@ impl Engine {
                 // are missing: write again every canary in flight, as memory has it (it is at
                 // least as new as anything queued for it).
                 Ok(()) => {
+                    self.metrics.ledger_recovered(self.ledger.take_recovered());
                     {
                         let st = lock(&self.state);
                         for c in st.in_flight.values() {

@@ -40,6 +40,39 @@ fn strings<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
     }
 }
 
+/// The distinct well-formed tokens in the strings of `payload`, in order. Deduplicated by the
+/// whole token, not its id: a forgery of a real canary's id must not hide the real token met
+/// after it.
+fn tokens(payload: &Value) -> Vec<Token> {
+    let mut texts = Vec::new();
+    strings(payload, &mut texts);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for text in texts {
+        for t in find_tokens(text) {
+            if seen.insert(t.to_string())
+                && let Ok(token) = Token::parse(t)
+            {
+                out.push(token);
+            }
+        }
+    }
+    out
+}
+
+/// For the fuzz target (`fuzz/`): the payload path of [`ticket_created`] without an engine:
+/// JSON, its tokens, and how many of them `key` signed for `probe`.
+#[doc(hidden)]
+pub fn payload_tokens(body: &[u8], key: &crate::canary::Key, probe: &str) -> usize {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(payload) => tokens(&payload)
+            .iter()
+            .filter(|t| t.verify(key, probe))
+            .count(),
+        Err(_) => 0,
+    }
+}
+
 /// Applies one authentic webhook payload sent for `probe`, classifying each token against
 /// every probe of this prober (`all`).
 pub fn ticket_created(
@@ -48,33 +81,22 @@ pub fn ticket_created(
     probe: &Arc<Probe>,
     payload: &Value,
 ) -> Matched {
-    let mut texts = Vec::new();
-    strings(payload, &mut texts);
-    let mut seen = std::collections::HashSet::new();
     let mut matched = Matched::default();
-    for text in texts {
-        for t in find_tokens(text) {
-            // Deduplicated by the whole token, not its id: a forgery of a real canary's id
-            // must not hide the real token met after it.
-            if !seen.insert(t.to_string()) {
-                continue;
+    for token in tokens(payload) {
+        let owner = std::iter::once(probe)
+            .chain(all.iter())
+            .find(|p| token.verify(&p.key, &p.name));
+        match owner {
+            None => {
+                engine.ignored(&probe.name, Ignored::Forged);
+                matched.forged += 1;
             }
-            let Ok(token) = Token::parse(t) else { continue };
-            let owner = std::iter::once(probe)
-                .chain(all.iter())
-                .find(|p| token.verify(&p.key, &p.name));
-            match owner {
-                None => {
-                    engine.ignored(&probe.name, Ignored::Forged);
-                    matched.forged += 1;
-                }
-                Some(p) => {
-                    if engine.hint(&p.name, token.id()) {
-                        if p.name == probe.name {
-                            matched.hinted += 1;
-                        } else {
-                            matched.siblings += 1;
-                        }
+            Some(p) => {
+                if engine.hint(&p.name, token.id()) {
+                    if p.name == probe.name {
+                        matched.hinted += 1;
+                    } else {
+                        matched.siblings += 1;
                     }
                 }
             }

@@ -22,6 +22,7 @@ mod reload;
 mod restart;
 mod security;
 mod shards;
+mod state_dir;
 mod webhook;
 mod zammad;
 mod zendesk;
