@@ -16,6 +16,7 @@ use mailcanary::{
     config::{self, Config},
     daemon::{Daemon, Options},
     sandbox::{self, DelayRange, Fault, Sandbox, SandboxConfig, Stage},
+    web::exposure::Surface,
 };
 
 /// Prints a line to stdout, ignoring a closed pipe: a daemon must not die because whoever
@@ -79,6 +80,10 @@ struct RunArgs {
     /// (`mailcanary-2` is shard 2).
     #[arg(long, value_parser = parse_shard)]
     shard: Option<(Option<u32>, u32)>,
+    /// TLS and basic auth for the HTTP surface, in Prometheus's exporter-toolkit format
+    /// (`tls_server_config`, `basic_auth_users`); read again on SIGHUP.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    web_config_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -391,6 +396,24 @@ enum Sig {
     Reload,
 }
 
+/// SIGHUP and `--web.config.file`: loads it again. A file that does not load is logged (once
+/// per SIGHUP, with its line and key) and the one in use stays; false then.
+fn reload_web(surface: &Surface) -> bool {
+    let Some(path) = surface.path() else {
+        return true;
+    };
+    match surface.reload() {
+        Ok(()) => {
+            tracing::info!(file = %path.display(), "SIGHUP: web config reloaded");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: web config refused; still serving with the previous one, and the config is not reloaded until it loads");
+            false
+        }
+    }
+}
+
 /// SIGTERM and Ctrl-C stop the daemon, SIGHUP reloads its config. Registered once at start:
 /// SIGHUP's default action would otherwise end the process.
 struct Signals {
@@ -556,6 +579,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for w in config.warnings() {
         tracing::warn!("config: {w}");
     }
+    let surface = match Surface::new(args.web_config_file.clone()) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     // No config: the sandbox this probe talks to runs in-process, at DESIGN's default addresses.
     let sandbox = match args.config {
         Some(_) => None,
@@ -572,17 +602,20 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .or_else(|| config.prober.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(".mailcanary"));
     let listen = args.listen.unwrap_or(config.prober.listen);
-    let daemon = Daemon::start(
+    let tls = surface.current().tls.is_some();
+    let daemon = Daemon::start_with(
         &config,
         Options {
             state_dir: state_dir.clone(),
             listen,
             schedule: true,
         },
+        surface.clone(),
     )
     .await?;
     say!(
-        "mailcanary listening on http://{} ({} probe(s))",
+        "mailcanary listening on {}://{} ({} probe(s))",
+        if tls { "https" } else { "http" },
         daemon.addr,
         daemon.prober.probes.len()
     );
@@ -593,6 +626,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         match signals.next().await {
             Sig::Stop => break,
             Sig::Reload => match reload_verdict(args.config.as_deref(), shard, &config) {
+                // A restart reads the web config again at start: one that does not load
+                // would stop the prober there, so the config waits for a good one.
+                _ if !reload_web(&surface) => {
+                    daemon.engine.metrics().set_config_reload(false);
+                }
                 Reload::Apply => {
                     // The restart path is the one kill -9 is drilled against: every change is in
                     // the ledger, and the new process resumes the canaries in flight.

@@ -52,7 +52,17 @@ pub fn key_for(config: &Config, state_dir: &Path) -> anyhow::Result<Key> {
 }
 
 impl Daemon {
+    /// Serves plain HTTP without auth.
     pub async fn start(config: &Config, opts: Options) -> anyhow::Result<Daemon> {
+        Self::start_with(config, opts, Arc::new(web::exposure::Surface::plain())).await
+    }
+
+    /// Serves with the web config `surface` holds (TLS, basic auth; `--web.config.file`).
+    pub async fn start_with(
+        config: &Config,
+        opts: Options,
+        surface: Arc<web::exposure::Surface>,
+    ) -> anyhow::Result<Daemon> {
         // First, so that a state dir this user cannot write is one clear line.
         crate::ledger::check_writable(&opts.state_dir)?;
         let key = key_for(config, &opts.state_dir)?;
@@ -86,17 +96,15 @@ impl Daemon {
             .with_context(|| format!("binding {}", opts.listen))?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
-        let app = web::router(web::WebState {
-            engine: engine.clone(),
-            ready: ready.clone(),
-            probes: prober.probes.clone(),
-        });
-        let sd = shutdown.clone();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { sd.cancelled().await })
-                .await;
-        });
+        let app = web::serve::guarded(
+            web::router(web::WebState {
+                engine: engine.clone(),
+                ready: ready.clone(),
+                probes: prober.probes.clone(),
+            }),
+            surface.clone(),
+        );
+        let server = tokio::spawn(web::serve::serve(listener, app, surface, shutdown.clone()));
         let tasks = prober.start(config, opts.schedule, shutdown.clone())?;
         ready.store(true, Ordering::Relaxed);
         Ok(Daemon {

@@ -382,11 +382,11 @@ fn markdown(r: &Results) -> String {
         s.push('\n');
     }
     if let Some(metrics) = &r.metrics_response {
-        s.push_str("**`/metrics` response time** (idle: one canary each, finished; stalled: import stalled, every canary in flight and going overdue while scraped)\n\n| probes | state | series | bytes | in flight | overdue meanwhile | median | max |\n|---:|---|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str("**`/metrics` response time** (idle: one canary each, finished; stalled: import stalled, every canary in flight and going overdue while scraped; prober peak RSS, and its CPU from start to the last scrape per canary sent)\n\n| probes | state | series | bytes | in flight | overdue meanwhile | median | p95 | max | peak RSS | CPU per canary |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for mr in metrics {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MiB | {:.1} ms |",
                 mr.probes,
                 mr.state,
                 mr.series,
@@ -394,7 +394,10 @@ fn markdown(r: &Results) -> String {
                 mr.in_flight,
                 mr.overdue_during,
                 mr.response_ms.median,
-                mr.response_ms.max
+                mr.response_ms.p95,
+                mr.response_ms.max,
+                mr.peak_rss_mib,
+                mr.cpu_ms_per_canary
             );
         }
         s.push('\n');

@@ -465,6 +465,11 @@ pub struct MetricsRow {
     pub bytes: usize,
     pub in_flight: f64,
     pub response_ms: Summary,
+    /// The prober's peak resident set (VmHWM) at the end, MiB.
+    pub peak_rss_mib: f64,
+    /// The prober's CPU (user + system) from start to the end of the scrapes, per canary
+    /// completed or in flight, ms (start-up, one canary per probe and the scrapes themselves).
+    pub cpu_ms_per_canary: f64,
 }
 
 /// `/metrics` response time with `probes` configured (one shared mailbox, interval 1 h: each
@@ -537,9 +542,12 @@ pub async fn metrics_time(b: &Bench, probes: usize, scrapes: usize, stalled: boo
             .sum();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let overdue_during =
-        stage_total(&scrape(&b.http, run.addr).await, FAILURES, "import") - overdue_before;
+    let end = scrape(&b.http, run.addr).await;
+    let overdue_during = stage_total(&end, FAILURES, "import") - overdue_before;
+    let canaries = total(&end, "mailcanary_canaries_sent_total").max(1.0);
     let r = MetricsRow {
+        peak_rss_mib: run.prober.peak_rss_mib(),
+        cpu_ms_per_canary: run.prober.cpu_seconds() * 1000.0 / canaries,
         probes,
         state: tag,
         overdue_during,
@@ -549,8 +557,16 @@ pub async fn metrics_time(b: &Bench, probes: usize, scrapes: usize, stalled: boo
         response_ms: summary(&ms),
     };
     eprintln!(
-        "  /metrics with {probes} probes ({tag}): median {:.1} ms, max {:.1} ms ({} series, {} bytes, {} in flight, {} went overdue meanwhile)",
-        r.response_ms.median, r.response_ms.max, series, bytes, in_flight, overdue_during
+        "  /metrics with {probes} probes ({tag}): median {:.1} ms, p95 {:.1} ms, max {:.1} ms ({} series, {} bytes, {} in flight, {} went overdue meanwhile; peak RSS {:.1} MiB, CPU {:.1} ms per canary)",
+        r.response_ms.median,
+        r.response_ms.p95,
+        r.response_ms.max,
+        series,
+        bytes,
+        in_flight,
+        overdue_during,
+        r.peak_rss_mib,
+        r.cpu_ms_per_canary
     );
     r
 }

@@ -33,6 +33,7 @@ macro_rules! impossible {
 pub struct Summary {
     pub n: usize,
     pub median: f64,
+    pub p95: f64,
     pub p99: f64,
     pub max: f64,
     pub min: f64,
@@ -52,6 +53,7 @@ pub fn summary(values: &[f64]) -> Summary {
         } else {
             (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
         },
+        p95: rank(0.95),
         p99: rank(0.99),
         max: v[v.len() - 1],
         min: v[0],

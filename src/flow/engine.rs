@@ -6,7 +6,8 @@
 //! ledger and the metrics can never disagree about what happened.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard, Weak, mpsc},
     time::{Duration, Instant},
 };
@@ -160,6 +161,11 @@ impl Drain {
 #[derive(Default)]
 struct State {
     in_flight: HashMap<(String, String), Canary>,
+    /// When each in-flight canary next needs the ticker (its next deadline or its lost
+    /// horizon, `Canary::next_wakeup`), earliest first: the tick looks only at the canaries that
+    /// are due. Pushed whenever a canary enters `in_flight` or changes; an entry that is stale
+    /// (the canary changed or finished since) is dropped or pushed again when it comes up.
+    due: BinaryHeap<Reverse<(u64, (String, String))>>,
     probes: HashMap<String, ProbeState>,
     /// The ledger cannot be written: no canary can be recorded, so none is sent, and every
     /// probe fails (reason `ledger`) and the prober is unready until a write succeeds again.
@@ -222,6 +228,14 @@ impl State {
     /// The in-flight canaries grouped by probe, in one pass: the gauges (every tick and every
     /// scrape) and the status page need them per probe, and filtering the whole map once per
     /// probe made a large fleet quadratic.
+    /// Schedules `c` for the ticker at its next wakeup.
+    fn watch(&mut self, c: &Canary) {
+        if let Some(at) = c.next_wakeup() {
+            self.due
+                .push(Reverse((at, (c.probe.clone(), c.id.clone()))));
+        }
+    }
+
     fn in_flight_by_probe(&self) -> HashMap<&str, Vec<&Canary>> {
         let mut by_probe: HashMap<&str, Vec<&Canary>> = HashMap::with_capacity(self.probes.len());
         for c in self.in_flight.values() {
@@ -455,6 +469,7 @@ impl Engine {
             if c.mailbox.is_none() {
                 c.mailbox = ps.mailboxes.first().cloned();
             }
+            st.watch(&c);
             st.in_flight
                 .insert((c.probe.clone(), c.id.clone()), c.clone());
             resumed.push(c);
@@ -488,6 +503,7 @@ impl Engine {
             Ok(()) => {
                 self.metrics.sent(&probe);
                 let mut st = lock(&self.state);
+                st.watch(&canary);
                 st.in_flight
                     .insert((canary.probe.clone(), canary.id.clone()), canary);
                 self.refresh_probe_gauges(&st, &probe, now_ms());
@@ -634,6 +650,7 @@ impl Engine {
                 ps.recent.truncate(RECENT_PER_PROBE);
             }
         } else {
+            st.watch(&canary);
             st.in_flight
                 .insert((canary.probe.clone(), canary.id.clone()), canary);
         }
@@ -854,6 +871,7 @@ impl Engine {
             probes,
             in_flight,
             ledger_error,
+            ..
         } = &mut *st;
         let Some(ps) = probes.get_mut(probe) else {
             return limits;
@@ -916,14 +934,28 @@ impl Engine {
     /// the gauges. Returns the canaries this tick finished (lost), for their clean-up.
     pub fn tick(&self, now: u64) -> Vec<Canary> {
         let mut st = lock(&self.state);
-        let keys: Vec<(String, String)> = st.in_flight.keys().cloned().collect();
+        // Only the canaries due by now, each once (a canary can have several entries).
+        let mut keys = Vec::new();
+        while st.due.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+            if let Some(Reverse((_, key))) = st.due.pop() {
+                keys.push(key);
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
         let mut finished = Vec::new();
         for key in keys {
             let Some(c) = st.in_flight.get_mut(&key) else {
                 continue;
             };
             let transitions = c.tick(now);
-            if !transitions.is_empty() {
+            if transitions.is_empty() {
+                // Not due after all (the entry was older than the canary's last change): its
+                // own next wakeup, never before the next tick.
+                if let Some(at) = c.next_wakeup() {
+                    st.due.push(Reverse((at.max(now + 1), key)));
+                }
+            } else {
                 let snapshot = c.clone();
                 if snapshot.is_finished() {
                     finished.push(snapshot.clone());

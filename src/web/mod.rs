@@ -30,7 +30,9 @@ use serde_json::json;
 
 use crate::flow::{Engine, Probe, now_ms, webhook::ticket_created};
 
+pub mod exposure;
 mod page;
+pub mod serve;
 
 #[derive(Clone)]
 pub struct WebState {
@@ -55,6 +57,7 @@ pub fn router(state: WebState) -> Router {
                 crate::edges::helpdesk::webhook::MAX_BODY,
             )),
         )
+        .layer(axum::extract::DefaultBodyLimit::max(serve::MAX_BODY))
         .with_state(state)
 }
 
@@ -65,9 +68,10 @@ async fn metrics(State(s): State<WebState>) -> Response {
     // canaries going overdue at once it waited seconds on that work, past Prometheus's scrape
     // timeout, and the prober looked down exactly when it was busiest.
     // Off the async workers: rendering 1,000 probes takes about 0.2 s of CPU, which IMAP
-    // watchers and timers must not wait for.
+    // watchers and timers must not wait for. The exposition is cached between changes
+    // (`Metrics::exposition`), so that is paid only when something a scrape shows moved.
     let engine = s.engine.clone();
-    let rendered = tokio::task::spawn_blocking(move || engine.metrics().render()).await;
+    let rendered = tokio::task::spawn_blocking(move || engine.metrics().exposition()).await;
     match rendered {
         Ok(body) => (
             [(

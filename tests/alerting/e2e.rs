@@ -89,13 +89,25 @@ impl Drop for Prometheus {
 impl Prometheus {
     /// Scrapes `target` every second as job `mailcanary`, evaluating `rules` every second.
     async fn start(target: SocketAddr, rules: &str) -> Prometheus {
+        Self::start_with(target, rules, "", |_| {}).await
+    }
+
+    /// As [`Prometheus::start`], with `job_extra` (indented YAML) added to the scrape job and
+    /// `prepare` given the config directory first (for the files `job_extra` names).
+    async fn start_with(
+        target: SocketAddr,
+        rules: &str,
+        job_extra: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Prometheus {
         require_tool("prometheus");
         let dir = tempfile::tempdir().unwrap();
+        prepare(dir.path());
         fs::write(dir.path().join("alerts.yml"), rules).unwrap();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n  - alerts.yml\n\
-             scrape_configs:\n  - job_name: mailcanary\n    static_configs:\n      \
+             scrape_configs:\n  - job_name: mailcanary\n{job_extra}    static_configs:\n      \
              - targets: ['{target}']\n"
         );
         let config_path = dir.path().join("prometheus.yml");
@@ -395,6 +407,87 @@ async fn prometheus_fires_and_resolves_the_import_stall_alert() {
         cleared_at.elapsed()
     );
 
+    drop(p);
+    d.stop().await;
+    sb.shutdown().await;
+}
+
+/// Prometheus scraping the prober over TLS with basic auth, as the exporter-toolkit web config
+/// sets it up (`--web.config.file`): `scheme: https`, the CA, a user and password; it reads a
+/// mailcanary series, and a scrape without the password is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_over_tls_with_basic_auth() {
+    use std::sync::Arc;
+    let sb = sandbox().await;
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let web = certs.path().join("web.yml");
+    fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n\
+             basic_auth_users:\n  prometheus: {}\n",
+            bcrypt::hash("scrape-pass", 4).unwrap()
+        ),
+    )
+    .unwrap();
+    let surface = Arc::new(mailcanary::web::exposure::Surface::new(Some(web)).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let d = mailcanary::daemon::Daemon::start_with(
+        &config(&sb, &Knobs::default()),
+        mailcanary::daemon::Options {
+            state_dir: dir.path().to_path_buf(),
+            listen: ([127, 0, 0, 1], 0).into(),
+            schedule: true,
+        },
+        surface,
+    )
+    .await
+    .unwrap();
+    let ca = certs.path().join("ca.pem");
+    let job = "    scheme: https\n    tls_config:\n      ca_file: ca.pem\n    \
+               basic_auth:\n      username: prometheus\n      password: scrape-pass\n";
+    let p = Prometheus::start_with(d.addr, "groups: []\n", job, |dir| {
+        fs::copy(&ca, dir.join("ca.pem")).unwrap();
+    })
+    .await;
+    let t0 = Instant::now();
+    loop {
+        let up = p.query(r#"up{job="mailcanary"}"#).await;
+        let info = p.query("mailcanary_build_info").await;
+        if up.first().is_some_and(|(_, v)| *v == 1.0)
+            && info.first().is_some_and(|(_, v)| *v == 1.0)
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no scrape over TLS with basic auth after 60 s: up={up:?} build_info={info:?}\n{}",
+            p.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(p);
+    // The same without the password: Prometheus sees 401, the target is down.
+    let job = "    scheme: https\n    tls_config:\n      ca_file: ca.pem\n";
+    let p = Prometheus::start_with(d.addr, "groups: []\n", job, |dir| {
+        fs::copy(&ca, dir.join("ca.pem")).unwrap();
+    })
+    .await;
+    let t0 = Instant::now();
+    loop {
+        let up = p.query(r#"up{job="mailcanary"}"#).await;
+        if up.first().is_some_and(|(_, v)| *v == 0.0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "a scrape without the password was not down after 60 s: up={up:?}\n{}",
+            p.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     drop(p);
     d.stop().await;
     sb.shutdown().await;
