@@ -586,7 +586,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    // No config: the sandbox this probe talks to runs in-process, at DESIGN's default addresses.
+    // No config: the sandbox this probe talks to runs in-process, at its default addresses
+    // (README, "The sandbox").
     let sandbox = match args.config {
         Some(_) => None,
         None => {

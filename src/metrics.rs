@@ -1,4 +1,4 @@
-//! The Prometheus exposition of the canary's life: every metric of DESIGN.md's table, in a
+//! The Prometheus exposition of the canary's life: every metric of the README's Metrics table, in a
 //! private [`Registry`] (never the process-global default one, so tests and a second prober in
 //! the same process do not share counters).
 //!
@@ -1145,7 +1145,7 @@ mod tests {
             Some(0.0)
         );
 
-        // Every family of DESIGN.md's table is there, with the right type.
+        // Every family of the README's Metrics table is there, with the right type.
         let mut types = s.types.clone();
         types.sort();
         let want = [

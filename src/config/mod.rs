@@ -92,7 +92,8 @@ pub struct ProbeConfig {
     pub kind: ProbeKind,
     /// Time between two canaries (>= 1 s).
     pub interval: Duration,
-    /// Each send is delayed by a random amount in `[0, jitter)`; `jitter < interval`.
+    /// Sends are `interval` ± `jitter / 2` apart (the first after a random `[0, jitter]`, so
+    /// many probes do not start at once); `jitter < interval`.
     pub jitter: Duration,
     /// Canaries in flight at most; at the limit a new canary is skipped (and counted).
     pub max_in_flight: usize,

@@ -631,7 +631,8 @@ fn junk_folder(i: &crate::config::ImapConfig) -> &str {
     }
 }
 
-/// Sends a canary every `interval` (± `jitter`), unless `max_in_flight` are already out.
+/// Sends a canary every `interval` ± `jitter / 2` (the first after a random `[0, jitter]`), unless
+/// `max_in_flight` are already out.
 async fn scheduler(engine: Arc<Engine>, probe: Arc<Probe>, shutdown: CancellationToken) {
     use rand::RngExt;
     let jitter = |max: Duration| {

@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use faults::{Fault, FaultBoard, Stage};
 
-/// Everything the sandbox can be told at start. `Default` is DESIGN.md's defaults.
+/// Everything the sandbox can be told at start. `Default` is what the README's "The sandbox"
+/// describes (SMTP 2525, IMAP 1143, HTTP 8088 on loopback).
 #[derive(Clone, Debug)]
 pub struct SandboxConfig {
     pub smtp_listen: SocketAddr,
