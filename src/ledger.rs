@@ -47,8 +47,27 @@ use crate::canary::life::Canary;
 
 /// Name of the ledger file inside the state dir.
 pub const FILE_NAME: &str = "ledger.redb";
-/// On-disk format of this code. A ledger written by a newer format is refused, not misread.
-pub const FORMAT: u32 = 1;
+/// On-disk format of this code. A ledger written by a newer format is refused, not misread; an
+/// older one is migrated, one step of [`MIGRATIONS`] at a time, in the transaction that opens
+/// it (all steps or none: a crash mid-way leaves the old format, migrated again next start).
+///
+/// - 1: in flight, finished, their order, IMAP cursors.
+/// - 2: format 1 plus incidents and the per-hour history (tables a format-1 ledger may lack).
+pub const FORMAT: u32 = 2;
+
+/// One migration step: from format `from` to `from + 1`, inside the opening transaction.
+type Migration = fn(&WriteTransaction) -> Result<(), redb::Error>;
+
+/// `MIGRATIONS[i]` takes format `i + 1` to `i + 2`; there is one per format after the first.
+const MIGRATIONS: [Migration; FORMAT as usize - 1] = [migrate_1_to_2];
+
+/// Format 2 added the incidents and history tables: a format-1 ledger gets them, empty (the
+/// records it has are read as they are).
+fn migrate_1_to_2(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    txn.open_table(INCIDENTS)?;
+    txn.open_table(HISTORY)?;
+    Ok(())
+}
 /// Finished canaries kept per probe for the status page; the oldest beyond this are evicted.
 pub const RECENT_CAP: usize = 200;
 
@@ -62,7 +81,7 @@ pub const SPACE_FLOOR: u64 = 64 * 1024;
 
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 /// Incidents (`crate::flow::incident`), JSON, by (probe, id); the newest `incident::KEEP` per
-/// probe. Added without a format change: an older ledger simply has none.
+/// probe. Since format 2.
 /// Per probe, stage and hour: `flow::history::Hour` as JSON, keyed `(probe, history::key)`.
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const INCIDENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("incidents");
@@ -100,6 +119,11 @@ pub enum LedgerError {
         path.display()
     )]
     NewerFormat { path: PathBuf, found: u32 },
+    #[error(
+        "ledger {}: its format is {found}, which no mailcanary wrote; move the file away",
+        path.display()
+    )]
+    UnknownFormat { path: PathBuf, found: u32 },
     #[error("ledger {}: {operation}: probe name {probe:?} contains a NUL byte", path.display())]
     InvalidProbe {
         path: PathBuf,
@@ -143,6 +167,7 @@ impl LedgerError {
         match self {
             LedgerError::InUse { .. }
             | LedgerError::NewerFormat { .. }
+            | LedgerError::UnknownFormat { .. }
             | LedgerError::NotWritable { .. } => "open",
             LedgerError::Gone { .. } | LedgerError::Full { .. } => "check",
             LedgerError::Io { operation, .. }
@@ -450,7 +475,20 @@ impl Ledger {
                         found,
                     });
                 }
-                Some(_) => {}
+                Some(0) => {
+                    return Err(LedgerError::UnknownFormat {
+                        path: self.path.clone(),
+                        found: 0,
+                    });
+                }
+                Some(FORMAT) => {}
+                Some(older) => {
+                    for step in &MIGRATIONS[older as usize - 1..] {
+                        step(&txn).map_err(self.db_err("migrate"))?;
+                    }
+                    meta.insert("format", FORMAT).map_err(self.db_err(OP))?;
+                    tracing::info!(ledger = %self.path.display(), from = older, to = FORMAT, "ledger migrated to this mailcanary's format");
+                }
                 None => {
                     meta.insert("format", FORMAT).map_err(self.db_err(OP))?;
                 }
@@ -1183,6 +1221,73 @@ mod tests {
         }
         let err = Ledger::open(dir.path()).unwrap_err();
         assert!(matches!(err, LedgerError::NewerFormat { .. }), "{err}");
+    }
+
+    /// Writes `format` into the ledger of `dir` (as an older or broken mailcanary would have).
+    fn set_format(dir: &Path, format: u32) {
+        let ledger = Ledger::open(dir).unwrap();
+        let txn = ledger
+            .with_db("test", |db| Ok(db.begin_write().unwrap()))
+            .unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("format", format)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    fn format_of(ledger: &Ledger) -> u32 {
+        ledger
+            .with_db("test", |db| Ok(db.begin_read().unwrap()))
+            .unwrap()
+            .open_table(META)
+            .unwrap()
+            .get("format")
+            .unwrap()
+            .unwrap()
+            .value()
+    }
+
+    #[test]
+    fn an_older_format_is_migrated_and_its_records_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            ledger.put(&canary("p", "held", 5)).unwrap();
+        }
+        // A format-1 ledger: no incidents or history tables, format 1 in meta.
+        set_format(dir.path(), 1);
+        {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let txn = ledger
+                .with_db("test", |db| Ok(db.begin_write().unwrap()))
+                .unwrap();
+            txn.delete_table(INCIDENTS).unwrap();
+            txn.delete_table(HISTORY).unwrap();
+            txn.commit().unwrap();
+        }
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(format_of(&ledger), FORMAT);
+        assert_eq!(
+            ledger.lookup("p", "held").unwrap(),
+            Lookup::InFlight(canary("p", "held", 5))
+        );
+        assert!(ledger.incidents("p").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_format_no_mailcanary_wrote_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        set_format(dir.path(), 0);
+        let err = Ledger::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, LedgerError::UnknownFormat { found: 0, .. }),
+            "{err}"
+        );
+        assert!(
+            corrupt_files(dir.path()).is_empty(),
+            "refused, not moved aside"
+        );
     }
 
     /// The files moved aside in `dir`.
