@@ -6,7 +6,8 @@
 #   tests/run.sh --no-lint    # skip fmt/clippy (quick local loop)
 #   tests/run.sh --no-static  # skip building and running the static musl binary and its image
 #   tests/run.sh --no-bench   # skip the quick benchmark run (cargo bench --bench mailcanary)
-#   tests/run.sh --no-fuzz    # skip the fuzz targets (fuzz/run.sh, nightly, FUZZ_SECONDS each)
+#   tests/run.sh --fuzz       # also run the fuzz targets (fuzz/run.sh, nightly, FUZZ_SECONDS each;
+#                             # not by default yet: their cold nightly build has not been timed)
 #   tests/run.sh --install-only  # install what the tests need, run nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,16 +15,17 @@ cd "$(dirname "$0")/.."
 lint=1
 static=1
 bench=1
-fuzz=1
+fuzz=0
 install_only=0
 for a in "$@"; do
   case "$a" in
     --no-lint) lint=0 ;;
     --no-static) static=0 ;;
     --no-bench) bench=0 ;;
+    --fuzz) fuzz=1 ;;
     --no-fuzz) fuzz=0 ;;
     --install-only) install_only=1 ;;
-    *) echo "usage: tests/run.sh [--no-lint] [--no-static] [--no-bench] [--no-fuzz] [--install-only]" >&2; exit 2 ;;
+    *) echo "usage: tests/run.sh [--no-lint] [--no-static] [--no-bench] [--fuzz] [--install-only]" >&2; exit 2 ;;
   esac
 done
 
