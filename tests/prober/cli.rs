@@ -272,3 +272,42 @@ fn check_syntax_only_lints_every_shipped_example_without_its_secrets() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:") && err.contains("colour"), "{err}");
 }
+
+/// The Microsoft 365 and Gmail examples pass the full `check` once the secret files their
+/// comments ask for are there (here in a temporary dir instead of /run/secrets), and `check`
+/// prints none of them.
+#[test]
+fn the_oauth2_examples_pass_the_full_check_once_their_secrets_are_given() {
+    for (example, files) in [
+        ("microsoft365", &["m365/client_secret"][..]),
+        ("gmail", &["gmail/client_secret", "gmail/refresh_token"][..]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        for (i, f) in files.iter().enumerate() {
+            let path = secrets.join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, format!("example-secret-{i}-never-printed\n")).unwrap();
+        }
+        let text = std::fs::read_to_string(format!("probes/{example}.example.toml"))
+            .unwrap()
+            .replace("/run/secrets/", &format!("{}/", secrets.display()));
+        let config = dir.path().join(format!("{example}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let out = bin()
+            .args(["check", "--config"])
+            .arg(&config)
+            .env_clear()
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{example}: {stdout}{stderr}");
+        assert!(
+            !stdout.contains("never-printed") && !stderr.contains("never-printed"),
+            "{example} printed a secret: {stdout}{stderr}"
+        );
+    }
+}
