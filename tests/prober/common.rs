@@ -446,9 +446,8 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A test CA (`ca.pem`), a server certificate for 127.0.0.1 (`server.pem`, `server.key`) and
-/// a client certificate (`client.pem`, `client.key`), all signed by the CA.
-pub fn make_certs(dir: &Path) {
+/// A self-signed P-256 certificate `NAME.pem` with its key `NAME.key`, valid for 2 days.
+pub fn self_signed(dir: &Path, name: &str, cn: &str) {
     openssl(
         dir,
         &[
@@ -460,15 +459,21 @@ pub fn make_certs(dir: &Path) {
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            "ca.key",
+            &format!("{name}.key"),
             "-out",
-            "ca.pem",
+            &format!("{name}.pem"),
             "-days",
             "2",
             "-subj",
-            "/CN=mailcanary test CA",
+            &format!("/CN={cn}"),
         ],
     );
+}
+
+/// A test CA (`ca.pem`), a server certificate for 127.0.0.1 (`server.pem`, `server.key`) and
+/// a client certificate (`client.pem`, `client.key`), all signed by the CA.
+pub fn make_certs(dir: &Path) {
+    self_signed(dir, "ca", "mailcanary test CA");
     std::fs::write(
         dir.join("ext.cnf"),
         "[srv]\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n\

@@ -133,26 +133,7 @@ async fn tls_basic_auth_and_client_certificates_guard_the_web_surface() {
         200
     );
     // A certificate the CA did not sign is refused like none.
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "self.key",
-            "-out",
-            "self.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=self",
-        ],
-    );
+    self_signed(d, "self", "self");
     assert_eq!(
         curl(
             d,
