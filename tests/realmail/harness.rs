@@ -235,7 +235,8 @@ impl Servers {
             let started = servers
                 .start_dovecot_inner(true)
                 .and_then(|()| servers.start_postfix())
-                .and_then(|()| servers.wait_ready());
+                .and_then(|()| servers.wait_ready())
+                .and_then(|()| servers.auth.as_ref().map_or(Ok(()), MailAuth::finish));
             match started {
                 Ok(()) => return Arc::new(servers),
                 Err(e) => {

@@ -99,15 +99,19 @@ const READY_WITHIN: Duration = Duration::from_secs(15);
 pub struct MailAuth {
     dir: PathBuf,
     resolver: SocketAddr,
-    signing_key_txt: String,
-    rotated_key_txt: String,
+    /// The two keys' `v=DKIM1` records (the signer's, the rotation's), once [`Self::finish`]
+    /// has them.
+    keys: std::sync::OnceLock<(String, String)>,
+    /// `openssl genrsa` of those keys, running while Postfix and Dovecot start.
+    keygen: Mutex<Vec<Child>>,
     daemons: Mutex<Vec<(&'static str, Child)>>,
 }
 
 impl MailAuth {
-    /// Makes the keys, starts unbound, the two opendkims and opendmarc under `dir/auth`, and
-    /// waits until each answers. Postfix (and policyd-spf, which it spawns) is started by the
-    /// caller, inside [`MailAuth::in_dns_namespace`].
+    /// Starts making the keys, and starts unbound, the verifying opendkim and opendmarc
+    /// under `dir/auth`; [`Self::finish`] does the rest once Postfix and Dovecot run. Postfix
+    /// (and policyd-spf, which it spawns) is started by the caller, inside
+    /// [`MailAuth::in_dns_namespace`].
     pub(super) fn start(dir: &Path) -> Result<MailAuth, String> {
         let auth = dir.join("auth");
         fs::create_dir_all(&auth).unwrap();
@@ -123,16 +127,17 @@ impl MailAuth {
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
+                    .process_group(0)
                     .spawn()
                     .expect("openssl genrsa")
             })
             .collect();
         let resolver = free_dns_address()?;
-        let mut m = MailAuth {
+        let m = MailAuth {
             dir: auth.clone(),
             resolver,
-            signing_key_txt: String::new(),
-            rotated_key_txt: String::new(),
+            keys: Default::default(),
+            keygen: Mutex::new(keygen),
             daemons: Mutex::new(Vec::new()),
         };
         fs::write(
@@ -155,25 +160,34 @@ impl MailAuth {
         let mut dmarc = m.in_dns_namespace("/usr/sbin/opendmarc");
         dmarc.args(["-f", "-c", &m.path("opendmarc.conf")]);
         m.spawn("opendmarc", &mut dmarc)?;
-        for mut k in keygen {
+        Ok(m)
+    }
+
+    /// Waits for the keys, starts the signing opendkim, waits until every daemon answers and
+    /// publishes the signer's key.
+    pub(super) fn finish(&self) -> Result<(), String> {
+        for mut k in std::mem::take(&mut *self.keygen.lock().unwrap()) {
             let status = k.wait().unwrap();
             if !status.success() {
                 return Err(format!("openssl genrsa: {status}"));
             }
         }
-        m.signing_key_txt = dkim_txt(&auth.join("sign.key"))?;
-        m.rotated_key_txt = dkim_txt(&auth.join("rotated.key"))?;
-        fs::set_permissions(auth.join("sign.key"), fs::Permissions::from_mode(0o600)).unwrap();
+        let keys = (
+            dkim_txt(&self.dir.join("sign.key"))?,
+            dkim_txt(&self.dir.join("rotated.key"))?,
+        );
+        let _ = self.keys.set(keys);
+        fs::set_permissions(self.dir.join("sign.key"), fs::Permissions::from_mode(0o600)).unwrap();
         // Surprise: opendkim refuses a key whose path has a directory others can write
         // (`RequireSafeKeys`, on by default), and /tmp is one: the key's own mode (0600) is
         // what keeps it safe here, so the sign config turns the check off.
-        m.spawn(
+        self.spawn(
             "opendkim-sign",
-            Command::new("/usr/sbin/opendkim").args(["-f", "-x", &m.path("sign.conf")]),
+            Command::new("/usr/sbin/opendkim").args(["-f", "-x", &self.path("sign.conf")]),
         )?;
-        m.wait_ready()?;
-        m.restore_dkim_key();
-        Ok(m)
+        self.wait_ready()?;
+        self.restore_dkim_key();
+        Ok(())
     }
 
     /// The DNS server (`127.53.X.Y:53`): give it to the prober as its resolver.
@@ -184,12 +198,12 @@ impl MailAuth {
     /// Publishes, at `mc._domainkey.example.test`, a key that is not the signer's: every
     /// signature (already made or not) fails to verify from now on (`dkim=fail`).
     pub fn rotate_dkim_key(&self) {
-        self.set_txt(&dkim_name(), &self.rotated_key_txt.clone());
+        self.set_txt(&dkim_name(), &self.keys.get().expect("started").1);
     }
 
     /// Publishes the signer's own key again (as at the start).
     pub fn restore_dkim_key(&self) {
-        self.set_txt(&dkim_name(), &self.signing_key_txt.clone());
+        self.set_txt(&dkim_name(), &self.keys.get().expect("started").0);
     }
 
     /// Removes `example.test`'s SPF record (the domain keeps its MX): `spf=none`.
@@ -261,15 +275,23 @@ impl MailAuth {
         format!("unix:{}", self.path(&format!("{name}.sock")))
     }
 
-    /// Stops every daemon (TERM to its process group, KILL after 3 s).
+    /// Stops every daemon: TERM to its process group, KILL after half a second (libmilter,
+    /// in opendkim and opendmarc, notices a TERM only at its next poll, up to 5 s later;
+    /// nothing of theirs needs saving).
     pub(super) fn stop(&self) {
         let mut daemons = std::mem::take(&mut *self.daemons.lock().unwrap());
+        daemons.extend(
+            std::mem::take(&mut *self.keygen.lock().unwrap())
+                .into_iter()
+                .map(|c| ("openssl", c)),
+        );
         for (_, child) in &daemons {
             let _ = Command::new("kill")
                 .args(["-TERM", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
                 .status();
         }
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_millis(500);
         for (_, child) in &mut daemons {
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
