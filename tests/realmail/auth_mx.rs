@@ -89,6 +89,9 @@ fn verdicts(raw: &str, method: &str) -> Vec<String> {
 }
 
 fn assert_verdicts(raw: &str, dkim: &str, spf: &str, dmarc: &str) {
+    for ar in authentication_results(raw) {
+        println!("Authentication-Results: {ar}");
+    }
     for (method, want) in [("dkim", dkim), ("spf", spf), ("dmarc", dmarc)] {
         assert_eq!(
             verdicts(raw, method),
@@ -177,6 +180,9 @@ async fn a_plaintext_hop_shows_as_esmtp_without_tls_in_the_received_chain() {
     let s = servers(true);
     let raw = send_and_read(&s, "plain").await;
     let received = header_values(&raw, "Received");
+    for r in &received {
+        println!("Received: {r}");
+    }
     assert_eq!(received.len(), 3, "{received:#?}");
     assert!(
         received[1].contains("by mx.example.test")

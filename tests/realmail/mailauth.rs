@@ -43,12 +43,71 @@
 //! - [`Servers::delivered`](super::Servers::delivered)`(user, message_id, within) -> String`:
 //!   the raw stored mail, waited for; [`header_block`], [`authentication_results`] to read it
 //!
-//! What a delivered mail's header looks like (from `auth_mx.rs`'s first test, run with
-//! `--nocapture`; wrapped as stored):
+//! The prober, to go this way: `[probe.smtp]` on `ports.submission` with `tls = "starttls"`,
+//! the test CA as `ca_file`, `username`/`password` of a mailbox (`address(u)`,
+//! `password(u)`), `from = address(u)`; any other mailbox of the Setup as the recipient.
+//!
+//! A delivered mail's header, verbatim as Dovecot stored it (`auth_mx.rs`'s first test prints
+//! it with `--nocapture`; newest hop first; each continuation line starts with a tab,
+//! shown here as four spaces):
 //!
 //! ```text
-//! (see the report of issue 16 / auth_mx.rs: the test prints the block it asserts on)
+//! Return-Path: <canary@example.test>
+//! Delivered-To: inbox@example.test
+//! Received: from mx.example.test ([127.0.0.1])
+//!     (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))
+//!     by imap.example.test with LMTPS
+//!     id kHHfGXtAEGvJTgAAg+zDdQ
+//!     (envelope-from <canary@example.test>)
+//!     for <inbox@example.test>; Wed, 02 Dec 2026 15:59:55 +0000
+//! Authentication-Results: mx.example.test; dmarc=pass (p=reject dis=none) header.from=example.test
+//! Authentication-Results: mx.example.test;
+//!     dkim=pass (2048-bit key; unprotected) header.d=example.test header.i=@example.test header.a=rsa-sha256 header.s=mc header.b=Bw8oPwyY;
+//!     dkim-atps=neutral
+//! Authentication-Results: mx.example.test; spf=pass (sender SPF authorized) smtp.mailfrom=example.test (client-ip=127.0.0.1; helo=out.example.test; envelope-from=canary@example.test; receiver=example.test)
+//! Received: from out.example.test (localhost [127.0.0.1])
+//!     (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)
+//!      key-exchange X25519 server-signature ECDSA (prime256v1) server-digest SHA256)
+//!     (No client certificate requested)
+//!     by mx.example.test (Postfix) with ESMTPS id 5FA32A14264
+//!     for <inbox@example.test>; Wed,  2 Dec 2026 15:59:55 +0000 (UTC)
+//! DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.test; s=mc;
+//!     t=1796227195; bh=M8DqYT3v/taJt9ZN8ogrTmpmgWTRbWCC84VxvtLg61c=;
+//!     h=From:To:Subject:Date:From;
+//!     b=Bw8oPwyYjUsk5JCS1Z/TQlP5kYFJ6e28mqhczPCR+/h21tzFRFo6e9OhJKkV+gJFw
+//!      ZAt3UBa0D/JJRngA5gUGhT/qBm01BB9ctv5sbw1skdGSMoqFVNSSEVCtm9m6qxXiOY
+//!      YAe1aI1Fn8oETXLWi0J+WGpNsvv+HshrpTb8ZOrraIb5xtDos7gl6rbhNsHQOvTYth
+//!      hKkPLmhfNErl1fnGhn2cgmo0ZdjvIX18mLvs8F7mH5Ca5PUf2m9B0VxWm+xbkvU8b7
+//!      qJxr8BxsSJYQNXyX75juFegh+B36nbcD5ef+tA32Q8Jnsif8j4HPDvQcia0CKhYeBX
+//!      UjIbty1Wa763Q==
+//! Received: from prober.test (localhost [127.0.0.1])
+//!     (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)
+//!      key-exchange X25519 server-signature ECDSA (prime256v1) server-digest SHA256)
+//!     (No client certificate requested)
+//!     by out.example.test (Postfix) with ESMTPSA id 0C3EBA1425D
+//!     for <inbox@example.test>; Wed,  2 Dec 2026 15:59:55 +0000 (UTC)
+//! From: canary@example.test
+//! To: inbox@example.test
+//! Subject: pass
+//! Message-ID: <19991.pass@example.test>
+//! Content-Transfer-Encoding: 7bit
+//! Date: Wed, 02 Dec 2026 15:59:54 +0000
 //! ```
+//!
+//! What the drills change there: a rotated key gives `dkim=fail reason="signature
+//! verification failed" (2048-bit key; unprotected) ...` and, SPF still aligned,
+//! `dmarc=pass`; no SPF record `spf=none (no SPF record) ...`; both `dmarc=fail (p=reject
+//! dis=none)` (`dis=none`: opendmarc rejects nothing here); `v=spf1 -all` `spf=fail (SPF fail
+//! - not authorized)`; the plaintext hop's MX line loses its `(using TLS...)` comment and
+//! says `with ESMTP`. Dovecot's dates have two-digit days, Postfix's pad with a space.
+//! opendkim says `unprotected`: the zone is not DNSSEC-signed.
+//!
+//! A milter that is down: `milter_default_action` is Postfix's default, `tempfail`, so the
+//! MX defers the mail (and retries) rather than storing it unjudged (not drilled here).
+//!
+//! Distinct sending addresses (network namespaces) are not needed for the SPF drills: all
+//! mail leaves from 127.0.0.1 and the drills change the record instead
+//! (`set_txt("example.test", "v=spf1 ip4:192.0.2.0/24 -all")`: this sender is not listed).
 //!
 //! Surprises of the real daemons, each handled here and named where it is:
 //! - opendkim signs, and in `Mode v` skips, mail from its `InternalHosts`, which default to
