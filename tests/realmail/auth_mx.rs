@@ -3,7 +3,8 @@
 //! policyd-spf, opendkim and opendmarc there, and stored by Dovecot; the tests read the stored
 //! mail's `Authentication-Results` and `Received` lines. The drills the product's tests run
 //! on it (a rotated key, no SPF record, a plaintext hop) are shown to change what the real
-//! daemons write.
+//! daemons write. The last test has the prober (as it is, no mail-auth code) complete canaries
+//! over this path, which the product's drills build on.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use lettre::{
 };
 
 use crate::{
-    common::blocking,
+    common::{ImapMode, ProbeSpec, Prober, SmtpMode, all_failures, blocking, completed, until},
     harness::{
         Servers, Setup, address,
         mailauth::{
@@ -197,4 +198,31 @@ async fn a_plaintext_hop_shows_as_esmtp_without_tls_in_the_received_chain() {
     let raw = send_and_read(&s, "tls-again").await;
     let received = header_values(&raw, "Received");
     assert!(received[1].contains("with ESMTPS"), "{}", received[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prober_completes_canaries_through_the_signing_relay_and_the_checking_mx() {
+    let s = servers(false);
+    // Submission with AUTH as canary@example.test, From that address, to itself.
+    let mut probe = ProbeSpec::new("authmx", SmtpMode::Submission587, ImapMode::Tls993, SENDER);
+    probe.cleanup = false;
+    let prober = Prober::start(&s, &[probe], true).await;
+    let samples = until(
+        prober.addr(),
+        Duration::from_secs(60),
+        "a completed canary",
+        |x| completed(x, "authmx") >= 1.0,
+    )
+    .await;
+    assert_eq!(all_failures(&samples, "authmx"), vec![]);
+    prober.stop().await;
+    let id = s.saved()[0].message_id.clone();
+    let s2 = s.clone();
+    let raw = blocking(move || s2.delivered(SENDER, &id, Duration::from_secs(10))).await;
+    assert!(
+        !header_values(&raw, "X-Mailcanary-Token").is_empty(),
+        "{}",
+        header_block(&raw)
+    );
+    assert_verdicts(&raw, "pass", "pass", "pass");
 }
