@@ -24,7 +24,7 @@
 //!   policy service at RCPT), `opendkim` in `Mode v` and `opendmarc` as milters, each writing
 //!   `Authentication-Results: mx.example.test; ...` ([`AUTHSERV_ID`]; nothing is rejected for
 //!   a failing verdict: the verdicts are for the mail's reader), then LMTP with STARTTLS over
-//!   TCP to Dovecot.
+//!   TCP to Dovecot (`imap.example.test`, [`STORE_HOST`]).
 //!
 //! Mail sent straight to port 25 skips the signer (no DKIM signature: `dkim=none`). SPF is
 //! checked on the MAIL FROM domain: send with an `@example.test` envelope sender for
@@ -35,17 +35,26 @@
 //! - [`MailAuth::resolver`] `-> SocketAddr`: the DNS server, for the prober's DKIM check
 //! - [`MailAuth::rotate_dkim_key`]: publish a different key at the selector (signatures
 //!   made from now on, and before, fail: `dkim=fail`); [`MailAuth::restore_dkim_key`]
-//! - [`MailAuth::remove_spf`] (`spf=none`), [`MailAuth::set_txt`] / [`MailAuth::remove`] for
-//!   any record (e.g. `set_txt("example.test", "v=spf1 -all")` for `spf=fail`)
+//! - [`MailAuth::remove_spf`] (`spf=none`), [`MailAuth::set_txt`]`(name, text)` /
+//!   [`MailAuth::remove`]`(name, rtype)` for any record (e.g.
+//!   `set_txt("example.test", "v=spf1 -all")` for `spf=fail`), [`MailAuth::records`] (what
+//!   is served), [`query_txt`]`(resolver, name)` (a real DNS query, to see a change took)
 //! - [`Servers::set_plaintext_hop`](super::Servers::set_plaintext_hop)`(bool)`: the
 //!   out → MX hop without TLS (`with ESMTP`) or back to STARTTLS (`with ESMTPS`); also
 //!   `Setup { plaintext_hop: true, .. }` from the start
 //! - [`Servers::delivered`](super::Servers::delivered)`(user, message_id, within) -> String`:
-//!   the raw stored mail, waited for; [`header_block`], [`authentication_results`] to read it
+//!   the raw stored mail, waited for; [`header_block`], [`header_values`]`(raw, name)`
+//!   (unfolded, newest first), [`authentication_results`] to read it
+//! - the names: [`AUTHSERV_ID`] `mx.example.test`, [`OUT_HOST`], [`STORE_HOST`],
+//!   [`SELECTOR`], [`SPF_RECORD`], [`DMARC_RECORD`]
+//!
+//! A change takes effect for the next mail: the verifiers look the records up per message.
 //!
 //! The prober, to go this way: `[probe.smtp]` on `ports.submission` with `tls = "starttls"`,
 //! the test CA as `ca_file`, `username`/`password` of a mailbox (`address(u)`,
-//! `password(u)`), `from = address(u)`; any other mailbox of the Setup as the recipient.
+//! `password(u)`), `from = address(u)`; `common::ProbeSpec` with `SmtpMode::Submission587`
+//! writes exactly that (`auth_mx.rs`'s last test). Postfix's Received dates have whole
+//! seconds only, so per-hop delays on loopback are mostly 0 s.
 //!
 //! A delivered mail's header, verbatim as Dovecot stored it (`auth_mx.rs`'s first test prints
 //! it with `--nocapture`; newest hop first; each continuation line starts with a tab,
