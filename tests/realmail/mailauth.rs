@@ -118,20 +118,29 @@
 //! mail leaves from 127.0.0.1 and the drills change the record instead
 //! (`set_txt("example.test", "v=spf1 ip4:192.0.2.0/24 -all")`: this sender is not listed).
 //!
-//! Surprises of the real daemons, each handled here and named where it is:
-//! - opendkim signs, and in `Mode v` skips, mail from its `InternalHosts`, which default to
-//!   127.0.0.1: the verifier gets an internal list that holds no loopback address.
-//! - opendmarc ignores mail from its `IgnoreHosts`, also 127.0.0.1 by default: same fix.
-//! - policyd-spf skips SPF for `skip_addresses`, 127.0.0.0/8 by default: same fix; and its
-//!   `HELO_reject`/`Mail_From_reject = Fail` would refuse the `-all` drills: set to False.
-//! - libunbound (opendkim) answers every `.test` name NXDOMAIN itself (a built-in RFC 6761
-//!   local zone; opendkim says `key not found in DNS` and sends no query): `nodefault`.
-//! - libunbound (opendkim) refuses to query loopback (`do-not-query-localhost`) and caches
-//!   keys: its configuration allows loopback and caps the cache at TTL 0.
-//! - opendkim refuses a key file under a world-writable directory (/tmp) unless
-//!   `RequireSafeKeys no`.
-//! - Postfix's smtp client calls a server greeting with its own `myhostname` a mail loop:
-//!   the submission and MX listeners have names of their own (`out.`, `mx.example.test`).
+//! Surprises of the real daemons, each seen here (unless said) and handled where named:
+//! - opendmarc ignores mail from its `IgnoreHosts`, 127.0.0.1 by default: the mail got no
+//!   `dmarc=` header at all. Its list here holds only a TEST-NET address.
+//! - policyd-spf skips `skip_addresses`, 127.0.0.0/8 by default, and then writes
+//!   `Authentication-Results: mx.example.test; none (SPF check N/A for local connections -
+//!   client-ip=...)`, a result with no `spf=` method (a reader must tolerate it). Same fix.
+//!   Its Debian defaults `HELO_reject`/`Mail_From_reject = Fail` would refuse the `-all`
+//!   drill's mail (documented; set to False, not tried).
+//! - policyd-spf resolves with pydns (`python3-dns`, the first choice of python3-spf's
+//!   dependencies), opendmarc with libresolv: both read only `/etc/resolv.conf`, no port;
+//!   hence port 53 and the mount namespace.
+//! - libunbound (opendkim) answers every `.test` name NXDOMAIN itself, a built-in RFC 6761
+//!   local zone: opendkim said `dkim=fail reason="key not found in DNS"` and sent no query.
+//!   `local-zone: "test." nodefault` in its `ResolverConfiguration`.
+//! - opendkim refuses to start when a directory above its key file is world-writable
+//!   (`/tmp`): `RequireSafeKeys no` (the key file itself is 0600).
+//! - libmilter (opendkim, opendmarc) acts on SIGTERM only at its next poll: 4 to 5 s to exit;
+//!   they get KILL after half a second.
+//! - Not surprises, tried: opendkim in `Mode v` verifies loopback mail although
+//!   `InternalHosts` defaults to 127.0.0.1 (it has no key to sign with); libunbound queries a
+//!   loopback forwarder despite `do-not-query-localhost`; Postfix relays to its own port 25
+//!   without a "loops back to myself" even when both listeners use one `myhostname`. The
+//!   names `out.` and `mx.example.test` are only for a readable Received chain.
 
 use std::{
     fs,
@@ -156,8 +165,8 @@ pub const DMARC_RECORD: &str = "v=DMARC1; p=reject; adkim=s; aspf=s";
 pub const OUT_HOST: &str = "out.example.test";
 /// The mail store's (Dovecot's) name, in its LMTP Received line.
 pub const STORE_HOST: &str = "imap.example.test";
-/// A TEST-NET address: the "internal"/"ignored"/"skipped" list of the verifying daemons, so
-/// that loopback clients are checked (see the module's surprises).
+/// A TEST-NET address: the "ignored"/"skipped" list of opendmarc and policyd-spf, so that
+/// loopback clients are checked (see the module's surprises).
 const NOT_LOOPBACK: &str = "192.0.2.1";
 
 const READY_WITHIN: Duration = Duration::from_secs(15);
@@ -479,16 +488,14 @@ impl MailAuth {
              control-use-cert: no\n"
         );
         fs::write(self.dir.join("unbound.conf"), unbound).unwrap();
-        // libunbound inside opendkim: forward everything to our server. Surprises:
-        // `test.` is one of its built-in local zones (RFC 6761), answered NXDOMAIN without a
-        // query ("key not found in DNS") until `nodefault`; do-not-query-localhost defaults to
-        // yes (it would never ask 127.53.X.Y); its cache would keep a rotated key
-        // (cache-max-ttl 0 caches nothing).
+        // libunbound inside opendkim: forward everything to our server. Surprise: `test.`
+        // is one of its built-in local zones (RFC 6761), answered NXDOMAIN without a query
+        // ("key not found in DNS") until `nodefault`. The records' TTL 0 keeps it from
+        // caching a key over a rotation.
         fs::write(
             self.dir.join("libunbound.conf"),
             format!(
-                "server:\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  \
-                 cache-max-ttl: 0\n  cache-max-negative-ttl: 0\n  do-ip6: no\n  \
+                "server:\n  module-config: \"iterator\"\n  do-ip6: no\n  \
                  local-zone: \"test.\" nodefault\n\
                  forward-zone:\n  name: \".\"\n  forward-addr: {ip}@53\n"
             ),
@@ -509,17 +516,15 @@ impl MailAuth {
             ),
         )
         .unwrap();
-        // Surprise: in Mode v, mail from an InternalHosts client (127.0.0.1 by default) is
-        // the signer's business and passes unverified, with no header.
         fs::write(
             self.dir.join("verify.conf"),
             format!(
                 "{common}Mode v\nSocket local:{d}/dkim-verify.sock\nPidFile {d}/dkim-verify.pid\n\
-                 AuthservID {AUTHSERV_ID}\nInternalHosts {d}/not-loopback\nAlwaysAddARHeader yes\n"
+                 AuthservID {AUTHSERV_ID}\nAlwaysAddARHeader yes\n"
             ),
         )
         .unwrap();
-        // Surprise: IgnoreHosts defaults to 127.0.0.1 (the mail would pass unjudged).
+        // Surprise: IgnoreHosts defaults to 127.0.0.1 (the mail got no dmarc= result).
         fs::write(
             self.dir.join("opendmarc.conf"),
             format!(
@@ -531,8 +536,9 @@ impl MailAuth {
             ),
         )
         .unwrap();
-        // Surprises: skip_addresses defaults to 127.0.0.0/8 (no check at all), and
-        // HELO_reject/Mail_From_reject = Fail would refuse the "-all" drills' mail.
+        // Surprises: skip_addresses defaults to 127.0.0.0/8 (`none (SPF check N/A for local
+        // connections ...)`, no spf= at all), and HELO_reject/Mail_From_reject = Fail would
+        // refuse the "-all" drill's mail.
         fs::write(
             self.dir.join("policyd-spf.conf"),
             format!(
