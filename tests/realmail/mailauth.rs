@@ -689,3 +689,24 @@ pub fn query_txt(resolver: SocketAddr, name: &str) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn header_values_are_unfolded_newest_first_and_stop_at_the_body() {
+    let raw = "Authentication-Results: mx.example.test; dmarc=pass\r\n\
+               Authentication-Results: mx.example.test;\r\n\
+               \tdkim=pass header.d=example.test;\r\n\
+               \tdkim-atps=neutral\r\n\
+               Received: from a\r\n\
+               authentication-results: other.test; spf=fail\r\n\
+               \r\n\
+               Authentication-Results: in the body\r\n";
+    assert_eq!(
+        authentication_results(raw),
+        vec![
+            "mx.example.test; dmarc=pass",
+            "mx.example.test; dkim=pass header.d=example.test; dkim-atps=neutral",
+            "other.test; spf=fail",
+        ]
+    );
+    assert_eq!(header_values(raw, "received"), vec!["from a"]);
+}
