@@ -562,6 +562,13 @@ impl MailAuth {
     }
 }
 
+impl Drop for MailAuth {
+    /// Stops whatever is still running (a start that failed half-way, too).
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The name the key is published at.
 fn dkim_name() -> String {
     format!("{SELECTOR}._domainkey.example.test")
