@@ -158,6 +158,13 @@ struct State {
     /// The ledger cannot be written: no canary can be recorded, so none is sent, and every
     /// probe fails (reason `ledger`) and the prober is unready until a write succeeds again.
     ledger_error: Option<Failure>,
+    /// Probes whose gauges the next tick sets, because something they show changed without
+    /// setting them (a canary changed by the tick itself, a mailbox's watcher, a probe
+    /// registered or resumed). The gauges depend on no clock (the ages are [`Live`]), so a
+    /// probe nothing happened to is not visited: an idle prober's tick touches no probe.
+    stale: HashSet<String>,
+    /// Every probe is stale (the ledger failed or recovered: every verdict moves).
+    all_stale: bool,
 }
 
 /// Work for the ledger writer thread, in the order it happened.
@@ -417,7 +424,9 @@ impl Engine {
                 warn!(%probe, error = %e, "cannot read the probe's history; its charts start empty");
             }
         }
-        lock(&self.state).probes.insert(
+        let mut st = lock(&self.state);
+        st.stale.insert(probe.to_string());
+        st.probes.insert(
             probe.to_string(),
             ProbeState {
                 stages,
@@ -462,6 +471,7 @@ impl Engine {
                 .insert((c.probe.clone(), c.id.clone()), c.clone());
             resumed.push(c);
         }
+        st.all_stale = true;
         if !resumed.is_empty() {
             info!(
                 count = resumed.len(),
@@ -575,6 +585,9 @@ impl Engine {
     /// and updates the in-memory state. Called with the state locked so that two changes to
     /// the same canary reach the writer in the order they happened.
     fn commit(&self, st: &mut State, canary: Canary, transitions: &[Transition]) {
+        if !st.stale.contains(&canary.probe) {
+            st.stale.insert(canary.probe.clone());
+        }
         let mut history = Vec::new();
         if let Some(ps) = st.probes.get_mut(&canary.probe) {
             let wall = clock::to_wall_ms(now_ms());
@@ -789,7 +802,9 @@ impl Engine {
                     "ledger writable again; in-flight canaries written, sending resumes"
                 );
                 w.attempts = 0;
-                lock(&self.state).ledger_error = None;
+                let mut st = lock(&self.state);
+                st.ledger_error = None;
+                st.all_stale = true;
             }
         }
         for job in jobs {
@@ -836,11 +851,13 @@ impl Engine {
         };
         self.ledger.close();
         w.broken = Some((Instant::now() + wait, wait));
-        lock(&self.state).ledger_error = Some(Failure {
+        let mut st = lock(&self.state);
+        st.ledger_error = Some(Failure {
             reason: Reason::Ledger,
             detail: e.to_string(),
             at_ms: now_ms(),
         });
+        st.all_stale = true;
     }
 
     /// The deadlines a new canary of `probe` gets: `base`, with every `"auto"` stage of
@@ -951,11 +968,37 @@ impl Engine {
                 self.commit(&mut st, snapshot, &transitions);
             }
         }
-        // A drain ends when no canary in its stage is past the deadline any more. One pass
-        // over the canaries in flight, not one per probe and stage.
+        self.end_drains_and_incidents(&mut st, now);
+        // Only the probes something happened to: their gauges depend on no clock.
+        let stale = std::mem::take(&mut st.stale);
+        if std::mem::take(&mut st.all_stale) {
+            self.refresh_gauges(&st, now);
+        } else if !stale.is_empty() {
+            let by_probe = st.in_flight_by_probe();
+            for probe in &stale {
+                if let Some(ps) = st.probes.get(probe) {
+                    let mine: &[&Canary] = by_probe.get(probe.as_str()).map_or(&[], Vec::as_slice);
+                    self.set_gauges(&st, probe, ps, mine, now);
+                }
+            }
+        }
+        finished
+    }
+
+    /// A drain ends when no canary in its stage is past the deadline any more, and an
+    /// incident closes once cleared and drained. Nothing to do (no probe draining or in an
+    /// incident, as an idle prober): no pass over the canaries in flight.
+    fn end_drains_and_incidents(&self, st: &mut State, now: u64) {
         let State {
             in_flight, probes, ..
-        } = &mut *st;
+        } = st;
+        if !probes
+            .values()
+            .any(|ps| ps.incident.is_some() || !ps.drains.is_empty())
+        {
+            return;
+        }
+        // One pass over the canaries in flight, not one per probe and stage.
         let overdue: HashSet<(&str, Stage)> = in_flight
             .values()
             .filter_map(|c| {
@@ -976,8 +1019,6 @@ impl Engine {
             ps.drains
                 .retain(|stage, _| overdue.contains(&(name.as_str(), *stage)));
         }
-        self.refresh_gauges(&st, now);
-        finished
     }
 
     fn refresh_gauges(&self, st: &State, now: u64) {
@@ -1129,6 +1170,9 @@ impl Engine {
         failure: Option<(Reason, String)>,
     ) {
         let mut st = lock(&self.state);
+        if st.probes.contains_key(probe) {
+            st.stale.insert(probe.to_string());
+        }
         let Some(ps) = st.probes.get_mut(probe) else {
             return;
         };
