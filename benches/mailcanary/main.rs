@@ -406,8 +406,14 @@ fn markdown(r: &Results) -> String {
         }
         s.push('\n');
     }
+    if let Some(rows) = &r.slow_disk {
+        s.push_str("\n**Sustained rate with a slow disk** (every `fdatasync`/`fsync` of the prober delayed under strace; 10 probes every 200 ms, each its own mailbox, 2 s deadlines)\n\n| build | fsync delay | offered | sent | completed | failures | late | in flight at the end |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        for row in rows {
+            let _ = writeln!(s, "{}", row.markdown());
+        }
+    }
     if let Some(metrics) = &r.metrics_response {
-        s.push_str("**`/metrics` response time** (idle: one canary each, finished; stalled: import stalled, every canary in flight and going overdue while scraped; prober peak RSS, and its CPU from start to the last scrape per canary sent)\n\n| probes | state | series | bytes | in flight | overdue meanwhile | median | p95 | max | peak RSS | CPU per canary |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str("**`/metrics` response time**, to the last byte (idle: one canary each, finished, and the exposition no longer changing; stalled: import stalled, every canary in flight and going overdue while scraped; prober peak RSS, and its CPU from start to the last scrape per canary sent)\n\n| probes | state | series | bytes | in flight | overdue meanwhile | median | p95 | max | peak RSS | CPU per canary |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for mr in metrics {
             let _ = writeln!(
                 s,

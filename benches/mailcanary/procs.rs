@@ -560,6 +560,16 @@ pub struct MetricsRow {
     pub cpu_ms_per_canary: f64,
 }
 
+async fn get_bytes(c: &reqwest::Client, url: &str) -> bytes::Bytes {
+    match c.get(url).send().await {
+        Ok(r) if r.status().is_success() => r.bytes().await.unwrap_or_else(|e| {
+            crate::impossible!("reading {url}: {e}");
+        }),
+        Ok(r) => crate::impossible!("GET {url}: HTTP {}", r.status()),
+        Err(e) => crate::impossible!("GET {url}: {e}"),
+    }
+}
+
 /// `/metrics` response time with `probes` configured (one shared mailbox, interval 1 h: each
 /// probe sends one canary at start, then nothing). `stalled`: the sandbox's import is stalled
 /// first, so every canary stays in flight, polled for, and goes overdue during the scrapes.
@@ -609,15 +619,32 @@ pub async fn metrics_time(b: &Bench, probes: usize, scrapes: usize, stalled: boo
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        // Idle means nothing changes any more: the replies' clean-up (tickets trashed, mail
+        // deleted) goes on for a while after the last completion. Two answers alike a second
+        // apart (or 60 s gone: time it anyway).
+        let url = format!("http://{}/metrics", run.addr);
+        let mut last = get_bytes(&b.http, &url).await;
+        let t_idle = Instant::now();
+        while t_idle.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = get_bytes(&b.http, &url).await;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
     }
     let overdue_before = stage_total(&scrape(&b.http, run.addr).await, FAILURES, "import");
     let mut ms = Vec::new();
     let (mut series, mut bytes, mut in_flight) = (0, 0, 0.0);
     for _ in 0..scrapes {
+        // The time to the last byte, as a scraper's HTTP client reads it; decoding and
+        // parsing the text are the scraper's work, after the clock.
         let t = Instant::now();
-        let text = get_text(&b.http, &format!("http://{}/metrics", run.addr)).await;
+        let body = get_bytes(&b.http, &format!("http://{}/metrics", run.addr)).await;
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        bytes = text.len();
+        bytes = body.len();
+        let text = String::from_utf8_lossy(&body);
         let s = mailcanary::metrics::testing::parse_exposition(&text);
         series = s.samples.len();
         in_flight = s
@@ -674,6 +701,23 @@ pub struct SlowDiskRow {
     pub in_flight_end: f64,
 }
 
+impl SlowDiskRow {
+    /// The row of the README's table (and the progress line).
+    pub fn markdown(&self) -> String {
+        format!(
+            "| {} | {} ms | {:.0}/s | {:.1}/s | {:.1}/s | {} | {} | {} |",
+            self.build,
+            self.fsync_delay_ms,
+            self.offered_per_s,
+            self.sent_per_s,
+            self.completed_per_s,
+            self.failures,
+            self.late,
+            self.in_flight_end
+        )
+    }
+}
+
 /// The sustained rate with a slow disk: `probes` probes every `interval_ms` (each its own
 /// mailbox), the prober under strace with every `fdatasync`/`fsync` delayed by each of
 /// `delays_ms`, for `builds` (a label and the prober binary: `None` is this build). The first
@@ -728,15 +772,7 @@ pub async fn slow_disk(
                 late: l1 - l0,
                 in_flight_end: stage_total(&s1, "mailcanary_stage_in_flight", "end_to_end"),
             };
-            eprintln!(
-                "  {label}, fsync +{delay_ms} ms: {:.1}/s offered, {:.1}/s sent, {:.1}/s completed, {} failures, {} late, {} in flight",
-                row.offered_per_s,
-                row.sent_per_s,
-                row.completed_per_s,
-                row.failures,
-                row.late,
-                row.in_flight_end
-            );
+            eprintln!("  {}", row.markdown());
             out.push(row);
             drop(run);
         }
