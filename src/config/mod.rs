@@ -114,6 +114,8 @@ pub struct ProbeConfig {
     pub mailboxes: Vec<MailboxConfig>,
     /// A canary found in a Junk folder counts as delivered (placement still counted).
     pub junk_is_ok: bool,
+    /// `require_tls_hops`, `require_auth`, `trusted_authserv_ids`.
+    pub route_rules: crate::canary::hops::RouteRules,
 }
 
 /// One watched mailbox of a probe.

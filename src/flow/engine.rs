@@ -666,6 +666,20 @@ impl Engine {
             self.metrics
                 .apply_mailbox(&canary.probe, m, folder, transitions);
         }
+        // The delivery stage ends once in a canary's life: its route is counted with it.
+        if let Some(route) = &canary.route
+            && transitions.iter().any(|t| {
+                matches!(
+                    t,
+                    Transition::StageDone {
+                        stage: Stage::Delivery,
+                        ..
+                    }
+                )
+            })
+        {
+            self.metrics.apply_route(&canary.probe, route);
+        }
         for t in transitions {
             let detail = match t {
                 Transition::StageFailed { stage, reason } => canary.record(*stage).and_then(|r| {
@@ -1068,7 +1082,14 @@ impl Engine {
             if c.current() == Some(Stage::Reply) {
                 out.extend(c.observe(Stage::Reply, seen_at));
             }
-            out.extend(c.observe_delivery(seen_at, at.folder, !at.junk_is_ok));
+            let (route, fault) = at.rules.judge(at.received, c.created_ms, at.auth_results);
+            out.extend(c.observe_delivery_via(
+                seen_at,
+                at.folder,
+                !at.junk_is_ok,
+                Some(route),
+                fault,
+            ));
             out
         });
         match updated {
@@ -1577,6 +1598,11 @@ pub struct Found<'a> {
     pub mailboxes: &'a [String],
     pub folder: Folder,
     pub junk_is_ok: bool,
+    /// The delivered mail's `Received` and `Authentication-Results` headers
+    /// ([`crate::canary::Candidate`]), judged by the probe's `rules`.
+    pub received: &'a [crate::canary::hops::Hop],
+    pub auth_results: &'a [crate::canary::hops::AuthHeader],
+    pub rules: &'a crate::canary::hops::RouteRules,
 }
 
 impl Found<'_> {
@@ -1827,11 +1853,19 @@ mod mailbox_tests {
         assert_eq!(m365.state, "ok", "the old failure is not m365's");
 
         // Seen by m365's watcher it is not m365's delivery; by gmail's it is.
+        static NO_RULES: crate::canary::hops::RouteRules = crate::canary::hops::RouteRules {
+            require_tls_hops: false,
+            require_auth: Vec::new(),
+            trusted_authserv_ids: Vec::new(),
+        };
         fn at(mailboxes: &[String]) -> Found<'_> {
             Found {
                 mailboxes,
                 folder: Folder::Inbox,
                 junk_is_ok: false,
+                received: &[],
+                auth_results: &[],
+                rules: &NO_RULES,
             }
         }
         let (gmail, m365) = (&names[..1], &names[1..]);

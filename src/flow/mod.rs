@@ -50,6 +50,9 @@ pub struct Probe {
     pub mailboxes: Vec<ProbeMailbox>,
     /// A canary delivered into Junk does not fail the probe (its placement is still counted).
     pub junk_is_ok: bool,
+    /// What the probe requires of a delivered mail's hops and verdicts, and whose verdicts
+    /// it trusts.
+    pub route_rules: crate::canary::hops::RouteRules,
     pub plan: Vec<Stage>,
     pub limits: Limits,
     /// The stages whose deadline is learned (`"auto"`), if any.
@@ -337,6 +340,7 @@ impl Probe {
             hostname: hostname.to_string(),
             mailboxes,
             junk_is_ok: cfg.junk_is_ok,
+            route_rules: cfg.route_rules.clone(),
             plan,
             limits,
             auto,
@@ -817,6 +821,9 @@ async fn dispatch(
                             mailboxes,
                             folder,
                             junk_is_ok: p.junk_is_ok,
+                            received: &candidate.received,
+                            auth_results: &candidate.auth_results,
+                            rules: &p.route_rules,
                         };
                         let done = engine.delivered(
                             &probe,
