@@ -49,6 +49,8 @@ pub struct Event {
     pub transition: Transition,
     /// The failure detail, for `StageFailed`.
     pub detail: Option<String>,
+    /// The delivered mail's hops and verdicts, for the `StageDone` of the delivery stage.
+    pub route: Option<crate::canary::hops::Route>,
 }
 
 /// A canary's bell (see [`Engine::bell`]): the run of that canary waits on it.
@@ -701,6 +703,13 @@ impl Engine {
                 mailbox: canary.mailbox.clone(),
                 transition: t.clone(),
                 detail,
+                route: match t {
+                    Transition::StageDone {
+                        stage: Stage::Delivery,
+                        ..
+                    } => canary.route.clone(),
+                    _ => None,
+                },
             });
         }
     }
