@@ -595,6 +595,57 @@ From: canary@example.test\r\nTo: box@example.test\r\nSubject: x\r\n\r\nbody\r\n"
         assert_eq!(r.fault(true, &[]), None);
     }
 
+    /// Verbatim from Postfix 3.7.11 and Dovecot 2.3.19 in the realmail harness, Postfix at its
+    /// default `smtpd_tls_received_header = no`: no TLS version is written, and the `S` of
+    /// `ESMTPSA` (RFC 3848) is all that says the hop was TLS.
+    #[test]
+    fn postfix_without_smtpd_tls_received_header_says_tls_only_by_the_s_of_esmtpsa() {
+        let raw = "Received: from mail.example.test\r\n\
+\tby vm with LMTP\r\n\
+\tid ILDcJd5EEGtIUwAAg+zDdQ\r\n\
+\t(envelope-from <tlsbox@example.test>)\r\n\
+\tfor <tlsbox@example.test>; Wed, 02 Dec 2026 16:18:38 +0000\r\n\
+Received: from prober.test (localhost [127.0.0.1])\r\n\
+\tby mail.example.test (Postfix) with ESMTPSA id 89F4DA14346\r\n\
+\tfor <tlsbox@example.test>; Wed,  2 Dec 2026 16:18:38 +0000 (UTC)\r\n\
+From: tlsbox@example.test\r\nSubject: x\r\n\r\nbody\r\n";
+        let r = route_of(raw, 1_796_228_318_401, &[]);
+        let got: Vec<(Option<&str>, Option<&str>, Option<&str>, Option<u64>, bool)> = r
+            .hops
+            .iter()
+            .map(|h| {
+                (
+                    h.from.as_deref(),
+                    h.by.as_deref(),
+                    h.protocol.as_deref(),
+                    h.delay_ms,
+                    h.plaintext,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    Some("prober.test"),
+                    Some("mail.example.test"),
+                    Some("ESMTPSA"),
+                    Some(0),
+                    false
+                ),
+                (
+                    Some("mail.example.test"),
+                    Some("vm"),
+                    Some("LMTP"),
+                    Some(0),
+                    false
+                ),
+            ]
+        );
+        assert!(r.hops.iter().all(|h| h.tls.is_none() && h.skew_ms == 0));
+        assert!(r.all_tls());
+    }
+
     #[test]
     fn a_plaintext_smtp_hop_is_plaintext_and_fails_require_tls() {
         let raw = "Received: from relay.example.test (relay [127.0.0.2])\r\n\

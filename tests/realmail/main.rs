@@ -17,4 +17,5 @@ mod oauth2;
 mod outages;
 mod placement;
 mod process;
+mod route;
 mod rt;
