@@ -610,36 +610,21 @@ Received: from prober.test (localhost [127.0.0.1])\r\n\
 \tfor <tlsbox@example.test>; Wed,  2 Dec 2026 16:18:38 +0000 (UTC)\r\n\
 From: tlsbox@example.test\r\nSubject: x\r\n\r\nbody\r\n";
         let r = route_of(raw, 1_796_228_318_401, &[]);
-        let got: Vec<(Option<&str>, Option<&str>, Option<&str>, Option<u64>, bool)> = r
+        let got: Vec<String> = r
             .hops
             .iter()
             .map(|h| {
-                (
-                    h.from.as_deref(),
-                    h.by.as_deref(),
-                    h.protocol.as_deref(),
-                    h.delay_ms,
-                    h.plaintext,
+                format!(
+                    "from {:?} by {:?} with {:?} delay {:?} plaintext {}",
+                    h.from, h.by, h.protocol, h.delay_ms, h.plaintext
                 )
             })
             .collect();
         assert_eq!(
             got,
             [
-                (
-                    Some("prober.test"),
-                    Some("mail.example.test"),
-                    Some("ESMTPSA"),
-                    Some(0),
-                    false
-                ),
-                (
-                    Some("mail.example.test"),
-                    Some("vm"),
-                    Some("LMTP"),
-                    Some(0),
-                    false
-                ),
+                "from Some(\"prober.test\") by Some(\"mail.example.test\") with Some(\"ESMTPSA\") delay Some(0) plaintext false",
+                "from Some(\"mail.example.test\") by Some(\"vm\") with Some(\"LMTP\") delay Some(0) plaintext false",
             ]
         );
         assert!(r.hops.iter().all(|h| h.tls.is_none() && h.skew_ms == 0));
