@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 seconds="${FUZZ_SECONDS:-30}"
-targets=(recognise token config webhook)
+targets=(recognise token config webhook route)
 cargo +nightly fuzz build --release
 status=0
 for t in "${targets[@]}"; do

@@ -300,6 +300,12 @@ impl Route {
     }
 }
 
+/// [`received`] and [`auth_results`] of raw bytes (`None`: not parseable as a message).
+pub fn read(raw: &[u8]) -> Option<(Vec<Hop>, Vec<AuthHeader>)> {
+    let message = mail_parser::MessageParser::default().parse(raw)?;
+    Some((received(&message), auth_results(&message, raw)))
+}
+
 /// The `Received` headers of `message` in header order (top-most first), each with its date
 /// but no delay yet (see [`Route::new`]). Headers mail-parser cannot read as `Received` are
 /// kept as hops with nothing known.
@@ -693,6 +699,31 @@ From: a@example.test\r\nSubject: x\r\n\r\nbody\r\n";
         raw.push_str("From: a@example.test\r\n\r\nbody\r\n");
         let r = route_of(&raw, T0, &[]);
         assert_eq!(r.hops.len(), MAX_HOPS);
+    }
+
+    /// What `fuzz/fuzz_targets/route.rs` does, on its seed (so the target's calls stay true
+    /// without a nightly build).
+    #[test]
+    fn the_fuzz_targets_seed_reads_and_judges() {
+        let raw = include_bytes!("../../fuzz/seeds/route/postfix_dovecot.eml");
+        let (hops, ars) = read(raw).unwrap();
+        let rules = RouteRules {
+            require_tls_hops: true,
+            require_auth: AuthMethod::ALL.to_vec(),
+            trusted_authserv_ids: vec!["mx.example.test".into()],
+        };
+        let (route, fault) = rules.judge(&hops, T0, &ars);
+        assert_eq!(route.hops.len(), 2);
+        assert_eq!(route.hops[0].tls.as_deref(), Some("TLSv1.3"));
+        assert_eq!(route.verdict(AuthMethod::Dkim), AuthResult::Pass);
+        assert_eq!(route.verdict(AuthMethod::Spf), AuthResult::Softfail);
+        let (reason, detail) = fault.unwrap();
+        assert_eq!(reason, super::super::life::Reason::AuthResult);
+        assert_eq!(
+            detail,
+            "required authentication not passed: spf=softfail, dmarc=fail, arc=none"
+        );
+        assert!(parse_auth_results(&String::from_utf8_lossy(raw)).is_some());
     }
 
     #[test]
