@@ -637,6 +637,86 @@ From: tlsbox@example.test\r\nSubject: x\r\n\r\nbody\r\n";
         assert!(r.all_tls());
     }
 
+    /// Verbatim (but for the DKIM-Signature) from the realmail mail-auth path: Postfix with
+    /// opendkim signing, the MX with policyd-spf, opendkim and opendmarc (three
+    /// `Authentication-Results` headers, `dkim-atps` among them), LMTPS to Dovecot.
+    #[test]
+    fn the_checking_mx_chain_is_three_tls_hops_and_its_verdicts_pass() {
+        let raw = "Return-Path: <canary@example.test>\r\n\
+Delivered-To: inbox@example.test\r\n\
+Received: from mx.example.test ([127.0.0.1])\r\n\
+\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n\
+\tby imap.example.test with LMTPS\r\n\
+\tid kHHfGXtAEGvJTgAAg+zDdQ\r\n\
+\t(envelope-from <canary@example.test>)\r\n\
+\tfor <inbox@example.test>; Wed, 02 Dec 2026 15:59:55 +0000\r\n\
+Authentication-Results: mx.example.test; dmarc=pass (p=reject dis=none) header.from=example.test\r\n\
+Authentication-Results: mx.example.test;\r\n\
+\tdkim=pass (2048-bit key; unprotected) header.d=example.test header.i=@example.test header.a=rsa-sha256 header.s=mc header.b=Bw8oPwyY;\r\n\
+\tdkim-atps=neutral\r\n\
+Authentication-Results: mx.example.test; spf=pass (sender SPF authorized) smtp.mailfrom=example.test (client-ip=127.0.0.1; helo=out.example.test; envelope-from=canary@example.test; receiver=example.test)\r\n\
+Received: from out.example.test (localhost [127.0.0.1])\r\n\
+\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)\r\n\
+\t key-exchange X25519 server-signature ECDSA (prime256v1) server-digest SHA256)\r\n\
+\t(No client certificate requested)\r\n\
+\tby mx.example.test (Postfix) with ESMTPS id 5FA32A14264\r\n\
+\tfor <inbox@example.test>; Wed,  2 Dec 2026 15:59:55 +0000 (UTC)\r\n\
+Received: from prober.test (localhost [127.0.0.1])\r\n\
+\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)\r\n\
+\t key-exchange X25519 server-signature ECDSA (prime256v1) server-digest SHA256)\r\n\
+\t(No client certificate requested)\r\n\
+\tby out.example.test (Postfix) with ESMTPSA id 0C3EBA1425D\r\n\
+\tfor <inbox@example.test>; Wed,  2 Dec 2026 15:59:55 +0000 (UTC)\r\n\
+From: canary@example.test\r\nTo: inbox@example.test\r\nSubject: pass\r\n\
+Date: Wed, 02 Dec 2026 15:59:54 +0000\r\n\r\nbody\r\n";
+        let r = route_of(raw, 1_796_227_194_700, &["mx.example.test"]);
+        let by: Vec<(&str, &str)> = r
+            .hops
+            .iter()
+            .map(|h| (h.by.as_deref().unwrap(), h.protocol.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            by,
+            [
+                ("out.example.test", "ESMTPSA"),
+                ("mx.example.test", "ESMTPS"),
+                ("imap.example.test", "LMTPS")
+            ]
+        );
+        assert!(r.hops.iter().all(|h| h.tls.as_deref() == Some("TLSv1.3")));
+        assert_eq!(r.hops[0].delay_ms, Some(1000));
+        assert_eq!(r.untrusted_auth, 0);
+        for m in [AuthMethod::Dkim, AuthMethod::Spf, AuthMethod::Dmarc] {
+            assert_eq!(r.verdict(m), AuthResult::Pass, "{m:?}");
+        }
+        assert_eq!(r.verdict(AuthMethod::Arc), AuthResult::None);
+        assert_eq!(
+            r.fault(
+                true,
+                &[AuthMethod::Dkim, AuthMethod::Spf, AuthMethod::Dmarc]
+            ),
+            None
+        );
+        // The drills' texts.
+        let drill = |ar: &str| parse_auth_results(ar).unwrap().verdicts[0].result;
+        assert_eq!(
+            drill(
+                "mx.example.test; dkim=fail reason=\"signature verification failed\" (2048-bit key; unprotected) header.d=example.test"
+            ),
+            AuthResult::Fail
+        );
+        assert_eq!(
+            drill("mx.example.test; spf=none (no SPF record) smtp.mailfrom=example.test"),
+            AuthResult::None
+        );
+        assert_eq!(
+            drill(
+                "mx.example.test; spf=fail (SPF fail - not authorized) smtp.mailfrom=example.test"
+            ),
+            AuthResult::Fail
+        );
+    }
+
     #[test]
     fn a_plaintext_smtp_hop_is_plaintext_and_fails_require_tls() {
         let raw = "Received: from relay.example.test (relay [127.0.0.2])\r\n\
