@@ -175,6 +175,7 @@ pub struct Metrics {
     hop_duration: HistogramVec,
     delivery_tls: IntCounterVec,
     delivery_auth: IntCounterVec,
+    delivery_verified: IntCounterVec,
     config_reload: IntGauge,
     shard_info: IntGaugeVec,
     probes_configured: IntGauge,
@@ -343,6 +344,11 @@ impl Metrics {
             "Delivered canaries by authentication method and verdict, from the receiving server's trusted Authentication-Results (none: not reported).",
             &["probe", "method", "result"],
         );
+        let delivery_verified = counter(
+            "mailcanary_delivery_verified_total",
+            "Delivered canaries by the prober's own DKIM and ARC verification (verify_dkim), by verdict; series only for probes that verify.",
+            &["probe", "method", "result"],
+        );
         let duration = register(
             &registry,
             HistogramVec::new(
@@ -497,6 +503,7 @@ impl Metrics {
             hop_duration,
             delivery_tls,
             delivery_auth,
+            delivery_verified,
             config_reload,
             registered: Mutex::new(HashMap::new()),
             changes: AtomicU64::new(0),
@@ -660,6 +667,26 @@ impl Metrics {
             self.delivery_auth
                 .with_label_values(&[probe, method.as_str(), route.verdict(method).as_str()])
                 .inc();
+        }
+        for v in &route.verified {
+            self.delivery_verified
+                .with_label_values(&[probe, v.method.as_str(), v.result.as_str()])
+                .inc();
+        }
+        self.changed();
+    }
+
+    /// Creates the series of the prober's own verification for a probe that does it
+    /// (`verify_dkim`): method `dkim` and `arc`, every result, at 0.
+    pub fn register_verification(&self, probe: &str) {
+        for method in [AuthMethod::Dkim, AuthMethod::Arc] {
+            for result in AuthResult::ALL {
+                self.delivery_verified.with_label_values(&[
+                    probe,
+                    method.as_str(),
+                    result.as_str(),
+                ]);
+            }
         }
         self.changed();
     }
@@ -1418,6 +1445,7 @@ mod tests {
                 },
             ],
             untrusted_auth: 0,
+            verified: Vec::new(),
         };
         m.apply_route("loop", &route);
         let s = samples(&m);
@@ -1460,6 +1488,30 @@ mod tests {
         assert_eq!(auth("arc", "none"), Some(1.0));
         assert_eq!(auth("dkim", "fail"), Some(0.0));
         assert_eq!(auth("dmarc", "policy"), Some(0.0), "created at 0");
+        // The prober's own verification: series only for a probe that verifies.
+        assert_eq!(
+            s.value(
+                "mailcanary_delivery_verified_total",
+                &[("probe", "loop"), ("method", "dkim"), ("result", "pass")]
+            ),
+            None
+        );
+        m.register_verification("loop");
+        let mut route = route.clone();
+        route.verified = vec![Verdict {
+            method: AuthMethod::Dkim,
+            result: AuthResult::Temperror,
+        }];
+        m.apply_route("loop", &route);
+        let s = samples(&m);
+        let verified = |method: &str, result: &str| {
+            s.value(
+                "mailcanary_delivery_verified_total",
+                &[("probe", "loop"), ("method", method), ("result", result)],
+            )
+        };
+        assert_eq!(verified("dkim", "temperror"), Some(1.0));
+        assert_eq!(verified("arc", "pass"), Some(0.0));
     }
 
     #[test]

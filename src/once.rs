@@ -54,14 +54,24 @@ pub fn route_lines(route: &Route) -> Vec<String> {
         .iter()
         .map(|m| format!("{}={}", m.as_str(), route.verdict(*m).as_str()))
         .collect();
+    let own: Vec<String> = route
+        .verified
+        .iter()
+        .map(|v| format!("{}={}", v.method.as_str(), v.result.as_str()))
+        .collect();
     out.push(format!(
-        "tls {}  auth {}",
+        "tls {}  auth {}{}",
         if route.all_tls() {
             "all hops"
         } else {
             "SOME PLAINTEXT"
         },
-        verdicts.join(" ")
+        verdicts.join(" "),
+        if own.is_empty() {
+            String::new()
+        } else {
+            format!("  verified here {}", own.join(" "))
+        }
     ));
     out
 }
@@ -387,6 +397,7 @@ mod tests {
                 result: AuthResult::Fail,
             }],
             untrusted_auth: 0,
+            verified: Vec::new(),
         });
         let text = r.apply(&delivered).unwrap();
         let lines: Vec<&str> = text.lines().map(str::trim_end).collect();

@@ -206,6 +206,9 @@ pub struct Route {
     /// `Authentication-Results` headers ignored because their authserv-id is not trusted.
     #[serde(default)]
     pub untrusted_auth: u32,
+    /// The prober's own verification (`verify_dkim`): DKIM and ARC, against its DNS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verified: Vec<Verdict>,
 }
 
 impl Route {
@@ -250,6 +253,7 @@ impl Route {
             hops,
             auth,
             untrusted_auth,
+            verified: Vec::new(),
         }
     }
 

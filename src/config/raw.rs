@@ -68,6 +68,10 @@ pub struct RawProbe {
     /// The authserv-ids whose `Authentication-Results` headers are believed (RFC 8601 §5:
     /// anyone on the way can add one).
     pub trusted_authserv_ids: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Verify the delivered canary's DKIM (and ARC) signatures here, with mail-auth.
+    pub verify_dkim: Option<bool>,
+    /// The DNS server for `verify_dkim` (`IP:port`); default: the system's resolver.
+    pub dns_resolver: Option<Spanned<String>>,
 }
 
 /// One of a probe's mailboxes: `[[probe.mailbox]]` with its `[probe.mailbox.imap]` table

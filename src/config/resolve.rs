@@ -535,7 +535,36 @@ impl Ctx<'_> {
             mailboxes: self.mailboxes(&pre, sp),
             junk_is_ok: raw.junk_is_ok.unwrap_or(false),
             route_rules: self.route_rules(&pre, raw),
+            verify_dkim: self.verify_dkim(&pre, raw),
         }
+    }
+
+    /// `verify_dkim`, `dns_resolver`.
+    fn verify_dkim(&mut self, pre: &str, raw: &RawProbe) -> Option<Option<std::net::SocketAddr>> {
+        let resolver = raw.dns_resolver.as_ref().and_then(|r| {
+            match r.get_ref().trim().parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.err(
+                        r.span(),
+                        key(pre, "dns_resolver"),
+                        "must be an IP address and port, e.g. \"127.0.0.1:53\"",
+                    );
+                    None
+                }
+            }
+        });
+        if !raw.verify_dkim.unwrap_or(false) {
+            if let Some(r) = &raw.dns_resolver {
+                self.err(
+                    r.span(),
+                    key(pre, "dns_resolver"),
+                    "only used with verify_dkim = true",
+                );
+            }
+            return None;
+        }
+        Some(resolver)
     }
 
     /// `require_tls_hops`, `require_auth`, `trusted_authserv_ids`.

@@ -1582,3 +1582,34 @@ fn route_requirement_errors_name_file_line_and_key() {
         errs[0]
     );
 }
+
+#[test]
+fn verify_dkim_takes_a_resolver_address_and_refuses_one_without_it() {
+    let c = parse(&mail_loop(
+        "a",
+        "verify_dkim = true\ndns_resolver = \"127.0.0.1:5353\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.probes[0].verify_dkim,
+        Some(Some("127.0.0.1:5353".parse().unwrap()))
+    );
+    let c = parse(&mail_loop("a", "verify_dkim = true")).unwrap();
+    assert_eq!(c.probes[0].verify_dkim, Some(None), "the system's resolver");
+    assert_eq!(
+        parse(&mail_loop("a", "")).unwrap().probes[0].verify_dkim,
+        None
+    );
+    let e = single_error(
+        &mail_loop("a", "verify_dkim = true\ndns_resolver = \"localhost\""),
+        5,
+        "probe[0].dns_resolver",
+    );
+    assert!(e.message.contains("IP address and port"), "{e}");
+    let e = single_error(
+        &mail_loop("a", "dns_resolver = \"127.0.0.1:53\""),
+        4,
+        "probe[0].dns_resolver",
+    );
+    assert!(e.message.contains("verify_dkim"), "{e}");
+}

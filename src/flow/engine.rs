@@ -1091,7 +1091,8 @@ impl Engine {
             if c.current() == Some(Stage::Reply) {
                 out.extend(c.observe(Stage::Reply, seen_at));
             }
-            let (route, fault) = at.rules.judge(at.received, c.created_ms, at.auth_results);
+            let (mut route, fault) = at.rules.judge(at.received, c.created_ms, at.auth_results);
+            route.verified = at.verified.to_vec();
             out.extend(c.observe_delivery_via(
                 seen_at,
                 at.folder,
@@ -1612,6 +1613,8 @@ pub struct Found<'a> {
     pub received: &'a [crate::canary::hops::Hop],
     pub auth_results: &'a [crate::canary::hops::AuthHeader],
     pub rules: &'a crate::canary::hops::RouteRules,
+    /// The prober's own DKIM/ARC verdicts (`verify_dkim`), empty when not verified.
+    pub verified: &'a [crate::canary::hops::Verdict],
 }
 
 impl Found<'_> {
@@ -1875,6 +1878,7 @@ mod mailbox_tests {
                 received: &[],
                 auth_results: &[],
                 rules: &NO_RULES,
+                verified: &[],
             }
         }
         let (gmail, m365) = (&names[..1], &names[1..]);

@@ -520,6 +520,12 @@ fn route_cell(out: &mut String, route: Option<&crate::canary::hops::Route>) {
         .auth
         .iter()
         .map(|v| format!("{}={}", v.method.as_str(), v.result.as_str()))
+        .chain(
+            route
+                .verified
+                .iter()
+                .map(|v| format!("{}(here)={}", v.method.as_str(), v.result.as_str())),
+        )
         .collect();
     let _ = write!(
         out,
@@ -818,6 +824,7 @@ mod tests {
                 result: AuthResult::Pass,
             }],
             untrusted_auth: 0,
+            verified: Vec::new(),
         });
         let mut out = String::new();
         waterfall_row(&mut out, &c, 3_000, 10_000);
