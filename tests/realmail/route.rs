@@ -56,10 +56,22 @@ async fn the_hops_of_a_canary_through_postfix_and_dovecot_are_in_metrics_status_
     // Postfix names the TLS version and cipher in its Received header only when asked
     // (without it, ESMTPSA alone says TLS: see hops::tests).
     servers.postconf_reload(&["smtpd_tls_received_header=yes"]);
-    let text = config_text(&servers, &[tls.clone(), plain.clone()]).replace(
-        "name = \"plain\"\n",
-        "name = \"plain\"\nrequire_tls_hops = true\n",
-    );
+    // The tls probe verifies DKIM itself, against a resolver that never answers: this
+    // harness signs nothing, so its verdict is none without a query, and the delivery goes
+    // through the spawned check.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let text = config_text(&servers, &[tls.clone(), plain.clone()])
+        .replace(
+            "name = \"plain\"\n",
+            "name = \"plain\"\nrequire_tls_hops = true\n",
+        )
+        .replace(
+            "name = \"tls\"\n",
+            &format!(
+                "name = \"tls\"\nverify_dkim = true\ndns_resolver = \"{}\"\n",
+                silent.local_addr().unwrap()
+            ),
+        );
     let prober = Prober::start_text(&text).await;
     let s = until(
         prober.addr(),
@@ -109,6 +121,17 @@ async fn the_hops_of_a_canary_through_postfix_and_dovecot_are_in_metrics_status_
         ) >= 1.0
     );
     assert_eq!(v(&s, "plain", "mailcanary_probe_success", &[]), 0.0);
+    let verified = |probe: &str, method: &str, result: &str| {
+        v(
+            &s,
+            probe,
+            "mailcanary_delivery_verified_total",
+            &[("method", method), ("result", result)],
+        )
+    };
+    assert!(verified("tls", "dkim", "none") >= 1.0);
+    assert!(verified("tls", "arc", "none") >= 1.0);
+    assert_eq!(verified("tls", "dkim", "temperror"), 0.0);
 
     // The status JSON carries each delivered canary's route.
     let url = format!("http://{}/api/v1/status", prober.addr());
@@ -139,6 +162,8 @@ async fn the_hops_of_a_canary_through_postfix_and_dovecot_are_in_metrics_status_
     );
     assert_eq!(hops[1]["protocol"], "LMTP", "{r}");
     assert!(hops.iter().all(|h| h["plaintext"] == false), "{r}");
+    assert_eq!(r["verified"][0]["method"], "dkim", "{r}");
+    assert_eq!(r["verified"][0]["result"], "none", "{r}");
     let r = route_of("plain");
     assert_eq!(r["hops"][0]["protocol"], "ESMTP", "{r}");
     assert_eq!(r["hops"][0]["plaintext"], true, "{r}");
