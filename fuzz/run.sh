@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 seconds="${FUZZ_SECONDS:-30}"
-targets=(recognise token config webhook route)
-cargo +nightly fuzz build --release
+targets=(recognise token config webhook sandbox_smtp sandbox_imap route)
+cargo +nightly fuzz build --release -s none
 status=0
 for t in "${targets[@]}"; do
   corpus="$CARGO_TARGET_DIR/corpus/$t"
@@ -19,7 +19,7 @@ for t in "${targets[@]}"; do
     *) cp seeds/"$t"/* "$corpus/" ;;
   esac
   log="$CARGO_TARGET_DIR/fuzz-$t.log"
-  if cargo +nightly fuzz run --release "$t" "$corpus" -- -max_total_time="$seconds" \
+  if cargo +nightly fuzz run --release -s none "$t" "$corpus" -- -max_total_time="$seconds" \
       -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
     line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1)
     execs=$(sed -E 's/^#([0-9]+).*/\1/' <<<"$line")

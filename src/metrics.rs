@@ -42,7 +42,7 @@
 //! | `mailcanary_import_message_id_total` | probe, result | [`Metrics::message_id`] |
 //! | `mailcanary_helpdesk_rate_limit_remaining` | probe | [`Metrics::set_rate_limit_remaining`] |
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// The `result` label of `mailcanary_webhooks_total`.
 pub const WEBHOOK_RESULTS: [&str; 3] = ["authentic", "refused", "challenge"];
@@ -151,9 +151,12 @@ pub struct Metrics {
     lost: IntCounterVec,
     in_flight: IntGaugeVec,
     overdue: IntGaugeVec,
-    oldest: GaugeVec,
-    backlog: GaugeVec,
-    drain_eta: GaugeVec,
+    /// `stage_oldest_in_flight_seconds`, `stage_backlog_seconds` and
+    /// `stage_drain_eta_seconds` per probe and stage: ages, so their values move every
+    /// moment a canary waits. They are kept as what they are measured from ([`Live`]) and
+    /// rendered at each scrape, outside the cached exposition: a stalled probe then changes
+    /// nothing a cached render holds until one of its canaries changes.
+    live: Mutex<LiveGauges>,
     deadline: GaugeVec,
     last_success: GaugeVec,
     probe_success: IntGaugeVec,
@@ -383,21 +386,6 @@ impl Metrics {
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             register(&registry, GaugeVec::new(Opts::new(name, help), labels))
         };
-        let oldest = gauge(
-            "mailcanary_stage_oldest_in_flight_seconds",
-            "Age in the stage of the oldest canary waiting in it, 0 when none is.",
-            &["probe", "stage"],
-        );
-        let backlog = gauge(
-            "mailcanary_stage_backlog_seconds",
-            "How far behind the stage's backlog is: now minus the stage start of the newest held canary through it (0 when nothing is overdue).",
-            &["probe", "stage"],
-        );
-        let drain_eta = gauge(
-            "mailcanary_stage_drain_eta_seconds",
-            "Seconds until the stage's backlog is drained at its current pace: +Inf when not catching up, NaN when not draining.",
-            &["probe", "stage"],
-        );
         let rate_limit_remaining = gauge(
             "mailcanary_helpdesk_rate_limit_remaining",
             "Requests left in the helpdesk account's rate limit, as the vendor's last answer to this probe said (NaN until one says, or where the vendor does not).",
@@ -479,9 +467,7 @@ impl Metrics {
             lost,
             in_flight,
             overdue,
-            oldest,
-            backlog,
-            drain_eta,
+            live: Mutex::new(BTreeMap::new()),
             deadline,
             last_success,
             probe_success,
@@ -580,9 +566,10 @@ impl Metrics {
             self.lost.with_label_values(&ps);
             self.in_flight.with_label_values(&ps).set(0);
             self.overdue.with_label_values(&ps).set(0);
-            self.oldest.with_label_values(&ps).set(0.0);
-            self.backlog.with_label_values(&ps).set(0.0);
-            self.drain_eta.with_label_values(&ps).set(f64::NAN);
+            lock(&self.live)
+                .entry(probe.to_string())
+                .or_default()
+                .push((stage, LIVE_AT_START));
             // Set by the flow before the first canary (0 only in between).
             self.deadline.with_label_values(&ps);
             self.last_success.with_label_values(&ps);
@@ -842,29 +829,41 @@ impl Metrics {
         }
     }
 
-    /// How many canaries wait in `stage`, how many of them are past its deadline, and the age
-    /// in the stage of the oldest (0 if none).
+    /// How many canaries wait in `stage`, how many of them are past its deadline, and since
+    /// when (canary time, ms) the oldest has waited in it (`None`: none waits).
     pub fn set_in_flight(
         &self,
         probe: &str,
         stage: Stage,
         count: usize,
         overdue: usize,
-        oldest_seconds: f64,
+        oldest_since_ms: Option<u64>,
     ) {
         let ps = [probe, stage.as_str()];
         let n = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
         self.put_int(&self.in_flight.with_label_values(&ps), n(count));
         self.put_int(&self.overdue.with_label_values(&ps), n(overdue));
-        self.put(&self.oldest.with_label_values(&ps), oldest_seconds);
+        let oldest = oldest_since_ms.map_or(Live::Value(0.0), Live::age);
+        self.put_live(probe, stage, LIVE_OLDEST, oldest);
     }
 
     /// The stage's backlog (seconds behind) and the drain ETA (NaN: not draining; +Inf: not
-    /// catching up).
-    pub fn set_backlog(&self, probe: &str, stage: Stage, backlog_seconds: f64, eta_seconds: f64) {
-        let ps = [probe, stage.as_str()];
-        self.put(&self.backlog.with_label_values(&ps), backlog_seconds);
-        self.put(&self.drain_eta.with_label_values(&ps), eta_seconds);
+    /// catching up), as what they grow from.
+    pub fn set_backlog(&self, probe: &str, stage: Stage, backlog: Live, eta: Live) {
+        self.put_live(probe, stage, LIVE_BACKLOG, backlog);
+        self.put_live(probe, stage, LIVE_DRAIN_ETA, eta);
+    }
+
+    /// Sets one live gauge of a registered probe and stage (no allocation: the ticker sets
+    /// every probe's 4 times a second).
+    fn put_live(&self, probe: &str, stage: Stage, which: usize, value: Live) {
+        let mut live = lock(&self.live);
+        if let Some(v) = live
+            .get_mut(probe)
+            .and_then(|stages| stages.iter_mut().find(|(s, _)| *s == stage))
+        {
+            v.1[which] = value;
+        }
     }
 
     /// The deadline new canaries of `probe` get in `stage`.
@@ -925,14 +924,21 @@ impl Metrics {
         String::from_utf8_lossy(&self.exposition()).into_owned()
     }
 
-    /// The exposition, rendered again only when something changed since the last render (a
-    /// render of 1,000 probes costs about 0.2 s of CPU; an unchanged one is a copy of a
-    /// pointer). One render at a time: scrapes arriving during one wait for it and share it.
+    /// The exposition: the registry's part, rendered again only when something in it changed
+    /// since the last render (a render of 1,000 probes costs about 0.2 s of CPU; an unchanged
+    /// one is a copy of a pointer; one render at a time: scrapes arriving during one wait for
+    /// it and share it), then the live gauges' part, rendered for this moment.
     pub fn exposition(&self) -> Bytes {
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cached = self.cached_exposition();
+        let live = self.render_live(crate::clock::now_ms());
+        let mut body = Vec::with_capacity(cached.len() + live.len());
+        body.extend_from_slice(&cached);
+        body.extend_from_slice(live.as_bytes());
+        Bytes::from(body)
+    }
+
+    fn cached_exposition(&self) -> Bytes {
+        let mut cache = lock(&self.cache);
         // Read before gathering: a change made during the gather bumps it past this.
         let changes = self.changes.load(Ordering::SeqCst);
         if let Some((at, body)) = &*cache
@@ -952,6 +958,103 @@ impl Metrics {
         *cache = Some((changes, body.clone()));
         body
     }
+
+    /// The live gauges at canary time `now_ms`, in the text format, each family with its HELP
+    /// and TYPE, series in probe and stage order.
+    fn render_live(&self, now_ms: u64) -> String {
+        use std::fmt::Write as _;
+        let live = lock(&self.live);
+        let mut out = String::with_capacity(live.len() * 3 * 5 * 96 + 1024);
+        if live.is_empty() {
+            return out;
+        }
+        for (which, (name, help)) in LIVE_FAMILIES.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (probe, stages) in live.iter() {
+                for (stage, values) in stages {
+                    // Probe names are validated by the config: nothing to escape.
+                    let _ = writeln!(
+                        out,
+                        "{name}{{probe=\"{probe}\",stage=\"{}\"}} {}",
+                        stage.as_str(),
+                        format_value(values[which].at(now_ms))
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Per probe, in name order, its stages' live gauges in [`LIVE_FAMILIES`] order.
+type LiveGauges = BTreeMap<String, Vec<(Stage, [Live; 3])>>;
+
+/// A gauge whose value is measured from something, at the moment it is read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Live {
+    /// This value (NaN and ±Inf included).
+    Value(f64),
+    /// `scale` × the seconds since `since_ms` (canary time), 0 before it.
+    Since { since_ms: u64, scale: f64 },
+}
+
+impl Live {
+    /// The seconds since `since_ms`.
+    pub fn age(since_ms: u64) -> Live {
+        Live::Since {
+            since_ms,
+            scale: 1.0,
+        }
+    }
+
+    /// The value at canary time `now_ms`.
+    pub fn at(self, now_ms: u64) -> f64 {
+        match self {
+            Live::Value(v) => v,
+            Live::Since { since_ms, scale } => {
+                scale * (now_ms.saturating_sub(since_ms) as f64 / 1000.0)
+            }
+        }
+    }
+}
+
+const LIVE_OLDEST: usize = 0;
+const LIVE_BACKLOG: usize = 1;
+const LIVE_DRAIN_ETA: usize = 2;
+/// Before the flow says anything: nothing waits, no backlog, not draining.
+const LIVE_AT_START: [Live; 3] = [Live::Value(0.0), Live::Value(0.0), Live::Value(f64::NAN)];
+
+/// The live families, in `[Live; 3]` order: name and HELP text.
+const LIVE_FAMILIES: [(&str, &str); 3] = [
+    (
+        "mailcanary_stage_oldest_in_flight_seconds",
+        "Age in the stage of the oldest canary waiting in it, 0 when none is.",
+    ),
+    (
+        "mailcanary_stage_backlog_seconds",
+        "How far behind the stage's backlog is: now minus the stage start of the newest held canary through it (0 when nothing is overdue).",
+    ),
+    (
+        "mailcanary_stage_drain_eta_seconds",
+        "Seconds until the stage's backlog is drained at its current pace: +Inf when not catching up, NaN when not draining.",
+    ),
+];
+
+/// A sample value as the text format writes it (as the prometheus crate's encoder does).
+fn format_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_string()
+    } else if v == f64::INFINITY {
+        "+Inf".to_string()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".to_string()
+    } else {
+        v.to_string()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Registers a collector built from constant names. Failing here is a programming error (a bad
@@ -1566,7 +1669,9 @@ mod tests {
             now_ms,
         );
         m.ignored("loop", Ignored::Duplicate);
-        m.set_in_flight("loop", Stage::Delivery, 3, 1, 42.5);
+        // Waiting since 42.5 s ago: the scrape shows the age as of itself.
+        let since = crate::clock::now_ms() - 42_500;
+        m.set_in_flight("loop", Stage::Delivery, 3, 1, Some(since));
         m.set_probe_success("loop", false);
         m.set_config_reload(true);
         m.restore_last_success("loop", Stage::Submit, 1_000);
@@ -1617,10 +1722,10 @@ mod tests {
             s.value("mailcanary_stage_in_flight", &ps("delivery")),
             Some(3.0)
         );
-        assert_eq!(
-            s.value("mailcanary_stage_oldest_in_flight_seconds", &ps("delivery")),
-            Some(42.5)
-        );
+        let oldest = s
+            .value("mailcanary_stage_oldest_in_flight_seconds", &ps("delivery"))
+            .expect("oldest in flight");
+        assert!((42.5..100.0).contains(&oldest), "{oldest}");
         assert_eq!(
             s.value("mailcanary_stage_overdue", &ps("delivery")),
             Some(1.0)
@@ -1692,8 +1797,8 @@ mod tests {
     #[test]
     fn a_change_shows_at_the_next_render_and_an_unchanged_one_is_served_cached() {
         let m = metrics();
-        let first = m.exposition();
-        let again = m.exposition();
+        let first = m.cached_exposition();
+        let again = m.cached_exposition();
         assert_eq!(
             first.as_ptr(),
             again.as_ptr(),
@@ -1701,14 +1806,14 @@ mod tests {
         );
         // Setting a gauge to the value it has is no change.
         m.set_probe_success("loop", true);
-        assert_eq!(m.exposition().as_ptr(), first.as_ptr());
+        assert_eq!(m.cached_exposition().as_ptr(), first.as_ptr());
         m.sent("loop");
         let s = parse_exposition(&m.render());
         assert_eq!(
             s.value("mailcanary_canaries_sent_total", &[("probe", "loop")]),
             Some(1.0)
         );
-        m.set_in_flight("loop", Stage::Delivery, 2, 0, 1.5);
+        m.set_in_flight("loop", Stage::Delivery, 2, 0, Some(crate::clock::now_ms()));
         let s = parse_exposition(&m.render());
         assert_eq!(
             s.value(
@@ -1716,6 +1821,70 @@ mod tests {
                 &[("probe", "loop"), ("stage", "delivery")]
             ),
             Some(2.0)
+        );
+    }
+
+    /// A canary waiting in a stall: its age, the backlog and the drain ETA move at every
+    /// scrape while nothing cached is rendered again (with 1,000 probes stalled, every scrape
+    /// used to render the whole exposition because every age had moved since the last tick).
+    #[test]
+    fn a_waiting_canary_ages_at_every_scrape_without_a_render() {
+        let m = metrics();
+        let t0 = 1_000_000;
+        m.set_in_flight("helpdesk", Stage::Import, 1, 1, Some(t0));
+        m.set_backlog(
+            "helpdesk",
+            Stage::Import,
+            Live::age(t0),
+            Live::Since {
+                since_ms: t0,
+                scale: 0.5,
+            },
+        );
+        let cached = m.cached_exposition();
+        let at = |now: u64| parse_exposition(&m.render_live(now));
+        let ps = [("probe", "helpdesk"), ("stage", "import")];
+        for (now, age) in [(t0 + 1_500, 1.5), (t0 + 90_000, 90.0)] {
+            let s = at(now);
+            assert_eq!(
+                s.value("mailcanary_stage_oldest_in_flight_seconds", &ps),
+                Some(age)
+            );
+            assert_eq!(s.value("mailcanary_stage_backlog_seconds", &ps), Some(age));
+            assert_eq!(
+                s.value("mailcanary_stage_drain_eta_seconds", &ps),
+                Some(age / 2.0)
+            );
+            // The other stages: nothing waits, no backlog, not draining.
+            let pd = [("probe", "helpdesk"), ("stage", "delivery")];
+            assert_eq!(
+                s.value("mailcanary_stage_oldest_in_flight_seconds", &pd),
+                Some(0.0)
+            );
+            assert!(
+                s.value("mailcanary_stage_drain_eta_seconds", &pd)
+                    .is_some_and(f64::is_nan)
+            );
+        }
+        assert_eq!(
+            m.cached_exposition().as_ptr(),
+            cached.as_ptr(),
+            "ages are not renders"
+        );
+        // Each family once, with its HELP and TYPE, in the whole exposition.
+        let text = m.render();
+        for (name, _) in LIVE_FAMILIES {
+            assert_eq!(text.matches(&format!("# TYPE {name} gauge\n")).count(), 1);
+        }
+        m.set_backlog(
+            "helpdesk",
+            Stage::Import,
+            Live::Value(0.0),
+            Live::Value(f64::INFINITY),
+        );
+        assert_eq!(
+            at(t0 + 5_000).value("mailcanary_stage_drain_eta_seconds", &ps),
+            Some(f64::INFINITY)
         );
     }
 

@@ -43,6 +43,13 @@ command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 # Sieve files a marked canary into Junk (tests/realmail/placement.rs).
 [ -e /usr/lib/dovecot/modules/lib90_sieve_plugin.so ] || need_pkgs+=(dovecot-sieve)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+# DKIM, SPF and DMARC as a real MX checks them (tests/realmail/mailauth.rs, Setup::mail_auth):
+# unbound serves the test zone, opendkim signs and verifies, opendmarc, policyd-spf; all
+# started by the tests, never as services (about 25-35 s more the first time).
+[ -x /usr/sbin/unbound ] || need_pkgs+=(unbound)
+[ -x /usr/sbin/opendkim ] || need_pkgs+=(opendkim)
+[ -x /usr/sbin/opendmarc ] || need_pkgs+=(opendmarc)
+[ -x /usr/bin/policyd-spf ] || need_pkgs+=(postfix-policyd-spf-python)
 # Headless Chromium for the dashboard test, amtool for the Alertmanager config, musl-gcc for
 # the static binary the container ships (ring's C parts).
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)

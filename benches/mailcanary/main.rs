@@ -13,7 +13,10 @@
 //!
 //! Sections: `detect` (time to detect each fault, and the clean run's false alarms beside it),
 //! `accuracy`, `cost`, `rate` (highest sustained rate), `metrics` (`/metrics` response time),
-//! `peer` (`check_email_delivery` and mailcanary on real Postfix + Dovecot; needs root).
+//! `peer` (`check_email_delivery` and mailcanary on real Postfix + Dovecot; needs root),
+//! `slowdisk` (the sustained rate with every fsync of the prober delayed under strace; set
+//! `MAILCANARY_BENCH_BEFORE_BIN` to a binary of another build to compare it, such as one from
+//! before the ledger writer thread: `git worktree add /tmp/before bf3ab77` and build it there).
 
 mod inproc;
 mod peer;
@@ -64,9 +67,13 @@ struct Results {
     metrics_response: Option<Vec<procs::MetricsRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     peer: Option<peer::PeerReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slow_disk: Option<Vec<procs::SlowDiskRow>>,
 }
 
-const SECTIONS: [&str; 6] = ["detect", "accuracy", "cost", "rate", "metrics", "peer"];
+const SECTIONS: [&str; 7] = [
+    "detect", "accuracy", "cost", "rate", "metrics", "peer", "slowdisk",
+];
 
 fn main() {
     let mut mode = Mode::Quick;
@@ -231,6 +238,23 @@ async fn run(mode: Mode, sections: Vec<&'static str>) -> Results {
     } else {
         None
     };
+    let slow_disk = if on("slowdisk") {
+        eprintln!("sustained rate with a slow disk (strace delays every fsync)");
+        let mut builds = vec![("this code".to_string(), None)];
+        if let Some(before) = std::env::var_os("MAILCANARY_BENCH_BEFORE_BIN") {
+            let label = std::env::var("MAILCANARY_BENCH_BEFORE_LABEL")
+                .unwrap_or_else(|_| "before".to_string());
+            builds.push((label, Some(PathBuf::from(before))));
+        }
+        let (delays, window): (&[u64], _) = if full {
+            (&[0, 20, 100, 500], Duration::from_secs(20))
+        } else {
+            (&[0, 100], Duration::from_secs(5))
+        };
+        Some(procs::slow_disk(&bench, &builds, delays, 10, 200, window).await)
+    } else {
+        None
+    };
     Results {
         mode,
         machine,
@@ -244,6 +268,7 @@ async fn run(mode: Mode, sections: Vec<&'static str>) -> Results {
         sustained_rate,
         metrics_response,
         peer,
+        slow_disk,
     }
 }
 

@@ -22,7 +22,22 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Proc {
-        let mut child = Command::new(bin)
+        Proc::spawn_wrapped(&[], bin, args, log)
+    }
+
+    /// [`Proc::spawn`] under `wrapper` (a command and its arguments that end where `bin`'s
+    /// command line begins, such as strace's). `pid` and the CPU figures are then the
+    /// wrapper's; drop kills its descendants first.
+    pub fn spawn_wrapped(wrapper: &[String], bin: &Path, args: &[String], log: &Path) -> Proc {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -30,7 +45,9 @@ impl Proc {
                 std::fs::File::create(log).unwrap_or_else(|e| crate::impossible!("log: {e}")),
             ))
             .spawn()
-            .unwrap_or_else(|e| crate::impossible!("spawning {}: {e}", bin.display()));
+            .unwrap_or_else(|e| {
+                crate::impossible!("spawning {} {}: {e}", wrapper.join(" "), bin.display())
+            });
         let out = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -77,8 +94,36 @@ impl Proc {
     }
 }
 
+/// Every descendant of `pid` (children first found through `/proc/PID/task/*/children`).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A tracee outlives a killed strace (it is detached, not killed): kill it first.
+        for pid in descendants(self.child.id()) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -141,6 +186,18 @@ impl Bench {
     }
 
     pub fn start(&self, tag: &str, probes: &[ProbeSpec], delay: Duration) -> Run {
+        self.start_with(tag, probes, delay, &Launch::default())
+    }
+
+    /// [`Bench::start`] with the prober launched as `launch` says (another binary, a slow
+    /// disk); the sandbox is always this build's.
+    pub fn start_with(
+        &self,
+        tag: &str,
+        probes: &[ProbeSpec],
+        delay: Duration,
+        launch: &Launch,
+    ) -> Run {
         let dir = self.dir.path().join(tag);
         std::fs::create_dir_all(dir.join("config")).unwrap();
         let d = humantime::format_duration(delay).to_string();
@@ -172,8 +229,9 @@ impl Bench {
         let sb = SbAddrs { smtp, imap, api };
         std::fs::write(dir.join("config/bench.toml"), config_text(&sb, probes)).unwrap();
         let log = dir.join("prober.log");
-        let prober = Proc::spawn(
-            &self.bin,
+        let prober = Proc::spawn_wrapped(
+            &launch.wrapper(),
+            launch.bin.as_deref().unwrap_or(&self.bin),
             &[
                 "run".to_string(),
                 "--config".into(),
@@ -213,6 +271,36 @@ impl Bench {
         )
         .await;
         run
+    }
+}
+
+/// How the prober process of a run is started.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Another `mailcanary` binary (default: this build's).
+    pub bin: Option<std::path::PathBuf>,
+    /// Every `fdatasync` and `fsync` of the prober delayed by this long, under strace
+    /// (`Some(ZERO)`: under strace, undelayed, so its overhead is in every row alike).
+    pub fsync_delay: Option<Duration>,
+}
+
+impl Launch {
+    fn wrapper(&self) -> Vec<String> {
+        let Some(delay) = self.fsync_delay else {
+            return Vec::new();
+        };
+        let mut w: Vec<String> = ["strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null"]
+            .map(String::from)
+            .to_vec();
+        w.extend(["-e".into(), "trace=fdatasync,fsync".into()]);
+        if !delay.is_zero() {
+            let us = delay.as_micros();
+            for call in ["fdatasync", "fsync"] {
+                w.extend(["-e".into(), format!("inject={call}:delay_enter={us}")]);
+            }
+        }
+        w.push("--".into());
+        w
     }
 }
 
@@ -569,4 +657,89 @@ pub async fn metrics_time(b: &Bench, probes: usize, scrapes: usize, stalled: boo
         r.cpu_ms_per_canary
     );
     r
+}
+
+#[derive(Serialize)]
+pub struct SlowDiskRow {
+    /// `this code`, or the build before the ledger writer thread.
+    pub build: String,
+    pub fsync_delay_ms: u64,
+    pub offered_per_s: f64,
+    pub sent_per_s: f64,
+    pub completed_per_s: f64,
+    pub failures: f64,
+    pub late: f64,
+    /// The prober's canaries in flight at the end of the window (a backlog that grows means
+    /// the disk, not the mail flow, is the bottleneck).
+    pub in_flight_end: f64,
+}
+
+/// The sustained rate with a slow disk: `probes` probes every `interval_ms` (each its own
+/// mailbox), the prober under strace with every `fdatasync`/`fsync` delayed by each of
+/// `delays_ms`, for `builds` (a label and the prober binary: `None` is this build). The first
+/// canaries are given up to 60 s to come through (none may: the row then shows it).
+pub async fn slow_disk(
+    b: &Bench,
+    builds: &[(String, Option<std::path::PathBuf>)],
+    delays_ms: &[u64],
+    probes: usize,
+    interval_ms: u64,
+    window: Duration,
+) -> Vec<SlowDiskRow> {
+    let mut out = Vec::new();
+    for (label, bin) in builds {
+        for &delay_ms in delays_ms {
+            let mut specs = fleet(probes, Duration::from_millis(interval_ms), true);
+            for p in &mut specs {
+                p.deadline = Duration::from_secs(2);
+                p.max_in_flight = 50;
+            }
+            let launch = Launch {
+                bin: bin.clone(),
+                fsync_delay: Some(Duration::from_millis(delay_ms)),
+            };
+            let tag = format!(
+                "slowdisk-{}-{delay_ms}",
+                if bin.is_some() { "before" } else { "this" }
+            );
+            let run = b.start_with(&tag, &specs, Duration::from_millis(100), &launch);
+            let t_warm = Instant::now();
+            while t_warm.elapsed() < Duration::from_secs(60)
+                && total(&scrape(&b.http, run.addr).await, COMPLETED) < probes as f64
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let s0 = scrape(&b.http, run.addr).await;
+            let (c0, f0, l0) = totals(&s0);
+            let sent0 = total(&s0, "mailcanary_canaries_sent_total");
+            let t0 = Instant::now();
+            tokio::time::sleep(window).await;
+            let s1 = scrape(&b.http, run.addr).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let (c1, f1, l1) = totals(&s1);
+            let sent1 = total(&s1, "mailcanary_canaries_sent_total");
+            let row = SlowDiskRow {
+                build: label.clone(),
+                fsync_delay_ms: delay_ms,
+                offered_per_s: probes as f64 * 1000.0 / interval_ms as f64,
+                sent_per_s: (sent1 - sent0) / secs,
+                completed_per_s: (c1 - c0) / secs,
+                failures: f1 - f0,
+                late: l1 - l0,
+                in_flight_end: stage_total(&s1, "mailcanary_stage_in_flight", "end_to_end"),
+            };
+            eprintln!(
+                "  {label}, fsync +{delay_ms} ms: {:.1}/s offered, {:.1}/s sent, {:.1}/s completed, {} failures, {} late, {} in flight",
+                row.offered_per_s,
+                row.sent_per_s,
+                row.completed_per_s,
+                row.failures,
+                row.late,
+                row.in_flight_end
+            );
+            out.push(row);
+            drop(run);
+        }
+    }
+    out
 }

@@ -94,8 +94,17 @@ pub enum Classified {
 
 /// Parses `raw` and looks for tokens in the places a canary or its reply carries them.
 ///
-/// Never panics, whatever the bytes.
+/// Never panics, whatever the bytes: a panic inside the parser is caught and the message is
+/// `Malformed`. mail-parser 0.11.9 has one the fuzzer found at once: a `multipart/report` whose
+/// nested parts end early trips its `debug_assert!` "Invalid part ID, could not find
+/// multipart" (debug builds only; a release build parses on). Anyone can mail the watched
+/// mailbox, so no third-party parser's panic may end the dispatcher that calls this.
 pub fn inspect(raw: &[u8]) -> Inspected {
+    std::panic::catch_unwind(|| inspect_unguarded(raw))
+        .unwrap_or(Inspected::Malformed("the message parser panicked on it"))
+}
+
+fn inspect_unguarded(raw: &[u8]) -> Inspected {
     let Some(message) = MessageParser::default().parse(raw) else {
         return Inspected::Malformed("not parseable as a message");
     };
@@ -255,6 +264,25 @@ mod tests {
         match inspect(raw.as_bytes()) {
             Inspected::Candidate(c) => c,
             other => panic!("not a candidate: {other:?}"),
+        }
+    }
+
+    /// Found by the fuzzer (`fuzz/run.sh`, target `recognise`) in its first 30 s: a bounce
+    /// (`multipart/report`) whose nested `message/rfc822` parts end early. mail-parser 0.11.9
+    /// panics on it in a debug build (its `debug_assert!` "Invalid part ID, could not find
+    /// multipart"); whatever the build, `inspect` answers and the message is not a canary.
+    #[test]
+    fn a_bounce_whose_parts_mail_parser_loses_is_no_panic() {
+        let raw = include_bytes!("testdata/mail_parser_lost_multipart.eml");
+        match inspect(raw) {
+            Inspected::Malformed(_) | Inspected::Ordinary => {}
+            Inspected::Candidate(c) => {
+                let key = Key::from_secret("fuzz");
+                assert!(
+                    !matches!(classify(&c, &key, &["drill"]), Classified::Canary { .. }),
+                    "{c:?}"
+                );
+            }
         }
     }
 

@@ -25,7 +25,7 @@ use crate::{
     canary::life::{Canary, Failure, Folder, Outcome, Reason, Stage, Transition},
     clock,
     ledger::{Ledger, LedgerError, Lookup, Write},
-    metrics::{Ignored, Metrics, Skipped},
+    metrics::{Ignored, Live, Metrics, Skipped},
 };
 
 /// How many finished canaries per probe the engine keeps for the status page.
@@ -145,18 +145,6 @@ impl Drain {
     pub fn rate(&self) -> Option<f64> {
         let wall = self.last.0.saturating_sub(self.first.0);
         (wall >= 1_000).then(|| self.last.1.saturating_sub(self.first.1) as f64 / wall as f64)
-    }
-
-    /// Seconds until the backlog is drained at `now`: the unreached part (`now - reached`)
-    /// shrinks by `rate - 1` a second. `+Inf` when it does not shrink; `None` before a rate.
-    pub fn eta_seconds(&self, now: u64) -> Option<f64> {
-        let rate = self.rate()?;
-        let behind = now.saturating_sub(self.reached_ms()) as f64 / 1000.0;
-        Some(if rate > 1.0 {
-            behind / (rate - 1.0)
-        } else {
-            f64::INFINITY
-        })
     }
 }
 
@@ -1043,9 +1031,12 @@ impl Engine {
                     overdue += usize::from(c.record(*stage).is_some_and(|r| r.overdue));
                 }
             }
+            // The ages are handed over as the time they are measured from, so the exposition
+            // shows them as of each scrape and a waiting canary changes nothing cached.
+            let oldest_since = (count > 0).then(|| now.saturating_sub(oldest));
             self.metrics
-                .set_in_flight(probe, *stage, count, overdue, oldest as f64 / 1000.0);
-            let (backlog, eta) = backlog(overdue, oldest, ps.drains.get(stage), now);
+                .set_in_flight(probe, *stage, count, overdue, oldest_since);
+            let (backlog, eta) = backlog(overdue, oldest_since, ps.drains.get(stage));
             self.metrics.set_backlog(probe, *stage, backlog, eta);
         }
         // The same verdict the status page shows: the gauge and the page cannot disagree.
@@ -1243,9 +1234,11 @@ impl Engine {
                                     && c.record(*s).is_some_and(|r| r.overdue)
                             })
                             .count();
-                        let oldest_ms = ages.iter().copied().max().unwrap_or(0);
+                        let oldest_since =
+                            ages.iter().copied().max().map(|a| now.saturating_sub(a));
                         let drain = ps.drains.get(s);
-                        let (behind_s, eta_s) = backlog(overdue, oldest_ms, drain, now);
+                        let (behind, eta) = backlog(overdue, oldest_since, drain);
+                        let (behind_s, eta_s) = (behind.at(now), eta.at(now));
                         StageStatus {
                             stage: *s,
                             in_flight: ages.len(),
@@ -1411,20 +1404,32 @@ pub fn learn<'a>(
     Some((p99.max(1) * LEARN_FACTOR).clamp(min, max.max(min)))
 }
 
-/// `(backlog seconds, drain ETA seconds)` of a stage: how far behind the part of the backlog
-/// not yet reached is, and when it will be reached at the current pace (`+Inf`: not catching
-/// up; NaN: not draining). Nothing overdue in the stage: no backlog.
-fn backlog(overdue: usize, oldest_ms: u64, drain: Option<&Drain>, now: u64) -> (f64, f64) {
+/// `(backlog seconds, drain ETA seconds)` of a stage, as what they grow from: how far behind
+/// the part of the backlog not yet reached is, and when it will be reached at the current pace
+/// (`+Inf`: not catching up; NaN: not draining). Nothing overdue in the stage: no backlog.
+/// `oldest_since`: when the oldest canary waiting in the stage entered it.
+fn backlog(overdue: usize, oldest_since: Option<u64>, drain: Option<&Drain>) -> (Live, Live) {
     if overdue == 0 {
-        return (0.0, f64::NAN);
+        return (Live::Value(0.0), Live::Value(f64::NAN));
     }
     match drain {
-        Some(d) => (
-            now.saturating_sub(d.reached_ms()) as f64 / 1000.0,
-            d.eta_seconds(now).unwrap_or(f64::NAN),
-        ),
+        Some(d) => {
+            let eta = match d.rate() {
+                // `now - reached` shrinks by `rate - 1` a second.
+                Some(rate) if rate > 1.0 => Live::Since {
+                    since_ms: d.reached_ms(),
+                    scale: 1.0 / (rate - 1.0),
+                },
+                Some(_) => Live::Value(f64::INFINITY),
+                None => Live::Value(f64::NAN),
+            };
+            (Live::age(d.reached_ms()), eta)
+        }
         // Held and nothing arriving: stalled.
-        None => (oldest_ms as f64 / 1000.0, f64::INFINITY),
+        None => (
+            oldest_since.map_or(Live::Value(0.0), Live::age),
+            Live::Value(f64::INFINITY),
+        ),
     }
 }
 

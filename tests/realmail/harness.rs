@@ -33,6 +33,11 @@ use std::{
 
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 
+/// DKIM, SPF and DMARC on the instance (`Setup::mail_auth`): the DNS server and the daemons.
+#[path = "mailauth.rs"]
+pub mod mailauth;
+use mailauth::MailAuth;
+
 const MAIN_CF: &str = include_str!("files/main.cf");
 const MASTER_CF: &str = include_str!("files/master.cf");
 const DOVECOT_CONF: &str = include_str!("files/dovecot.conf");
@@ -65,6 +70,8 @@ pub struct Ports {
     pub imap: u16,
     /// 993: IMAPS.
     pub imaps: u16,
+    /// 24: LMTP over TCP with STARTTLS (Dovecot), used only with `Setup::mail_auth`.
+    pub lmtp: u16,
 }
 
 /// How the instance is set up.
@@ -81,6 +88,12 @@ pub struct Setup {
     /// and OAUTHBEARER (IMAP, and Postfix's submission AUTH through Dovecot SASL), checking
     /// each token with its `oauth2` passdb (`introspection_mode = post`).
     pub oauth2_introspection: Option<String>,
+    /// DKIM signing on submission, relay to the MX listener (25), which checks SPF, DKIM and
+    /// DMARC against a DNS server of the instance's own (see `mailauth.rs`).
+    pub mail_auth: bool,
+    /// With `mail_auth`: the hop from submission to the MX without TLS (see
+    /// [`Servers::set_plaintext_hop`]).
+    pub plaintext_hop: bool,
 }
 
 impl Setup {
@@ -90,6 +103,8 @@ impl Setup {
             idle: true,
             sieve: None,
             oauth2_introspection: None,
+            mail_auth: false,
+            plaintext_hop: false,
         }
     }
 }
@@ -111,6 +126,7 @@ pub struct Servers {
     pub ports: Ports,
     setup: Setup,
     pids: Mutex<Pids>,
+    auth: Option<MailAuth>,
 }
 
 #[derive(Default)]
@@ -193,29 +209,47 @@ impl Servers {
             }
         }
 
+        let mut auth = if setup.mail_auth {
+            preflight_mail_auth();
+            match MailAuth::start(&dir) {
+                Ok(a) => Some(a),
+                Err(e) => panic!(
+                    "the mail-auth daemons did not start in {}: {e}",
+                    dir.display()
+                ),
+            }
+        } else {
+            None
+        };
         let mut last_error = String::new();
         for _attempt in 0..3 {
             let ports = free_ports();
-            let servers = Servers {
+            let mut servers = Servers {
                 dir: dir.clone(),
                 ports,
                 setup: setup.clone(),
                 pids: Mutex::new(Pids::default()),
+                auth: auth.take(),
             };
             servers.write_postfix_config();
             let started = servers
                 .start_dovecot_inner(true)
                 .and_then(|()| servers.start_postfix())
-                .and_then(|()| servers.wait_ready());
+                .and_then(|()| servers.wait_ready())
+                .and_then(|()| servers.auth.as_ref().map_or(Ok(()), MailAuth::finish));
             match started {
                 Ok(()) => return Arc::new(servers),
                 Err(e) => {
                     // A port taken between picking and binding: stop and try other ports.
                     last_error = e;
+                    auth = servers.auth.take();
                     servers.stop_all();
                     std::mem::forget(servers);
                 }
             }
+        }
+        if let Some(a) = auth {
+            a.stop();
         }
         panic!(
             "real mail servers did not start in {}: {last_error}\n{}",
@@ -235,6 +269,70 @@ impl Servers {
 
     pub fn postfix_etc(&self) -> PathBuf {
         self.dir.join("postfix/etc")
+    }
+
+    /// The DNS server and the DKIM/SPF/DMARC daemons (see `mailauth.rs` for the API).
+    /// Panics unless the instance was started with `Setup::mail_auth`.
+    pub fn mail_auth(&self) -> &MailAuth {
+        self.auth
+            .as_ref()
+            .expect("the instance was started without Setup::mail_auth")
+    }
+
+    /// With `mail_auth`: sends the submission → MX hop without TLS (`plaintext`, the MX's
+    /// Received line then says `with ESMTP`) or with STARTTLS (`with ESMTPS`, the default),
+    /// for mail submitted from now on (`postconf -P`, `postfix reload`).
+    pub fn set_plaintext_hop(&self, plaintext: bool) {
+        let level = if plaintext { "none" } else { "encrypt" };
+        self.postconf_master_reload(&format!("mxrelay/unix/smtp_tls_security_level={level}"));
+    }
+
+    /// `postconf -P SETTING` (a master.cf service's `-o` parameter), then `postfix reload`.
+    fn postconf_master_reload(&self, setting: &str) {
+        run(
+            Command::new("/usr/sbin/postconf")
+                .arg("-c")
+                .arg(self.postfix_etc())
+                .arg("-P")
+                .arg(setting),
+            &self.dir.join("postconf.out"),
+        )
+        .unwrap();
+        self.postfix_reload();
+    }
+
+    /// The raw mail with this Message-ID (without angle brackets) as Dovecot stored it in
+    /// `user`'s inbox (any folder), waited for up to `within`; panics with the logs after.
+    pub fn delivered(&self, user: &str, message_id: &str, within: Duration) -> String {
+        let maildir = self.dir.join(format!("mail/{DOMAIN}/{user}/Maildir"));
+        let needle = format!("<{message_id}>");
+        let deadline = Instant::now() + within;
+        loop {
+            if self.saved().iter().any(|s| s.message_id == message_id) {
+                for sub in ["new", "cur", ".Junk/new", ".Junk/cur"] {
+                    for f in fs::read_dir(maildir.join(sub))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                    {
+                        let raw = fs::read_to_string(f.path()).unwrap_or_default();
+                        if mailauth::header_values(&raw, "Message-ID")
+                            .iter()
+                            .any(|v| v.trim() == needle)
+                        {
+                            return raw;
+                        }
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no mail <{message_id}> for {user} within {within:?}\n{}",
+                    log_tails(&self.dir)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn fill(&self, template: &str) -> String {
@@ -262,7 +360,27 @@ impl Servers {
             ),
             None => ("plain login", ""),
         };
+        // With mail_auth, LMTP over TCP with STARTTLS (a hop with TLS, as the MX has it).
+        let virtual_transport = match &self.auth {
+            Some(_) => format!("lmtp:inet:127.0.0.1:{}", p.lmtp),
+            None => "lmtp:unix:{{DIR}}/dovecot/run/lmtp".to_string(),
+        };
+        let hostname = match &self.auth {
+            Some(_) => mailauth::STORE_HOST,
+            None => "mail.example.test",
+        };
+        let (smtp_auth, submission_auth, services, main, lmtp_inet) = match &self.auth {
+            Some(a) => self.mail_auth_config(a),
+            None => Default::default(),
+        };
         template
+            .replace("{{SMTP_MAIL_AUTH}}\n", &smtp_auth)
+            .replace("{{SUBMISSION_MAIL_AUTH}}\n", &submission_auth)
+            .replace("{{MAIL_AUTH_SERVICES}}\n", &services)
+            .replace("{{MAIL_AUTH_MAIN}}\n", &main)
+            .replace("{{LMTP_INET}}\n", &lmtp_inet)
+            .replace("{{HOSTNAME}}", hostname)
+            .replace("{{VIRTUAL_TRANSPORT}}", &virtual_transport)
             .replace("{{AUTH_MECHANISMS}}", mechanisms)
             .replace("{{OAUTH2_PASSDB}}", oauth2_passdb)
             .replace("{{LMTP_PLUGINS}}", lmtp_plugins)
@@ -273,6 +391,46 @@ impl Servers {
             .replace("{{SUBMISSION}}", &format!("127.0.0.1:{}", p.submission))
             .replace("{{SUBMISSIONS}}", &format!("127.0.0.1:{}", p.submissions))
             .replace("{{IMAP_CAPABILITY}}", &imap_capability)
+    }
+
+    /// The config pieces of `mail_auth`: the MX listener's and the submission listeners' `-o`
+    /// lines, the extra master.cf services, main.cf lines, Dovecot's LMTP TCP listener.
+    fn mail_auth_config(&self, a: &MailAuth) -> (String, String, String, String, String) {
+        let mx = format!(
+            "  -o myhostname={mx}\n  -o smtpd_milters={},{}\n  \
+             -o {{ smtpd_recipient_restrictions = reject_unauth_destination, \
+             check_policy_service unix:private/policyd-spf }}\n",
+            a.milter("dkim-verify"),
+            a.milter("dmarc"),
+            mx = mailauth::AUTHSERV_ID,
+        );
+        let submission = format!(
+            "  -o myhostname={out}\n  -o smtpd_milters={}\n  \
+             -o content_filter=mxrelay:[127.0.0.1]:{}\n",
+            a.milter("dkim-sign"),
+            self.ports.smtp,
+            out = mailauth::OUT_HOST,
+        );
+        let level = if self.setup.plaintext_hop {
+            "none"
+        } else {
+            "encrypt"
+        };
+        let services = format!(
+            "# mail_auth: the outbound server's relay to the MX (helo {out}), and SPF.\n\
+             mxrelay unix - - n - - smtp\n  -o smtp_helo_name={out}\n  \
+             -o smtp_tls_security_level={level}\n\
+             policyd-spf unix - n n - 0 spawn\n  user=policyd-spf argv=/usr/bin/policyd-spf {}\n",
+            a.path("policyd-spf.conf"),
+            out = mailauth::OUT_HOST,
+        );
+        let main = a.main_cf(&self.dir.join("tls").display().to_string());
+        // The mail store has a name of its own in its Received line (not the machine's).
+        let lmtp = format!(
+            "  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {}\n  }}\n",
+            self.ports.lmtp,
+        );
+        (mx, submission, services, main, lmtp)
     }
 
     fn write_postfix_config(&self) {
@@ -298,11 +456,14 @@ impl Servers {
     fn start_postfix(&self) -> Result<(), String> {
         let pid_file = self.dir.join("postfix/spool/pid/master.pid");
         let _ = fs::remove_file(&pid_file);
+        // With mail_auth, Postfix (and so policyd-spf, which it spawns) resolves through the
+        // instance's DNS server: pydns reads only /etc/resolv.conf.
+        let mut cmd = match &self.auth {
+            Some(a) => a.in_dns_namespace("/usr/sbin/postfix"),
+            None => Command::new("/usr/sbin/postfix"),
+        };
         run(
-            Command::new("/usr/sbin/postfix")
-                .arg("-c")
-                .arg(self.postfix_etc())
-                .arg("start"),
+            cmd.arg("-c").arg(self.postfix_etc()).arg("start"),
             &self.dir.join("postfix.start.out"),
         )?;
         let pid = read_pid(&pid_file, Duration::from_secs(5))?;
@@ -482,6 +643,9 @@ impl Servers {
     }
 
     fn stop_all(&self) {
+        if let Some(a) = &self.auth {
+            a.stop();
+        }
         let pids = std::mem::take(&mut *self.pids.lock().unwrap());
         let mut all: Vec<u32> = [pids.postfix, pids.dovecot].into_iter().flatten().collect();
         all.extend(self.dovecot_processes());
@@ -509,9 +673,34 @@ impl Drop for Servers {
     }
 }
 
+/// The paths that do not exist.
+fn missing<const N: usize>(paths: [&'static str; N]) -> Vec<&'static str> {
+    paths
+        .into_iter()
+        .filter(|p| !Path::new(p).exists())
+        .collect()
+}
+
+/// Fails with a clear message when a mail-auth daemon is not installed.
+fn preflight_mail_auth() {
+    let missing = missing([
+        "/usr/sbin/unbound",
+        "/usr/sbin/unbound-control",
+        "/usr/sbin/opendkim",
+        "/usr/sbin/opendmarc",
+        "/usr/bin/policyd-spf",
+        "/usr/bin/unshare",
+    ]);
+    assert!(
+        missing.is_empty(),
+        "Setup::mail_auth needs {missing:?}: run tests/run.sh, which installs the Debian \
+         packages unbound opendkim opendmarc postfix-policyd-spf-python"
+    );
+}
+
 /// Fails with a clear message when the servers are not installed or we are not root.
 fn preflight() {
-    let missing: Vec<&str> = [
+    let missing = missing([
         "/usr/sbin/postfix",
         "/usr/sbin/postconf",
         "/usr/sbin/postqueue",
@@ -520,10 +709,7 @@ fn preflight() {
         "/usr/lib/dovecot/imap",
         "/usr/bin/openssl",
         "/usr/lib/dovecot/modules/lib90_sieve_plugin.so",
-    ]
-    .into_iter()
-    .filter(|p| !Path::new(p).exists())
-    .collect();
+    ]);
     assert!(
         missing.is_empty(),
         "the realmail tests need Postfix and Dovecot, and {missing:?} is missing: run \
@@ -721,9 +907,9 @@ fn make_certificates(tls: &Path) {
     ]);
 }
 
-/// Five distinct free loopback ports (free when picked; a race is retried by the caller).
+/// Six distinct free loopback ports (free when picked; a race is retried by the caller).
 fn free_ports() -> Ports {
-    let listeners: Vec<TcpListener> = (0..5)
+    let listeners: Vec<TcpListener> = (0..6)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let p: Vec<u16> = listeners
@@ -736,6 +922,7 @@ fn free_ports() -> Ports {
         submissions: p[2],
         imap: p[3],
         imaps: p[4],
+        lmtp: p[5],
     }
 }
 
@@ -895,7 +1082,14 @@ fn log_tails(dir: &Path) -> String {
         "dovecot.log",
         "postfix.start.out",
         "dovecot.start.out",
+        "auth/unbound.log",
+        "auth/opendkim-sign.log",
+        "auth/opendkim-verify.log",
+        "auth/opendmarc.log",
     ] {
+        if name.starts_with("auth/") && !dir.join(name).exists() {
+            continue;
+        }
         let text = fs::read_to_string(dir.join(name)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = &lines[lines.len().saturating_sub(25)..];
