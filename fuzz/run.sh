@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 seconds="${FUZZ_SECONDS:-30}"
-targets=(recognise token config webhook sandbox_smtp sandbox_imap)
+targets=(recognise token config webhook sandbox_smtp sandbox_imap route)
 cargo +nightly fuzz build --release -s none
 status=0
 for t in "${targets[@]}"; do

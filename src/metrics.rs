@@ -61,6 +61,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::canary::hops::{AuthMethod, AuthResult, Route};
 use crate::canary::life::{Folder, Outcome, Reason, Stage, Transition};
 
 /// Buckets of `mailcanary_stage_duration_seconds`: from a fast SMTP reply to an hour-long import
@@ -68,6 +69,17 @@ use crate::canary::life::{Folder, Outcome, Reason, Stage, Transition};
 pub const DURATION_BUCKETS: [f64; 15] = [
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
+
+/// Buckets of `mailcanary_hop_duration_seconds`: `Received` dates have one-second
+/// resolution, and the family has a series per hop position, so few buckets.
+pub const HOP_BUCKETS: [f64; 5] = [1.0, 5.0, 30.0, 120.0, 600.0];
+
+/// The `hop` label values of `mailcanary_hop_duration_seconds`: the position from the first
+/// hop, the last one for every hop from there on.
+pub const HOP_LABELS: [&str; 5] = ["1", "2", "3", "4", "5+"];
+
+/// The `result` label values of `mailcanary_delivery_tls_total`.
+pub const TLS_RESULTS: [&str; 2] = ["all_hops", "some_plaintext"];
 
 /// Why a message in the watched mailbox (or a webhook) was not counted as a canary's arrival.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -163,6 +175,10 @@ pub struct Metrics {
     mailbox_late: IntCounterVec,
     mailbox_overdue: IntGaugeVec,
     mailbox_success: IntGaugeVec,
+    hop_duration: HistogramVec,
+    delivery_tls: IntCounterVec,
+    delivery_auth: IntCounterVec,
+    delivery_verified: IntCounterVec,
     config_reload: IntGauge,
     shard_info: IntGaugeVec,
     probes_configured: IntGauge,
@@ -310,6 +326,32 @@ impl Metrics {
                 &["probe", "mailbox"],
             ),
         );
+        let hop_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "mailcanary_hop_duration_seconds",
+                    "Delay of each hop of a delivered canary's Received chain (its date minus the previous hop's, the first's minus the send time; clamped at zero), by position from the first hop.",
+                )
+                .buckets(HOP_BUCKETS.to_vec()),
+                &["probe", "hop"],
+            ),
+        );
+        let delivery_tls = counter(
+            "mailcanary_delivery_tls_total",
+            "Delivered canaries by whether every hop of their Received chain used TLS (all_hops) or one was plaintext (some_plaintext).",
+            &["probe", "result"],
+        );
+        let delivery_auth = counter(
+            "mailcanary_delivery_auth_total",
+            "Delivered canaries by authentication method and verdict, from the receiving server's trusted Authentication-Results (none: not reported).",
+            &["probe", "method", "result"],
+        );
+        let delivery_verified = counter(
+            "mailcanary_delivery_verified_total",
+            "Delivered canaries by the prober's own DKIM and ARC verification (verify_dkim), by verdict; series only for probes that verify.",
+            &["probe", "method", "result"],
+        );
         let duration = register(
             &registry,
             HistogramVec::new(
@@ -444,6 +486,10 @@ impl Metrics {
             mailbox_late,
             mailbox_overdue,
             mailbox_success,
+            hop_duration,
+            delivery_tls,
+            delivery_auth,
+            delivery_verified,
             config_reload,
             registered: Mutex::new(HashMap::new()),
             changes: AtomicU64::new(0),
@@ -488,6 +534,21 @@ impl Metrics {
                 self.rate_limit_remaining
                     .with_label_values(&[probe])
                     .set(f64::NAN);
+                for hop in HOP_LABELS {
+                    self.hop_duration.with_label_values(&[probe, hop]);
+                }
+                for result in TLS_RESULTS {
+                    self.delivery_tls.with_label_values(&[probe, result]);
+                }
+                for method in AuthMethod::ALL {
+                    for result in AuthResult::ALL {
+                        self.delivery_auth.with_label_values(&[
+                            probe,
+                            method.as_str(),
+                            result.as_str(),
+                        ]);
+                    }
+                }
                 registered.entry(probe.to_string()).or_default()
             }
         };
@@ -569,6 +630,49 @@ impl Metrics {
                     reason,
                 } => self.mailbox_failure(probe, mailbox, reason),
                 _ => {}
+            }
+        }
+        self.changed();
+    }
+
+    /// Counts a delivered canary's route: every hop's delay, whether all hops used TLS, one
+    /// verdict per method. Called once per canary, with the transition that ends its delivery.
+    pub fn apply_route(&self, probe: &str, route: &Route) {
+        for (i, hop) in route.hops.iter().enumerate() {
+            if let Some(ms) = hop.delay_ms {
+                let label = HOP_LABELS[i.min(HOP_LABELS.len() - 1)];
+                self.hop_duration
+                    .with_label_values(&[probe, label])
+                    .observe(ms as f64 / 1000.0);
+            }
+        }
+        let tls = if route.all_tls() { 0 } else { 1 };
+        self.delivery_tls
+            .with_label_values(&[probe, TLS_RESULTS[tls]])
+            .inc();
+        for method in AuthMethod::ALL {
+            self.delivery_auth
+                .with_label_values(&[probe, method.as_str(), route.verdict(method).as_str()])
+                .inc();
+        }
+        for v in &route.verified {
+            self.delivery_verified
+                .with_label_values(&[probe, v.method.as_str(), v.result.as_str()])
+                .inc();
+        }
+        self.changed();
+    }
+
+    /// Creates the series of the prober's own verification for a probe that does it
+    /// (`verify_dkim`): method `dkim` and `arc`, every result, at 0.
+    pub fn register_verification(&self, probe: &str) {
+        for method in [AuthMethod::Dkim, AuthMethod::Arc] {
+            for result in AuthResult::ALL {
+                self.delivery_verified.with_label_values(&[
+                    probe,
+                    method.as_str(),
+                    result.as_str(),
+                ]);
             }
         }
         self.changed();
@@ -1258,9 +1362,12 @@ mod tests {
             ("mailcanary_canaries_sent_total", "counter"),
             ("mailcanary_canaries_skipped_total", "counter"),
             ("mailcanary_config_last_reload_successful", "gauge"),
+            ("mailcanary_delivery_auth_total", "counter"),
+            ("mailcanary_delivery_tls_total", "counter"),
             ("mailcanary_heartbeat_errors_total", "counter"),
             ("mailcanary_helpdesk_duplicate_tickets_total", "counter"),
             ("mailcanary_helpdesk_rate_limit_remaining", "gauge"),
+            ("mailcanary_hop_duration_seconds", "histogram"),
             ("mailcanary_import_message_id_total", "counter"),
             ("mailcanary_ledger_errors_total", "counter"),
             ("mailcanary_ledger_recovered_total", "counter"),
@@ -1340,6 +1447,7 @@ mod tests {
             .collect();
         let buckets: Vec<String> = DURATION_BUCKETS
             .iter()
+            .chain(&HOP_BUCKETS)
             .map(|b| b.to_string())
             .chain(["+Inf".to_string()])
             .collect();
@@ -1358,7 +1466,11 @@ mod tests {
                     "result" => {
                         WEBHOOK_RESULTS.contains(&v.as_str())
                             || MESSAGE_ID_RESULTS.contains(&v.as_str())
+                            || TLS_RESULTS.contains(&v.as_str())
+                            || AuthResult::ALL.iter().any(|r| r.as_str() == v)
                     }
+                    "hop" => HOP_LABELS.contains(&v.as_str()),
+                    "method" => AuthMethod::ALL.iter().any(|m| m.as_str() == v),
                     _ => false,
                 };
                 assert!(ok, "label {k}={v:?} in {sample:?}");
@@ -1405,6 +1517,104 @@ mod tests {
         );
         let other = [("probe", "helpdesk"), ("stage", "delivery")];
         assert_eq!(s.value("mailcanary_stage_late_total", &other), Some(0.0));
+    }
+
+    #[test]
+    fn a_route_counts_its_hops_tls_and_verdicts() {
+        use crate::canary::hops::{Hop, Verdict};
+        let m = metrics();
+        let hop = |ms: Option<u64>, plaintext| Hop {
+            delay_ms: ms,
+            plaintext,
+            ..Hop::default()
+        };
+        let route = Route {
+            hops: vec![
+                hop(Some(500), false),
+                hop(None, false),
+                hop(Some(2_000), true),
+                hop(Some(0), false),
+                hop(Some(40_000), false),
+                hop(Some(1), false),
+            ],
+            auth: vec![
+                Verdict {
+                    method: AuthMethod::Dkim,
+                    result: AuthResult::Pass,
+                },
+                Verdict {
+                    method: AuthMethod::Spf,
+                    result: AuthResult::Softfail,
+                },
+            ],
+            untrusted_auth: 0,
+            verified: Vec::new(),
+        };
+        m.apply_route("loop", &route);
+        let s = samples(&m);
+        let count = |hop: &str| {
+            s.value(
+                "mailcanary_hop_duration_seconds_count",
+                &[("probe", "loop"), ("hop", hop)],
+            )
+        };
+        assert_eq!(count("1"), Some(1.0));
+        assert_eq!(count("2"), Some(0.0), "no date, no observation");
+        assert_eq!(count("3"), Some(1.0));
+        assert_eq!(count("5+"), Some(2.0), "hops 5 and 6");
+        assert_eq!(
+            s.value(
+                "mailcanary_hop_duration_seconds_sum",
+                &[("probe", "loop"), ("hop", "5+")]
+            ),
+            Some(40.001)
+        );
+        let tls = |r: &str| {
+            s.value(
+                "mailcanary_delivery_tls_total",
+                &[("probe", "loop"), ("result", r)],
+            )
+        };
+        assert_eq!(
+            (tls("all_hops"), tls("some_plaintext")),
+            (Some(0.0), Some(1.0))
+        );
+        let auth = |method: &str, result: &str| {
+            s.value(
+                "mailcanary_delivery_auth_total",
+                &[("probe", "loop"), ("method", method), ("result", result)],
+            )
+        };
+        assert_eq!(auth("dkim", "pass"), Some(1.0));
+        assert_eq!(auth("spf", "softfail"), Some(1.0));
+        assert_eq!(auth("dmarc", "none"), Some(1.0));
+        assert_eq!(auth("arc", "none"), Some(1.0));
+        assert_eq!(auth("dkim", "fail"), Some(0.0));
+        assert_eq!(auth("dmarc", "policy"), Some(0.0), "created at 0");
+        // The prober's own verification: series only for a probe that verifies.
+        assert_eq!(
+            s.value(
+                "mailcanary_delivery_verified_total",
+                &[("probe", "loop"), ("method", "dkim"), ("result", "pass")]
+            ),
+            None
+        );
+        m.register_verification("loop");
+        let mut route = route.clone();
+        route.verified = vec![Verdict {
+            method: AuthMethod::Dkim,
+            result: AuthResult::Temperror,
+        }];
+        m.apply_route("loop", &route);
+        let s = samples(&m);
+        let verified = |method: &str, result: &str| {
+            s.value(
+                "mailcanary_delivery_verified_total",
+                &[("probe", "loop"), ("method", method), ("result", result)],
+            )
+        };
+        assert_eq!(verified("dkim", "temperror"), Some(1.0));
+        assert_eq!(verified("arc", "pass"), Some(0.0));
     }
 
     #[test]

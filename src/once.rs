@@ -13,9 +13,68 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use mailcanary::{
+    canary::hops::{AuthMethod, Route},
     canary::life::{Limits, Outcome, Reason, Stage, Transition},
     flow::Event,
 };
+
+/// The delivered mail's way, under its delivery line: one line per hop (first to last) and
+/// one for TLS and the verdicts.
+pub fn route_lines(route: &Route) -> Vec<String> {
+    let mut out: Vec<String> = route
+        .hops
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let delay = h
+                .delay_ms
+                .map_or("?".to_string(), |ms| format!("+{:.0}s", ms as f64 / 1000.0));
+            let skew = if h.skew_ms > 0 {
+                format!(
+                    "  (clock {:.0}s behind the previous hop)",
+                    h.skew_ms as f64 / 1000.0
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "hop {:<2} {delay:>6}  by {} with {}{}{}{skew}",
+                i + 1,
+                h.by.as_deref().unwrap_or("?"),
+                h.protocol.as_deref().unwrap_or("?"),
+                h.tls
+                    .as_deref()
+                    .map(|t| format!(" {t}"))
+                    .unwrap_or_default(),
+                if h.plaintext { "  PLAINTEXT" } else { "" },
+            )
+        })
+        .collect();
+    let verdicts: Vec<String> = AuthMethod::ALL
+        .iter()
+        .map(|m| format!("{}={}", m.as_str(), route.verdict(*m).as_str()))
+        .collect();
+    let own: Vec<String> = route
+        .verified
+        .iter()
+        .map(|v| format!("{}={}", v.method.as_str(), v.result.as_str()))
+        .collect();
+    out.push(format!(
+        "tls {}  auth {}{}",
+        if route.all_tls() {
+            "all hops"
+        } else {
+            "SOME PLAINTEXT"
+        },
+        verdicts.join(" "),
+        if own.is_empty() {
+            String::new()
+        } else {
+            format!("  verified here {}", own.join(" "))
+        }
+    ));
+    out
+}
 
 /// The worst first: ordering is severity, so the overall status is the maximum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -97,14 +156,21 @@ impl Run {
                 late,
             } => {
                 self.done.insert(stage, (duration_ms, late));
-                Some(line(
+                let mut text = line(
                     stage.as_str(),
                     format!(
                         "ok   {:>9.3}s{}",
                         duration_ms as f64 / 1000.0,
                         if late { "  (late)" } else { "" }
                     ),
-                ))
+                );
+                if let Some(route) = &ev.route {
+                    for l in route_lines(route) {
+                        text.push('\n');
+                        text.push_str(&line("", l));
+                    }
+                }
+                Some(text)
             }
             Transition::StageFailed { stage, reason } => {
                 let detail = if reason == Reason::Deadline {
@@ -282,6 +348,7 @@ mod tests {
             mailbox: None,
             transition: t,
             detail: detail.map(str::to_string),
+            route: None,
         }
     }
 
@@ -298,6 +365,52 @@ mod tests {
 
     fn run() -> Run {
         Run::new("p", &[Stage::Submit, Stage::Delivery], &limits())
+    }
+
+    #[test]
+    fn the_delivery_line_is_followed_by_its_hops_tls_and_verdicts() {
+        use mailcanary::canary::hops::{AuthResult, Hop, Verdict};
+        let mut r = run();
+        r.apply(&done(Stage::Submit, 12));
+        let mut delivered = done(Stage::Delivery, 2_340);
+        delivered.route = Some(Route {
+            hops: vec![
+                Hop {
+                    by: Some("mx.example.test".into()),
+                    protocol: Some("ESMTPSA".into()),
+                    tls: Some("TLSv1.3".into()),
+                    delay_ms: Some(1_000),
+                    ..Hop::default()
+                },
+                Hop {
+                    by: Some("relay.example.test".into()),
+                    protocol: Some("ESMTP".into()),
+                    delay_ms: Some(0),
+                    skew_ms: 3_000,
+                    plaintext: true,
+                    ..Hop::default()
+                },
+                Hop::default(),
+            ],
+            auth: vec![Verdict {
+                method: AuthMethod::Dkim,
+                result: AuthResult::Fail,
+            }],
+            untrusted_auth: 0,
+            verified: Vec::new(),
+        });
+        let text = r.apply(&delivered).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        assert_eq!(
+            lines,
+            [
+                "p            delivery    ok       2.340s",
+                "p                        hop 1     +1s  by mx.example.test with ESMTPSA TLSv1.3",
+                "p                        hop 2     +0s  by relay.example.test with ESMTP  PLAINTEXT  (clock 3s behind the previous hop)",
+                "p                        hop 3       ?  by ? with ?",
+                "p                        tls SOME PLAINTEXT  auth dkim=fail spf=none dmarc=none arc=none",
+            ]
+        );
     }
 
     #[test]

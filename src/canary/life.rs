@@ -57,7 +57,9 @@ impl fmt::Display for Stage {
 pub enum Reason {
     /// TCP connect failed or timed out.
     Connect,
-    /// TLS handshake or certificate verification failed.
+    /// TLS handshake or certificate verification failed; or, on the delivery stage, a hop of
+    /// the delivered mail's `Received` chain was plaintext while the probe says
+    /// `require_tls_hops`.
     Tls,
     /// The server refused our credentials.
     Auth,
@@ -82,10 +84,13 @@ pub enum Reason {
     /// The OAuth2 token endpoint failed, could not be reached or refused the grant, or the
     /// token file could not be read: no token to log in with (a refused token is `auth`).
     Token,
+    /// The canary was delivered, but a verdict the probe requires (`require_auth`) was not
+    /// `pass` in the receiving server's trusted `Authentication-Results`.
+    AuthResult,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Connect,
         Reason::Tls,
         Reason::Auth,
@@ -98,6 +103,7 @@ impl Reason {
         Reason::Ledger,
         Reason::Spam,
         Reason::Token,
+        Reason::AuthResult,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -114,6 +120,7 @@ impl Reason {
             Reason::Ledger => "ledger",
             Reason::Spam => "spam",
             Reason::Token => "token",
+            Reason::AuthResult => "auth_result",
         }
     }
 }
@@ -283,6 +290,16 @@ pub struct Canary {
     /// fails with [`Reason::Spam`] (see [`Canary::observe_delivery`]).
     #[serde(default)]
     pub spam: bool,
+    /// The delivered mail's hops and authentication verdicts (absent before delivery, and in
+    /// records written before they were read: a JSON field with a default, so no ledger
+    /// migration is needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<super::hops::Route>,
+    /// Delivered, but the probe's requirements on the route failed (a plaintext hop with
+    /// `require_tls_hops`: `tls`; a required verdict not `pass`: `auth_result`): delivery is
+    /// measured, then fails with this reason and detail, as for [`Canary::spam`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_fault: Option<(Reason, String)>,
 }
 
 /// An acknowledgement that arrived in the watched mailbox.
@@ -358,6 +375,8 @@ impl Canary {
             mailbox: None,
             folder: None,
             spam: false,
+            route: None,
+            route_fault: None,
             threaded: None,
             outcome: None,
             finished_ms: None,
@@ -479,9 +498,26 @@ impl Canary {
         folder: Folder,
         junk_fails: bool,
     ) -> Vec<Transition> {
+        self.observe_delivery_via(at, folder, junk_fails, None, None)
+    }
+
+    /// [`Canary::observe_delivery`] with the delivered mail's route and what the probe's
+    /// requirements say of it (`fault`, from [`super::hops::Route::fault`]): kept on the
+    /// canary, and a fault fails the delivery stage with its reason once delivery is measured
+    /// (Junk's `spam` comes first).
+    pub fn observe_delivery_via(
+        &mut self,
+        at: u64,
+        folder: Folder,
+        junk_fails: bool,
+        route: Option<super::hops::Route>,
+        fault: Option<(Reason, String)>,
+    ) -> Vec<Transition> {
         if self.folder.is_none() && !self.is_finished() {
             self.folder = Some(folder);
             self.spam = folder == Folder::Junk && junk_fails;
+            self.route = route;
+            self.route_fault = fault;
         }
         self.observe(Stage::Delivery, at)
     }
@@ -547,18 +583,26 @@ impl Canary {
                         late: e2e_late,
                     });
                 }
-                let outcome = if self.spam && stage == Stage::Delivery {
-                    // Delivered, and measured, but not where a user would see it.
+                let unfit = if self.spam {
+                    Some((Reason::Spam, "delivered into the Junk folder".to_string()))
+                } else {
+                    self.route_fault.clone()
+                };
+                let outcome = if let Some((reason, detail)) = unfit
+                    && stage == Stage::Delivery
+                {
+                    // Delivered, and measured, but not where a user would see it, or not the
+                    // way the probe requires.
                     if let Some(r) = self.record_mut(Stage::Delivery) {
                         r.failed = Some(Failure {
-                            reason: Reason::Spam,
-                            detail: "delivered into the Junk folder".to_string(),
+                            reason,
+                            detail,
                             at_ms: at,
                         });
                     }
                     out.push(Transition::StageFailed {
                         stage: Stage::Delivery,
-                        reason: Reason::Spam,
+                        reason,
                     });
                     Outcome::Failed
                 } else if any_late || e2e_late {
@@ -925,6 +969,107 @@ pub(crate) mod tests {
                 .map(|f| f.reason),
             Some(Reason::Spam)
         );
+    }
+
+    #[test]
+    fn a_route_fault_is_delivered_and_measured_then_fails_with_its_reason() {
+        use crate::canary::hops::{Hop, Route};
+        let route = Route {
+            hops: vec![Hop {
+                protocol: Some("ESMTP".into()),
+                plaintext: true,
+                ..Hop::default()
+            }],
+            ..Route::default()
+        };
+        for (reason, detail) in [
+            (Reason::Tls, "hop 1 (by ?, with ESMTP) was not TLS"),
+            (
+                Reason::AuthResult,
+                "required authentication not passed: dkim=fail",
+            ),
+        ] {
+            let mut c = mail_loop(0);
+            c.observe(Stage::Submit, 100);
+            let t = c.observe_delivery_via(
+                600,
+                Folder::Inbox,
+                true,
+                Some(route.clone()),
+                Some((reason, detail.to_string())),
+            );
+            assert_eq!(
+                t,
+                vec![
+                    done(Stage::Delivery, 500, false),
+                    done(Stage::EndToEnd, 600, false),
+                    Transition::StageFailed {
+                        stage: Stage::Delivery,
+                        reason
+                    },
+                    Transition::Finished {
+                        outcome: Outcome::Failed
+                    }
+                ]
+            );
+            let failed = c.record(Stage::Delivery).and_then(|r| r.failed.clone());
+            assert_eq!(
+                failed.map(|f| (f.reason, f.detail)),
+                Some((reason, detail.into()))
+            );
+            assert_eq!(c.route.as_ref(), Some(&route));
+            // Kept across the ledger's JSON, and an older record without it still reads.
+            let back: Canary = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back, c);
+        }
+        // Junk comes first: the reason is spam.
+        let mut c = mail_loop(0);
+        c.observe(Stage::Submit, 100);
+        let t = c.observe_delivery_via(
+            600,
+            Folder::Junk,
+            true,
+            None,
+            Some((Reason::Tls, "x".into())),
+        );
+        assert!(t.contains(&Transition::StageFailed {
+            stage: Stage::Delivery,
+            reason: Reason::Spam
+        }));
+        // A route without a fault is on time, and a second arrival changes nothing.
+        let mut c = mail_loop(0);
+        c.observe(Stage::Submit, 100);
+        let t = c.observe_delivery_via(600, Folder::Inbox, true, Some(route.clone()), None);
+        assert_eq!(
+            t.last(),
+            Some(&Transition::Finished {
+                outcome: Outcome::OnTime
+            })
+        );
+        assert!(
+            c.observe_delivery_via(
+                700,
+                Folder::Inbox,
+                true,
+                None,
+                Some((Reason::Tls, "x".into()))
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            (c.route.as_ref(), c.route_fault.as_ref()),
+            (Some(&route), None)
+        );
+    }
+
+    #[test]
+    fn a_record_written_before_routes_reads_without_one() {
+        let mut v = serde_json::to_value(mail_loop(0)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        assert!(!o.contains_key("route"), "absent when none");
+        o.remove("route_fault");
+        let c: Canary = serde_json::from_value(v).unwrap();
+        assert_eq!((c.route, c.route_fault), (None, None));
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //!
 //! - [`token`]: the authenticated token that names one canary (HMAC over probe, id, send time);
 //! - [`message`]: the canary email and the agent reply text, built from a token;
+//! - [`hops`]: the delivered mail's `Received` hops and `Authentication-Results` verdicts;
 //! - [`recognise`]: from raw bytes in a mailbox to "canary of probe X", "forged" or "not ours".
 //!
 //! Architecture invariant: this module imports nothing of the prober's edges, ledger, metrics,
 //! flow or web; they all import it.
 
+pub mod hops;
 pub mod life;
 pub mod message;
 pub mod recognise;

@@ -19,6 +19,8 @@ use super::message::{PROBE_HEADER, SUBJECT_TAG, TOKEN_HEADER};
 use super::token::{Key, Token, find_tokens};
 
 /// What a raw message is, before any key is involved.
+// One per arrived message, matched on at once: boxing the candidate would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inspected {
     /// Not a message: it does not parse or has no header block. The reason is a fixed phrase,
@@ -51,6 +53,12 @@ pub struct Candidate {
     /// Reply-mark-shaped strings of the text body ([`Key::reply_mark`]): the agent reply the
     /// prober posted carries its canary's; an acknowledgement cannot.
     pub reply_marks: Vec<String>,
+    /// The `Received` headers, top-most first, undated by the send time yet
+    /// ([`super::hops::Route::new`] orders them and measures the delays).
+    pub received: Vec<super::hops::Hop>,
+    /// The `Authentication-Results` headers, top-most first, trusted or not (the probe's
+    /// `trusted_authserv_ids` decide in [`super::hops::Route::new`]).
+    pub auth_results: Vec<super::hops::AuthHeader>,
 }
 
 impl Candidate {
@@ -178,6 +186,8 @@ fn inspect_unguarded(raw: &[u8]) -> Inspected {
         subject,
         date: message.date().map(|d| unix_seconds(d.to_timestamp())),
         reply_marks,
+        received: super::hops::received(&message),
+        auth_results: super::hops::auth_results(&message, raw),
     })
 }
 

@@ -60,6 +60,18 @@ pub struct RawProbe {
     pub mailbox: Option<Spanned<Vec<Spanned<RawMailbox>>>>,
     /// A canary delivered into Junk is a success (still counted as junk placement).
     pub junk_is_ok: Option<bool>,
+    /// A plaintext hop in the delivered mail's `Received` chain fails delivery (`tls`).
+    pub require_tls_hops: Option<bool>,
+    /// Methods (`dkim`, `spf`, `dmarc`, `arc`) whose trusted verdict must be `pass`, or
+    /// delivery fails (`auth_result`).
+    pub require_auth: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The authserv-ids whose `Authentication-Results` headers are believed (RFC 8601 §5:
+    /// anyone on the way can add one).
+    pub trusted_authserv_ids: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Verify the delivered canary's DKIM (and ARC) signatures here, with mail-auth.
+    pub verify_dkim: Option<bool>,
+    /// The DNS server for `verify_dkim` (`IP:port`); default: the system's resolver.
+    pub dns_resolver: Option<Spanned<String>>,
 }
 
 /// One of a probe's mailboxes: `[[probe.mailbox]]` with its `[probe.mailbox.imap]` table

@@ -13,6 +13,7 @@ use toml::Spanned;
 use super::error::{ConfigError, ConfigErrors, Position, Source};
 use super::raw::{self, HumanDuration, RawDeadlines, RawFile, RawProbe, RawProber};
 use super::secret::{Secret, expand_env, read_secret_file};
+use crate::canary::hops::{AuthMethod, RouteRules};
 use crate::edges::helpdesk::generic::{self, Template};
 
 use super::{
@@ -533,7 +534,86 @@ impl Ctx<'_> {
             helpdesk,
             mailboxes: self.mailboxes(&pre, sp),
             junk_is_ok: raw.junk_is_ok.unwrap_or(false),
+            route_rules: self.route_rules(&pre, raw),
+            verify_dkim: self.verify_dkim(&pre, raw),
         }
+    }
+
+    /// `verify_dkim`, `dns_resolver`.
+    fn verify_dkim(&mut self, pre: &str, raw: &RawProbe) -> Option<Option<std::net::SocketAddr>> {
+        let resolver = raw.dns_resolver.as_ref().and_then(|r| {
+            match r.get_ref().trim().parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.err(
+                        r.span(),
+                        key(pre, "dns_resolver"),
+                        "must be an IP address and port, e.g. \"127.0.0.1:53\"",
+                    );
+                    None
+                }
+            }
+        });
+        if !raw.verify_dkim.unwrap_or(false) {
+            if let Some(r) = &raw.dns_resolver {
+                self.err(
+                    r.span(),
+                    key(pre, "dns_resolver"),
+                    "only used with verify_dkim = true",
+                );
+            }
+            return None;
+        }
+        Some(resolver)
+    }
+
+    /// `require_tls_hops`, `require_auth`, `trusted_authserv_ids`.
+    fn route_rules(&mut self, pre: &str, raw: &RawProbe) -> RouteRules {
+        let mut rules = RouteRules {
+            require_tls_hops: raw.require_tls_hops.unwrap_or(false),
+            ..RouteRules::default()
+        };
+        for id in raw.trusted_authserv_ids.iter().flat_map(|l| l.get_ref()) {
+            let v = id.get_ref().trim();
+            if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == ';' || c == '=') {
+                self.err(
+                    id.span(),
+                    key(pre, "trusted_authserv_ids"),
+                    "an authserv-id is one word (the receiving server's name as its \
+                     Authentication-Results header starts, e.g. \"mx.example.com\")",
+                );
+            } else if !rules.trusted_authserv_ids.contains(&v.to_ascii_lowercase()) {
+                rules.trusted_authserv_ids.push(v.to_ascii_lowercase());
+            }
+        }
+        for m in raw.require_auth.iter().flat_map(|l| l.get_ref()) {
+            match AuthMethod::parse(m.get_ref().trim()) {
+                Some(method) if !rules.require_auth.contains(&method) => {
+                    rules.require_auth.push(method)
+                }
+                Some(_) => {}
+                None => self.err(
+                    m.span(),
+                    key(pre, "require_auth"),
+                    format!(
+                        "unknown method {:?}: one of \"dkim\", \"spf\", \"dmarc\", \"arc\"",
+                        m.get_ref()
+                    ),
+                ),
+            }
+        }
+        if let Some(list) = &raw.require_auth
+            && !list.get_ref().is_empty()
+            && rules.trusted_authserv_ids.is_empty()
+        {
+            self.err(
+                list.span(),
+                key(pre, "require_auth"),
+                "needs trusted_authserv_ids: without a trusted authserv-id no \
+                 Authentication-Results header is believed, and every verdict is none",
+            );
+        }
+        rules
     }
 
     /// `[probe.imap]` (one mailbox, [`MailboxConfig::DEFAULT_NAME`]) or `[[probe.mailbox]]`.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::resolve::{self, FileText};
 use super::*;
+use crate::canary::hops::AuthMethod;
 
 const HELPDESK_EXAMPLE: &str = include_str!("../../probes/helpdesk.example.toml");
 const MAIL_LOOP_EXAMPLE: &str = include_str!("../../probes/mail-loop.toml");
@@ -1533,4 +1534,82 @@ fn oauth2_examples_parse_with_their_grants() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn route_requirements_and_trusted_authserv_ids_resolve() {
+    let c = parse(&mail_loop(
+        "a",
+        "require_tls_hops = true\nrequire_auth = [\"dkim\", \"DMARC\", \"dkim\"]\ntrusted_authserv_ids = [\"MX.example.test\", \"mx.example.test\", \"other.test\"]",
+    ))
+    .unwrap();
+    let r = &c.probes[0].route_rules;
+    assert!(r.require_tls_hops);
+    assert_eq!(r.require_auth, [AuthMethod::Dkim, AuthMethod::Dmarc]);
+    assert_eq!(r.trusted_authserv_ids, ["mx.example.test", "other.test"]);
+    // Off by default: nothing required, nothing trusted.
+    let r = &parse(&mail_loop("a", "")).unwrap().probes[0].route_rules;
+    assert_eq!(r, &crate::canary::hops::RouteRules::default());
+}
+
+#[test]
+fn route_requirement_errors_name_file_line_and_key() {
+    let errs = errors(&mail_loop(
+        "a",
+        "require_auth = [\"dkim\", \"bimi\"]\ntrusted_authserv_ids = [\"mx example\"]",
+    ));
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    let want = [
+        ("probe[0].require_auth", 4, "unknown method \"bimi\""),
+        ("probe[0].trusted_authserv_ids", 5, "one word"),
+        ("probe[0].require_auth", 4, "needs trusted_authserv_ids"),
+    ];
+    for (key, line, text) in want {
+        assert!(
+            errs.iter().any(|e| e.file == "t.toml"
+                && e.key.as_deref() == Some(key)
+                && e.position.map(|p| p.line) == Some(line)
+                && e.message.contains(text)),
+            "{key} {line} {text}: {}",
+            ConfigErrors(errs.clone())
+        );
+    }
+    // A typo of the key itself is refused too.
+    let errs = errors(&mail_loop("a", "require_tls_hop = true"));
+    assert!(
+        errs[0].to_string().contains("require_tls_hop"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn verify_dkim_takes_a_resolver_address_and_refuses_one_without_it() {
+    let c = parse(&mail_loop(
+        "a",
+        "verify_dkim = true\ndns_resolver = \"127.0.0.1:5353\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.probes[0].verify_dkim,
+        Some(Some("127.0.0.1:5353".parse().unwrap()))
+    );
+    let c = parse(&mail_loop("a", "verify_dkim = true")).unwrap();
+    assert_eq!(c.probes[0].verify_dkim, Some(None), "the system's resolver");
+    assert_eq!(
+        parse(&mail_loop("a", "")).unwrap().probes[0].verify_dkim,
+        None
+    );
+    let e = single_error(
+        &mail_loop("a", "verify_dkim = true\ndns_resolver = \"localhost\""),
+        5,
+        "probe[0].dns_resolver",
+    );
+    assert!(e.message.contains("IP address and port"), "{e}");
+    let e = single_error(
+        &mail_loop("a", "dns_resolver = \"127.0.0.1:53\""),
+        4,
+        "probe[0].dns_resolver",
+    );
+    assert!(e.message.contains("verify_dkim"), "{e}");
 }

@@ -11,6 +11,7 @@
 //! a human detail for the dashboard that never contains a password, token or other secret; the
 //! edge that holds the secret scrubs it, because nothing downstream knows what to scrub.
 
+pub mod dkim;
 pub mod helpdesk;
 pub mod imap;
 pub mod oauth2;

@@ -49,6 +49,8 @@ pub struct Event {
     pub transition: Transition,
     /// The failure detail, for `StageFailed`.
     pub detail: Option<String>,
+    /// The delivered mail's hops and verdicts, for the `StageDone` of the delivery stage.
+    pub route: Option<crate::canary::hops::Route>,
 }
 
 /// A canary's bell (see [`Engine::bell`]): the run of that canary waits on it.
@@ -667,6 +669,20 @@ impl Engine {
             self.metrics
                 .apply_mailbox(&canary.probe, m, folder, transitions);
         }
+        // The delivery stage ends once in a canary's life: its route is counted with it.
+        if let Some(route) = &canary.route
+            && transitions.iter().any(|t| {
+                matches!(
+                    t,
+                    Transition::StageDone {
+                        stage: Stage::Delivery,
+                        ..
+                    }
+                )
+            })
+        {
+            self.metrics.apply_route(&canary.probe, route);
+        }
         for t in transitions {
             let detail = match t {
                 Transition::StageFailed { stage, reason } => canary.record(*stage).and_then(|r| {
@@ -688,6 +704,13 @@ impl Engine {
                 mailbox: canary.mailbox.clone(),
                 transition: t.clone(),
                 detail,
+                route: match t {
+                    Transition::StageDone {
+                        stage: Stage::Delivery,
+                        ..
+                    } => canary.route.clone(),
+                    _ => None,
+                },
             });
         }
     }
@@ -1100,7 +1123,15 @@ impl Engine {
             if c.current() == Some(Stage::Reply) {
                 out.extend(c.observe(Stage::Reply, seen_at));
             }
-            out.extend(c.observe_delivery(seen_at, at.folder, !at.junk_is_ok));
+            let (mut route, fault) = at.rules.judge(at.received, c.created_ms, at.auth_results);
+            route.verified = at.verified.to_vec();
+            out.extend(c.observe_delivery_via(
+                seen_at,
+                at.folder,
+                !at.junk_is_ok,
+                Some(route),
+                fault,
+            ));
             out
         });
         match updated {
@@ -1626,6 +1657,13 @@ pub struct Found<'a> {
     pub mailboxes: &'a [String],
     pub folder: Folder,
     pub junk_is_ok: bool,
+    /// The delivered mail's `Received` and `Authentication-Results` headers
+    /// ([`crate::canary::Candidate`]), judged by the probe's `rules`.
+    pub received: &'a [crate::canary::hops::Hop],
+    pub auth_results: &'a [crate::canary::hops::AuthHeader],
+    pub rules: &'a crate::canary::hops::RouteRules,
+    /// The prober's own DKIM/ARC verdicts (`verify_dkim`), empty when not verified.
+    pub verified: &'a [crate::canary::hops::Verdict],
 }
 
 impl Found<'_> {
@@ -1876,11 +1914,20 @@ mod mailbox_tests {
         assert_eq!(m365.state, "ok", "the old failure is not m365's");
 
         // Seen by m365's watcher it is not m365's delivery; by gmail's it is.
+        static NO_RULES: crate::canary::hops::RouteRules = crate::canary::hops::RouteRules {
+            require_tls_hops: false,
+            require_auth: Vec::new(),
+            trusted_authserv_ids: Vec::new(),
+        };
         fn at(mailboxes: &[String]) -> Found<'_> {
             Found {
                 mailboxes,
                 folder: Folder::Inbox,
                 junk_is_ok: false,
+                received: &[],
+                auth_results: &[],
+                rules: &NO_RULES,
+                verified: &[],
             }
         }
         let (gmail, m365) = (&names[..1], &names[1..]);

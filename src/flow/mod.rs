@@ -29,7 +29,9 @@ pub use engine::{Engine, Event, now_ms};
 
 use crate::{
     canary::{
-        Classified, Inspected, Key, classify, inspect,
+        Classified, Inspected, Key, classify,
+        hops::{AuthMethod, AuthResult, Verdict},
+        inspect,
         life::{Folder, Limits, Stage},
     },
     config::{Config, Junk, ProbeConfig, ProbeKind, ReplyMode, Tls},
@@ -50,6 +52,13 @@ pub struct Probe {
     pub mailboxes: Vec<ProbeMailbox>,
     /// A canary delivered into Junk does not fail the probe (its placement is still counted).
     pub junk_is_ok: bool,
+    /// What the probe requires of a delivered mail's hops and verdicts, and whose verdicts
+    /// it trusts.
+    pub route_rules: crate::canary::hops::RouteRules,
+    /// `verify_dkim`: the probe's own DKIM/ARC check, and the slots bounding how many run at
+    /// once (an arrival finding none free is `temperror`, delivered at once).
+    pub verifier: Option<Arc<crate::edges::dkim::Verifier>>,
+    pub verify_slots: Arc<tokio::sync::Semaphore>,
     pub plan: Vec<Stage>,
     pub limits: Limits,
     /// The stages whose deadline is learned (`"auto"`), if any.
@@ -337,6 +346,15 @@ impl Probe {
             hostname: hostname.to_string(),
             mailboxes,
             junk_is_ok: cfg.junk_is_ok,
+            route_rules: cfg.route_rules.clone(),
+            verifier: match cfg.verify_dkim {
+                Some(resolver) => Some(Arc::new(
+                    crate::edges::dkim::Verifier::new(resolver, VERIFY_TIMEOUT)
+                        .map_err(|e| anyhow::anyhow!("probe {}: verify_dkim: {e}", cfg.name))?,
+                )),
+                None => None,
+            },
+            verify_slots: Arc::new(tokio::sync::Semaphore::new(VERIFY_SLOTS)),
             plan,
             limits,
             auto,
@@ -476,6 +494,9 @@ impl Prober {
             let probe = Probe::build(p, &key, &hostname)?;
             let names: Vec<String> = probe.mailboxes.iter().map(|m| m.name.clone()).collect();
             engine.register_probe(&probe.name, &probe.plan, &names);
+            if probe.verifier.is_some() {
+                engine.metrics().register_verification(&probe.name);
+            }
             probes.push(Arc::new(probe));
         }
         Ok(Prober { engine, probes })
@@ -813,27 +834,88 @@ async fn dispatch(
                             }
                             continue;
                         }
-                        let found = engine::Found {
-                            mailboxes,
-                            folder,
-                            junk_is_ok: p.junk_is_ok,
-                        };
-                        let done = engine.delivered(
-                            &probe,
-                            token.id(),
+                        let arrival = Delivery {
+                            probe,
+                            id: token.id().to_string(),
                             seen_at,
-                            (a.uid_validity, a.uid),
-                            found,
-                            |mid| candidate.threaded_to(mid),
-                        );
-                        if let Some(c) = done
-                            && c.is_finished()
-                        {
-                            clean_up(p, &c);
+                            uid: (a.uid_validity, a.uid),
+                            folder,
+                            candidate,
+                        };
+                        let Some(verifier) = &p.verifier else {
+                            arrival.record(&engine, p, mailboxes, &[]);
+                            continue;
+                        };
+                        // Off the dispatcher: DNS may be slow. The arrival time is kept, so
+                        // the delivery is measured as it was seen.
+                        match p.verify_slots.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                let (engine, p, mailboxes) =
+                                    (engine.clone(), p.clone(), mailboxes.clone());
+                                let (verifier, raw) = (verifier.clone(), a.raw);
+                                tokio::spawn(async move {
+                                    let verified = verifier.verify(&raw).await;
+                                    drop(permit);
+                                    arrival.record(&engine, &p, &mailboxes, &verified);
+                                });
+                            }
+                            Err(_) => {
+                                warn!(probe = %p.name, "every DKIM verification slot busy; this canary's local verdict is temperror");
+                                let busy =
+                                    [AuthMethod::Dkim, AuthMethod::Arc].map(|method| Verdict {
+                                        method,
+                                        result: AuthResult::Temperror,
+                                    });
+                                arrival.record(&engine, p, mailboxes, &busy);
+                            }
                         }
                     }
                 }
             }
+        }
+    }
+}
+
+/// How long the prober's own DKIM/ARC check of one arrival may take (then `temperror`). Short:
+/// the delivery is recorded after it, and a tick in between could call a canary overdue that
+/// arrived just before its deadline.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(2);
+/// DKIM/ARC checks in flight per probe at most.
+const VERIFY_SLOTS: usize = 16;
+
+/// A canary's delivered message, to record (now, or once its own DKIM check is done).
+struct Delivery {
+    probe: String,
+    id: String,
+    seen_at: u64,
+    uid: (u32, u32),
+    folder: Folder,
+    candidate: crate::canary::Candidate,
+}
+
+impl Delivery {
+    fn record(self, engine: &Engine, p: &Arc<Probe>, mailboxes: &[String], verified: &[Verdict]) {
+        let found = engine::Found {
+            mailboxes,
+            folder: self.folder,
+            junk_is_ok: p.junk_is_ok,
+            received: &self.candidate.received,
+            auth_results: &self.candidate.auth_results,
+            rules: &p.route_rules,
+            verified,
+        };
+        let done = engine.delivered(
+            &self.probe,
+            &self.id,
+            self.seen_at,
+            self.uid,
+            found,
+            |mid| self.candidate.threaded_to(mid),
+        );
+        if let Some(c) = done
+            && c.is_finished()
+        {
+            clean_up(p, &c);
         }
     }
 }

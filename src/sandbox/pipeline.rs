@@ -149,6 +149,7 @@ async fn run_queue<J: Job>(
 fn deliver(hub: &Hub, job: OutboundJob) {
     match build_reply(hub, &job) {
         Ok((raw, message_id)) => {
+            let raw = stamp_trace(&hub.config.hostname, job.seq, raw);
             let uid = hub.mailboxes.deliver(&job.to, raw);
             match job.kind {
                 OutboundKind::Reply => hub.delivered(job.seq, &message_id),
@@ -168,6 +169,27 @@ fn deliver(hub: &Hub, job: OutboundJob) {
             hub.record_dropped(job.seq, Stage::Outbound);
         }
     }
+}
+
+/// The trace headers a real path writes, on top of the built mail: the helpdesk's outbound
+/// hop into the mailbox provider's MX over TLS (`ESMTPS`, with the TLS version and cipher as
+/// Postfix writes them with `smtpd_tls_received_header = yes`), the MX's `LMTP` hand-off to
+/// the mailbox server, and the mailbox provider's `Authentication-Results` (authserv-id
+/// `mx.<hostname>`: DKIM, SPF and DMARC pass). Simulated, so `mailcanary run` on the
+/// embedded default shows hops and verdicts; both hops dated now.
+fn stamp_trace(hostname: &str, seq: u64, raw: Vec<u8>) -> Vec<u8> {
+    let date = chrono::Utc::now().to_rfc2822();
+    let mut out = format!(
+        "Authentication-Results: mx.{hostname}; dkim=pass header.d={hostname}; \
+         spf=pass smtp.mailfrom={hostname}; dmarc=pass header.from={hostname}\r\n\
+         Received: from mx.{hostname}\r\n\tby imap.{hostname} with LMTP id S{seq}; {date}\r\n\
+         Received: from outbound.{hostname} (outbound.{hostname} [127.0.0.1])\r\n\
+         \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n\
+         \tby mx.{hostname} (mailcanary sandbox) with ESMTPS id S{seq}; {date}\r\n"
+    )
+    .into_bytes();
+    out.extend_from_slice(&raw);
+    out
 }
 
 /// The reply as the helpdesk sends it: `Re:` subject, threading headers to the original.

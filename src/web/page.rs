@@ -62,7 +62,9 @@ th { color: var(--muted); font-weight: 500; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .overdue { color: var(--bad); font-weight: 600; }
 .wf { width: 100%; }
-.wf td.track { width: 70%; position: relative; }
+.wf td.track { width: 60%; position: relative; }
+.wf td.route { font-size: 85%; white-space: nowrap; }
+.wf td.route.plaintext { color: #b00; }
 .bar { position: absolute; top: 4px; height: 12px; border-radius: 2px; min-width: 2px; }
 .bar.submit { background: #8250df; } .bar.import { background: #0969da; }
 .bar.reply { background: #1a7f37; } .bar.delivery { background: #bf8700; }
@@ -468,10 +470,81 @@ fn waterfall_row(out: &mut String, c: &Canary, now: u64, scale_ms: u64) {
     let _ = write!(
         out,
         "<tr class=\"canary\"><td><code>{id}</code></td><td class=\"out-{class}\">{label}</td>\
-         <td class=\"num\">{total}</td><td class=\"track\" title=\"{tip}\">{bars}</td></tr>",
+         <td class=\"num\">{total}</td><td class=\"track\" title=\"{tip}\">{bars}</td>",
         id = esc(&c.id),
         total = dur(end.saturating_sub(c.created_ms)),
         tip = esc(&tip.join("; ")),
+    );
+    route_cell(out, c.route.as_ref());
+    out.push_str("</tr>");
+}
+
+/// The delivered mail's way in a waterfall row: hop count, TLS, the verdicts reported; each
+/// hop in the title.
+fn route_cell(out: &mut String, route: Option<&crate::canary::hops::Route>) {
+    let Some(route) = route else {
+        out.push_str("<td class=\"route\"></td>");
+        return;
+    };
+    let hops: Vec<String> = route
+        .hops
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            format!(
+                "hop {}: {} by {} with {}{}{}{}",
+                i + 1,
+                h.delay_ms.map_or("?".into(), dur),
+                h.by.as_deref().unwrap_or("?"),
+                h.protocol.as_deref().unwrap_or("?"),
+                h.tls
+                    .as_deref()
+                    .map(|t| format!(" {t}"))
+                    .unwrap_or_default(),
+                if h.plaintext { " PLAINTEXT" } else { "" },
+                if h.skew_ms > 0 {
+                    format!(" (clock {} behind)", dur(h.skew_ms))
+                } else {
+                    String::new()
+                },
+            )
+        })
+        .collect();
+    let plaintext = route.hops.iter().filter(|h| h.plaintext).count();
+    let tls = if plaintext == 0 {
+        "TLS".to_string()
+    } else {
+        format!("{plaintext} plaintext")
+    };
+    let verdicts: Vec<String> = route
+        .auth
+        .iter()
+        .map(|v| format!("{}={}", v.method.as_str(), v.result.as_str()))
+        .chain(
+            route
+                .verified
+                .iter()
+                .map(|v| format!("{}(here)={}", v.method.as_str(), v.result.as_str())),
+        )
+        .collect();
+    let _ = write!(
+        out,
+        "<td class=\"route{cls}\" data-hops=\"{n}\" data-tls=\"{tlsdata}\" title=\"{title}\">\
+         {n} hops · {tls}{v}</td>",
+        cls = if plaintext > 0 { " plaintext" } else { "" },
+        n = route.hops.len(),
+        tlsdata = if plaintext == 0 {
+            "all_hops"
+        } else {
+            "some_plaintext"
+        },
+        title = esc(&hops.join("; ")),
+        tls = esc(&tls),
+        v = if verdicts.is_empty() {
+            String::new()
+        } else {
+            esc(&format!(" · {}", verdicts.join(" ")))
+        },
     );
 }
 
@@ -717,6 +790,53 @@ mod tests {
         let mut out = String::new();
         waterfall_row(&mut out, &c, 3_000, 10_000);
         assert!(out.contains("delivery: 0 ms"), "{out}");
+    }
+
+    #[test]
+    fn a_delivered_canary_row_shows_its_hops_tls_and_verdicts() {
+        use crate::canary::hops::{AuthMethod, AuthResult, Hop, Route, Verdict};
+        let mut c = Canary::new(
+            "p",
+            "id",
+            "tok",
+            "mid",
+            vec![Stage::Submit, Stage::Delivery],
+            crate::canary::life::tests::limits(),
+            1_000,
+        );
+        c.route = Some(Route {
+            hops: vec![
+                Hop {
+                    by: Some("mx<b>".into()),
+                    protocol: Some("ESMTPSA".into()),
+                    tls: Some("TLSv1.3".into()),
+                    delay_ms: Some(1_000),
+                    ..Hop::default()
+                },
+                Hop {
+                    protocol: Some("SMTP".into()),
+                    plaintext: true,
+                    ..Hop::default()
+                },
+            ],
+            auth: vec![Verdict {
+                method: AuthMethod::Dkim,
+                result: AuthResult::Pass,
+            }],
+            untrusted_auth: 0,
+            verified: Vec::new(),
+        });
+        let mut out = String::new();
+        waterfall_row(&mut out, &c, 3_000, 10_000);
+        assert!(
+            out.contains("data-hops=\"2\" data-tls=\"some_plaintext\""),
+            "{out}"
+        );
+        assert!(
+            out.contains("2 hops · 1 plaintext · dkim=pass</td>"),
+            "{out}"
+        );
+        assert!(out.contains("hop 1: 1.00 s by mx&lt;b&gt; with ESMTPSA TLSv1.3; hop 2: ? by ? with SMTP PLAINTEXT"), "{out}");
     }
 
     #[test]

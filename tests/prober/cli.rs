@@ -216,6 +216,19 @@ fn default_ports_once_with_the_shipped_sandbox_probe_against_the_sandbox_command
         .unwrap();
     let stdout = assert_once_passed(&out);
     print!("{stdout}");
+    // The sandbox stamps a realistic trace: two hops over TLS, its receiver's verdicts.
+    assert!(
+        stdout.contains("hop 1") && stdout.contains("with ESMTPS TLSv1.3"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("hop 2") && stdout.contains("with LMTP"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tls all hops  auth dkim=pass spf=pass dmarc=pass arc=none"),
+        "{stdout}"
+    );
 }
 
 /// The shipped examples name secret files and variables that exist only where they are
