@@ -30,6 +30,9 @@ mod harness;
 #[allow(dead_code)]
 #[path = "../../tests/realmail/common.rs"]
 mod realmail;
+// The one generator of probe configs, shared with `tests/prober` and `tests/realmail`.
+#[path = "../../tests/support/probe_config.rs"]
+mod probe_config;
 
 use std::{
     fmt::Write as _,

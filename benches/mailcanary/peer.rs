@@ -378,17 +378,13 @@ async fn run_mailcanary(
     };
     spec.idle = watch == Watch::Idle;
     spec.poll_interval = "100ms";
-    let mut text = crate::realmail::config_text(servers, &[spec]);
+    let mut file = crate::realmail::config_file(servers, &[spec]);
     if deadline == Deadline::Auto {
-        let line = "delivery = \"auto\"\n";
-        if !text.contains(line) {
-            crate::impossible!("no {line:?} in the generated config:\n{text}");
-        }
-        text = text.replace(
-            line,
-            &format!("{line}auto_min = \"{AUTO_MIN_S}s\"\nauto_max = \"{THRESHOLD_S}s\"\n"),
-        );
+        let deadlines = file.probes[0].deadlines_mut();
+        deadlines.auto_min = Some(format!("{AUTO_MIN_S}s"));
+        deadlines.auto_max = Some(format!("{THRESHOLD_S}s"));
     }
+    let text = file.render();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     std::fs::write(dir.path().join("config/loop.toml"), text).unwrap();

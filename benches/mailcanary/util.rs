@@ -11,6 +11,8 @@ use mailcanary::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::probe_config::{ConfigFile, Deadlines, Probe, dur, sandbox_probe, some};
+
 pub const SUCCESS: &str = "mailcanary_probe_success";
 pub const FAILURES: &str = "mailcanary_stage_failures_total";
 pub const COMPLETED: &str = "mailcanary_canaries_completed_total";
@@ -183,86 +185,40 @@ impl ProbeSpec {
     }
 }
 
-fn hd(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
-
 /// A whole config: `[prober]` and every probe.
 pub fn config_text(sb: &SbAddrs, probes: &[ProbeSpec]) -> String {
-    let mut out = String::from(
-        "[prober]\nlisten = \"127.0.0.1:0\"\nsecret = \"bench-secret\"\nhostname = \"prober.test\"\n",
-    );
-    for p in probes {
-        let import = match p.auto_import {
-            Some((min, max)) => format!(
-                "\"auto\"\nauto_min = \"{}\"\nauto_max = \"{}\"",
-                hd(min),
-                hd(max)
-            ),
-            None => format!("\"{}\"", hd(p.deadline)),
+    let mut file = ConfigFile::new("bench-secret", "prober.test");
+    file.probes = probes.iter().map(|p| p.probe(sb)).collect();
+    file.render()
+}
+
+impl ProbeSpec {
+    /// This probe of the sandbox `sb` as a `[[probe]]` of the config builder.
+    fn probe(&self, sb: &SbAddrs) -> Probe {
+        let dl = Some(dur(self.deadline));
+        let (import, auto_min, auto_max) = match self.auto_import {
+            Some((min, max)) => (some("auto"), Some(dur(min)), Some(dur(max))),
+            None => (dl.clone(), None, None),
         };
-        out.push_str(&format!(
-            r#"
-[[probe]]
-name = "{name}"
-kind = "helpdesk"
-interval = "{interval}"
-jitter = "{jitter}"
-max_in_flight = {mif}
-lost_after = "1h"
-cleanup = true
-
-[probe.deadlines]
-submit = "{dl}"
-import = {import}
-reply = "{dl}"
-delivery = "{dl}"
-end_to_end = "{e2e}"
-
-[probe.smtp]
-host = "127.0.0.1"
-port = {smtp}
-tls = "none"
-from = "{mailbox}"
-to = "support@helpdesk.test"
-timeout = "5s"
-
-[probe.helpdesk]
-api = "supportbee"
-base_url = "{api}"
-token = "sandbox"
-poll_interval = "{hpoll}"
-reply = "post"
-cleanup = "trash"
-timeout = "5s"
-
-[probe.imap]
-host = "127.0.0.1"
-port = {imap}
-tls = "none"
-username = "{mailbox}"
-password = "sandbox"
-idle = {idle}
-poll_interval = "{ipoll}"
-timeout = "5s"
-"#,
-            name = p.name,
-            interval = hd(p.interval),
-            jitter = hd(p.jitter),
-            mif = p.max_in_flight,
-            dl = hd(p.deadline),
-            import = import,
-            e2e = hd(p.end_to_end),
-            smtp = sb.smtp.port(),
-            mailbox = p.mailbox,
-            api = sb.api,
-            hpoll = hd(p.helpdesk_poll),
-            imap = sb.imap.port(),
-            idle = p.idle,
-            ipoll = hd(p.imap_poll),
-        ));
+        let mut p = sandbox_probe(&self.name, sb.smtp, sb.imap, &sb.api, &self.mailbox);
+        p.interval = Some(dur(self.interval));
+        p.jitter = Some(dur(self.jitter));
+        p.max_in_flight = Some(u32::try_from(self.max_in_flight).unwrap());
+        p.deadlines = Some(Deadlines {
+            submit: dl.clone(),
+            import,
+            reply: dl.clone(),
+            delivery: dl,
+            end_to_end: Some(dur(self.end_to_end)),
+            auto_min,
+            auto_max,
+        });
+        p.helpdesk_mut().poll_interval = Some(dur(self.helpdesk_poll));
+        let imap = p.imap_mut();
+        imap.idle = Some(self.idle);
+        imap.poll_interval = Some(dur(self.imap_poll));
+        p
     }
-    out
 }
 
 /// `GET /api/v1/status`, only what the benchmark reads.

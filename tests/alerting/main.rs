@@ -7,11 +7,13 @@
 //! Needs Debian's `prometheus` package (`prometheus` and `promtool` on PATH); `tests/run.sh`
 //! installs it.
 
-// The prober tests' helpers: a fast sandbox, a probe config pointing at it, a scraper. Not
-// every helper is used here.
-#[allow(dead_code)]
+// The prober tests' helpers: a fast sandbox, a probe config pointing at it (written by the
+// shared config builder), a scraper. Not every helper is used here.
+#[allow(dead_code, unused_imports)]
 #[path = "../prober/common.rs"]
 mod common;
+#[path = "../support/probe_config.rs"]
+mod probe_config;
 
 mod e2e;
 mod exprs;

@@ -24,7 +24,7 @@ use mailcanary::{
 };
 use serde_json::Value;
 
-use crate::{API_TOKEN, eventually, sandbox, send_canary, token};
+use crate::{API_TOKEN, eventually, probe_config as pc, sandbox, send_canary, token};
 
 /// One adapter: its `[probe.helpdesk]` lines besides base_url and token.
 struct Case {
@@ -115,30 +115,32 @@ fn case(api: &str) -> &'static Case {
 
 /// The adapter of `case` for the sandbox at `url`, with `secret`, built as the prober does.
 fn adapter(case: &Case, url: &str, secret: &str) -> Helpdesk {
-    let text = format!(
-        r#"[[probe]]
-name = "c"
-kind = "helpdesk"
-
-[probe.smtp]
-host = "127.0.0.1"
-from = "canary@prober.test"
-to = "support@helpdesk.test"
-
-[probe.helpdesk]
-api = "{api}"
-base_url = "{url}"
-token = "{secret}"
-
-{tables}
-[probe.imap]
-host = "127.0.0.1"
-username = "canary@prober.test"
-password = "pw"
-"#,
-        api = case.api,
-        tables = case.tables,
-    );
+    let mut hd = pc::Helpdesk {
+        api: case.api.into(),
+        base_url: url.into(),
+        token: pc::some(secret),
+        ..pc::Helpdesk::default()
+    };
+    if !case.tables.is_empty() {
+        hd.add_tables(case.tables);
+    }
+    let smtp = pc::Smtp {
+        host: "127.0.0.1".into(),
+        from: pc::some("canary@prober.test"),
+        to: pc::some("support@helpdesk.test"),
+        ..pc::Smtp::default()
+    };
+    let probe = pc::Probe {
+        helpdesk: Some(hd),
+        imap: Some(pc::Imap {
+            host: "127.0.0.1".into(),
+            username: "canary@prober.test".into(),
+            password: pc::some("pw"),
+            ..pc::Imap::default()
+        }),
+        ..pc::Probe::new("c", "helpdesk", smtp)
+    };
+    let text = pc::ConfigFile::default().with(probe).render();
     let cfg = config::parse_str(&text, "conformance.toml").unwrap_or_else(|e| panic!("{e}"));
     let h = cfg.probes[0].helpdesk.as_ref().unwrap();
     helpdesk::build(helpdesk::Settings {

@@ -4,6 +4,8 @@
 
 mod conformance;
 mod imap;
+#[path = "../support/probe_config.rs"]
+mod probe_config;
 mod smtp;
 mod supportbee;
 

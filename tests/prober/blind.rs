@@ -259,7 +259,9 @@ async fn ledger_file_deleted_under_the_running_prober() {
     let key_file = state.join(mailcanary::canary::token::SECRET_FILE);
     let sb = sandbox().await;
     // No configured secret: the key is generated into the state dir, and must survive it.
-    let text = config_text(&sb, &Knobs::default()).replace("secret = \"drill-secret\"\n", "");
+    let mut config = config_file(&sb, &Knobs::default());
+    config.prober_mut().secret = None;
+    let text = config.render();
     let d = daemon(
         &mailcanary::config::parse_str(&text, "drill.toml").unwrap(),
         &state,
@@ -408,8 +410,9 @@ async fn canaries_skipped_at_max_in_flight_are_counted() {
         mailcanary::sandbox::Fault::Stall,
     );
     let dir = tempfile::tempdir().unwrap();
-    let text =
-        config_text(&sb, &Knobs::default()).replace("max_in_flight = 50", "max_in_flight = 2");
+    let mut file = config_file(&sb, &Knobs::default());
+    file.probe_mut(PROBE).max_in_flight = Some(2);
+    let text = file.render();
     let cfg = mailcanary::config::parse_str(&text, "skip.toml").unwrap();
     let d = daemon(&cfg, dir.path()).await;
     let s = until(d.addr, Duration::from_secs(15), "skips counted", |s| {

@@ -9,6 +9,8 @@ use mailcanary::{
     sandbox::{DelayRange, Sandbox, SandboxConfig},
 };
 
+pub use crate::probe_config::{ConfigFile, Deadlines, Imap, Mailbox, Probe, sandbox_probe, some};
+
 pub const PROBE: &str = "drill";
 
 /// Knobs of the generated probe config.
@@ -76,91 +78,48 @@ pub async fn slow_drain() -> (Sandbox, Knobs) {
     (sb, k)
 }
 
-/// A helpdesk probe of `sb`, as TOML text.
+/// The drill probe of `sb`: a SupportBee helpdesk probe of the sandbox.
+pub fn drill_probe(sb: &Sandbox, k: &Knobs) -> Probe {
+    let mailbox = "canary@prober.test";
+    let mut p = sandbox_probe(PROBE, sb.smtp_addr, sb.imap_addr, &sb.api_url(), mailbox);
+    p.interval = some(k.interval);
+    p.jitter = some("100ms");
+    p.lost_after = some(k.lost_after);
+    p.deadlines = Some(Deadlines {
+        submit: some("5s"),
+        import: some(k.import_deadline),
+        reply: some("5s"),
+        delivery: some(k.delivery_deadline),
+        end_to_end: some(k.end_to_end),
+        ..Deadlines::default()
+    });
+    let hd = p.helpdesk_mut();
+    hd.token = some(&k.api_token);
+    hd.poll_interval = some(k.poll_interval);
+    hd.webhook_secret = k.webhook_secret.map(String::from);
+    let imap = p.imap_mut();
+    imap.password = some(&k.imap_password);
+    imap.idle = Some(k.idle);
+    imap.poll_interval = some("1s");
+    p
+}
+
+/// The drill config of `sb`: `[prober]` and the drill probe, to change before rendering.
+pub fn config_file(sb: &Sandbox, k: &Knobs) -> ConfigFile {
+    ConfigFile::new(&k.secret, "prober.test").with(drill_probe(sb, k))
+}
+
+/// The drill config of `sb`, as TOML text.
 pub fn config_text(sb: &Sandbox, k: &Knobs) -> String {
-    format!(
-        r#"
-[prober]
-listen = "127.0.0.1:0"
-secret = "{secret}"
-hostname = "prober.test"
-
-[[probe]]
-name = "{PROBE}"
-kind = "helpdesk"
-interval = "{interval}"
-jitter = "100ms"
-max_in_flight = 50
-lost_after = "{lost_after}"
-cleanup = true
-
-[probe.deadlines]
-submit = "5s"
-import = "{import_deadline}"
-reply = "5s"
-delivery = "{delivery_deadline}"
-end_to_end = "{end_to_end}"
-
-[probe.smtp]
-host = "127.0.0.1"
-port = {smtp}
-tls = "none"
-from = "canary@prober.test"
-to = "support@helpdesk.test"
-timeout = "5s"
-
-[probe.helpdesk]
-api = "supportbee"
-base_url = "{api}"
-token = "{api_token}"
-poll_interval = "{poll_interval}"
-{webhook}
-reply = "post"
-cleanup = "trash"
-timeout = "5s"
-
-[probe.imap]
-host = "127.0.0.1"
-port = {imap}
-tls = "none"
-username = "canary@prober.test"
-password = "{imap_password}"
-idle = {idle}
-poll_interval = "1s"
-timeout = "5s"
-"#,
-        secret = k.secret,
-        interval = k.interval,
-        lost_after = k.lost_after,
-        import_deadline = k.import_deadline,
-        delivery_deadline = k.delivery_deadline,
-        end_to_end = k.end_to_end,
-        smtp = sb.smtp_addr.port(),
-        api = sb.api_url(),
-        api_token = k.api_token,
-        imap = sb.imap_addr.port(),
-        imap_password = k.imap_password,
-        idle = k.idle,
-        poll_interval = k.poll_interval,
-        webhook = k
-            .webhook_secret
-            .map(|w| format!("webhook_secret = \"{w}\""))
-            .unwrap_or_default(),
-    )
+    config_file(sb, k).render()
 }
 
 /// The drill config with `n` probes named `p0000`, `p0001`, … instead of the one drill probe.
 pub fn fleet_text(sb: &Sandbox, k: &Knobs, n: usize) -> String {
-    let text = config_text(sb, k);
-    let (head, probe) = text.split_at(text.find("[[probe]]").unwrap());
-    let mut all = head.to_string();
-    for i in 0..n {
-        all.push_str(&probe.replace(
-            &format!("name = \"{PROBE}\""),
-            &format!("name = \"p{i:04}\""),
-        ));
-    }
-    all
+    let drill = drill_probe(sb, k);
+    let mut file = ConfigFile::new(&k.secret, "prober.test");
+    file.probes = (0..n).map(|i| drill.renamed(&format!("p{i:04}"))).collect();
+    file.render()
 }
 
 pub fn config(sb: &Sandbox, k: &Knobs) -> Config {
@@ -369,15 +328,21 @@ async fn poll_metrics(
     }
 }
 
-/// The drill config on vendor `api`, with `table` (its `[probe.helpdesk.<api>]` lines, or
-/// nothing) before `[probe.imap]`.
-pub fn vendor_text(sb: &Sandbox, k: &Knobs, api: &str, table: &str) -> String {
-    let text = config_text(sb, k).replace("api = \"supportbee\"", &format!("api = \"{api}\""));
-    if table.is_empty() {
-        text
-    } else {
-        text.replace("\n[probe.imap]", &format!("\n{table}\n[probe.imap]"))
+/// The drill config on vendor `api`, with `tables` (its `[probe.helpdesk.<api>]` tables as
+/// TOML text, or nothing).
+pub fn vendor_file(sb: &Sandbox, k: &Knobs, api: &str, tables: &str) -> ConfigFile {
+    let mut file = config_file(sb, k);
+    let hd = file.probe_mut(PROBE).helpdesk_mut();
+    hd.api = api.into();
+    if !tables.is_empty() {
+        hd.add_tables(tables);
     }
+    file
+}
+
+/// [`vendor_file`] as TOML text.
+pub fn vendor_text(sb: &Sandbox, k: &Knobs, api: &str, tables: &str) -> String {
+    vendor_file(sb, k, api, tables).render()
 }
 
 /// A fast sandbox speaking `api`'s dialect first (where two claim the same paths, and whose

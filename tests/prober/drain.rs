@@ -33,7 +33,9 @@ fn secs(v: &Value) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_eta_predicts_when_the_import_catches_up() {
     let (sb, k) = slow_drain().await;
-    let text = config_text(&sb, &k).replace("max_in_flight = 50", "max_in_flight = 200");
+    let mut file = config_file(&sb, &k);
+    file.probe_mut(PROBE).max_in_flight = Some(200);
+    let text = file.render();
     let cfg = config::parse_str(&text, "drain.toml").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;

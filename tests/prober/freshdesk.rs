@@ -47,8 +47,9 @@ async fn api_get(sb: &Sandbox, path_and_query: &str) -> Value {
 async fn freshdesk_import_is_not_delayed_by_a_search_index_a_minute_behind() {
     let sb = freshdesk_sandbox(|c| c.search_lag = Duration::from_secs(60)).await;
     // Tickets kept, so the sandbox can be asked afterwards what search and list see.
-    let text =
-        freshdesk_text(&sb, &Knobs::default()).replace("cleanup = \"trash\"", "cleanup = \"none\"");
+    let mut file = vendor_file(&sb, &Knobs::default(), "freshdesk", "");
+    file.probe_mut(PROBE).helpdesk_mut().cleanup = some("none");
+    let text = file.render();
     let cfg = config::parse_str(&text, "freshdesk.toml").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;
@@ -94,9 +95,11 @@ async fn freshdesk_canaries_wait_out_429s_and_the_gauge_shows_freshdesks_remaini
         ..Knobs::default()
     };
     // At most two canaries at a time, so a few windows' 4 requests are enough for them.
-    let text = freshdesk_text(&sb, &k)
-        .replace("reply = \"5s\"", "reply = \"3m\"")
-        .replace("max_in_flight = 50", "max_in_flight = 2");
+    let mut file = vendor_file(&sb, &k, "freshdesk", "");
+    let probe = file.probe_mut(PROBE);
+    probe.deadlines_mut().reply = some("3m");
+    probe.max_in_flight = Some(2);
+    let text = file.render();
     let cfg = config::parse_str(&text, "freshdesk.toml").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;

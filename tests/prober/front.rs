@@ -21,13 +21,11 @@ const HOOK_SECRET: &str = "front-hook-s3cret";
 
 /// The drill probe on the sandbox's Front dialect.
 fn front_config(sb: &Sandbox, k: &Knobs, cleanup: &str) -> config::Config {
-    let text = config_text(sb, k)
-        .replace("api = \"supportbee\"", "api = \"front\"")
-        .replace("cleanup = \"trash\"", &format!("cleanup = \"{cleanup}\""))
-        .replace(
-            "\n[probe.imap]",
-            "\n[probe.helpdesk.front]\ninbox_id = \"inb_sandbox\"\n\n[probe.imap]",
-        );
+    let mut file = vendor_file(sb, k, "front", "");
+    let hd = file.probe_mut(PROBE).helpdesk_mut();
+    hd.cleanup = some(cleanup);
+    hd.set_vendor("front", "inbox_id", "inb_sandbox");
+    let text = file.render();
     config::parse_str(&text, "front.toml").unwrap_or_else(|e| panic!("{e}"))
 }
 

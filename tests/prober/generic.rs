@@ -16,12 +16,7 @@ const COMPLETED: &str = "mailcanary_canaries_completed_total";
 const SUPPORTBEE_AS_HTTP: &str = include_str!("../files/supportbee-as-http.toml");
 
 pub fn generic_text(sb: &mailcanary::sandbox::Sandbox, k: &Knobs) -> String {
-    config_text(sb, k)
-        .replace("api = \"supportbee\"", "api = \"http\"")
-        .replace(
-            "\n[probe.imap]",
-            &format!("{SUPPORTBEE_AS_HTTP}\n[probe.imap]"),
-        )
+    vendor_text(sb, k, "http", SUPPORTBEE_AS_HTTP)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,9 +159,7 @@ async fn every_vendor_adapter_runs_a_canary_life_past_the_acknowledgement() {
             }
         })
         .await;
-        let text = config_text(&sb, &Knobs::default())
-            .replace("api = \"supportbee\"", &format!("api = \"{api}\""))
-            .replace("\n[probe.imap]", &format!("\n{table}\n[probe.imap]"));
+        let text = vendor_text(&sb, &Knobs::default(), api, table);
         let cfg = config::parse_str(&text, "life.toml").unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().unwrap();
         let d = daemon(&cfg, dir.path()).await;
@@ -263,15 +256,15 @@ async fn a_reply_post_that_timed_out_is_never_sent_twice() {
             interval: "1h",
             ..Knobs::default()
         };
-        let text = match api {
-            "http" => generic_text(&sb, &k),
-            _ => config_text(&sb, &k),
-        }
-        .replace(&sb.api_url(), &proxy)
-        .replace(
-            "cleanup = \"trash\"\ntimeout = \"5s\"",
-            "cleanup = \"none\"\ntimeout = \"1s\"",
-        );
+        let mut file = match api {
+            "http" => vendor_file(&sb, &k, "http", SUPPORTBEE_AS_HTTP),
+            _ => config_file(&sb, &k),
+        };
+        let hd = file.probe_mut(PROBE).helpdesk_mut();
+        hd.base_url = proxy.clone();
+        hd.cleanup = some("none");
+        hd.timeout = some("1s");
+        let text = file.render();
         let cfg = config::parse_str(&text, "slow.toml").unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().unwrap();
         let d = daemon(&cfg, dir.path()).await;

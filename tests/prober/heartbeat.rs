@@ -39,12 +39,11 @@ async fn endpoint() -> (String, Arc<Mutex<Vec<String>>>) {
     (url, seen)
 }
 
-fn with_heartbeat(text: String, url: &str) -> String {
-    text.replacen(
-        "cleanup = true\n",
-        &format!("cleanup = true\nheartbeat_url = \"{url}\"\n"),
-        1,
-    )
+/// The drill config of `sb` pinging `url` after each on-time canary.
+fn with_heartbeat(sb: &mailcanary::sandbox::Sandbox, url: &str) -> String {
+    let mut file = config_file(sb, &Knobs::default());
+    file.probe_mut(PROBE).heartbeat_url = some(url);
+    file.render()
 }
 
 async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, what: &str, cond: impl Fn(&[String]) -> bool) {
@@ -61,7 +60,7 @@ async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, what: &str, cond: impl Fn(&[St
 async fn heartbeat_pings_on_time_canaries_and_fails_once_when_the_probe_fails() {
     let sb = sandbox().await;
     let (url, seen) = endpoint().await;
-    let text = with_heartbeat(config_text(&sb, &Knobs::default()), &url);
+    let text = with_heartbeat(&sb, &url);
     let cfg = config::parse_str(&text, "hb.toml").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;
@@ -120,7 +119,7 @@ async fn heartbeat_pings_on_time_canaries_and_fails_once_when_the_probe_fails() 
 async fn a_dead_heartbeat_endpoint_is_counted_and_holds_no_canary_up() {
     let sb = sandbox().await;
     let url = format!("http://127.0.0.1:{}/{SECRET_PATH}", free_port());
-    let text = with_heartbeat(config_text(&sb, &Knobs::default()), &url);
+    let text = with_heartbeat(&sb, &url);
     let cfg = config::parse_str(&text, "hb.toml").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;

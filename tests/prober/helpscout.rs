@@ -140,7 +140,9 @@ async fn helpscout_renews_its_access_token_before_it_expires() {
     })
     .await;
     let (proxy, seen) = recording_proxy(&sb).await;
-    let text = helpscout_text(&sb, &Knobs::default()).replace(&sb.api_url(), &proxy);
+    let mut file = vendor_file(&sb, &Knobs::default(), "helpscout", TABLE);
+    file.probe_mut(PROBE).helpdesk_mut().base_url = proxy.clone();
+    let text = file.render();
     let cfg = config::parse_str(&text, "helpscout.toml").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;

@@ -23,10 +23,12 @@ async fn an_auto_deadline_is_learned_detects_a_stall_sooner_and_is_frozen_while_
         end_to_end: "2m",
         ..Knobs::default()
     };
-    let text = config_text(&sb, &k).replace(
-        "import = \"2s\"",
-        "import = \"auto\"\nauto_min = \"1s\"\nauto_max = \"30s\"",
-    );
+    let mut file = config_file(&sb, &k);
+    let deadlines = file.probe_mut(PROBE).deadlines_mut();
+    deadlines.import = some("auto");
+    deadlines.auto_min = some("1s");
+    deadlines.auto_max = some("30s");
+    let text = file.render();
     let cfg = config::parse_str(&text, "learned.toml").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;

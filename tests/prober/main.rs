@@ -18,6 +18,8 @@ mod helpscout;
 mod imap_sharing;
 mod incident;
 mod learned;
+#[path = "../support/probe_config.rs"]
+mod probe_config;
 mod recipients;
 mod reload;
 mod restart;

@@ -18,19 +18,26 @@ fn address(mailbox: &str) -> String {
 /// The drill probe of `sb` with three requester mailboxes instead of `[probe.imap]`: each
 /// canary is sent from its mailbox's address, so the sandbox's reply goes to that mailbox.
 fn three_mailbox_config(sb: &mailcanary::sandbox::Sandbox, k: &Knobs) -> String {
-    let text = config_text(sb, k);
-    let (head, _imap) = text.split_once("[probe.imap]").expect("an imap table");
-    let mut text = head.replace("from = \"canary@prober.test\"\n", "");
-    for m in MAILBOXES {
-        text += &format!(
-            "\n[[probe.mailbox]]\nname = \"{m}\"\naddress = \"{a}\"\n[probe.mailbox.imap]\n\
-             host = \"127.0.0.1\"\nport = {port}\nusername = \"{a}\"\npassword = \"sandbox\"\n\
-             timeout = \"5s\"\n",
-            a = address(m),
-            port = sb.imap_addr.port(),
-        );
-    }
-    text
+    let mut file = config_file(sb, k);
+    let probe = file.probe_mut(PROBE);
+    probe.imap = None;
+    probe.smtp.from = None;
+    probe.mailboxes = MAILBOXES
+        .iter()
+        .map(|m| Mailbox {
+            name: m.to_string(),
+            address: address(m),
+            imap: Imap {
+                host: "127.0.0.1".into(),
+                port: Some(sb.imap_addr.port()),
+                username: address(m),
+                password: some("sandbox"),
+                timeout: some("5s"),
+                ..Imap::default()
+            },
+        })
+        .collect();
+    file.render()
 }
 
 /// A prober of the three-mailbox probe of `sb`.

@@ -37,7 +37,8 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("conf");
     std::fs::create_dir_all(&conf).unwrap();
-    let text = config_text(&sb, &knobs);
+    let file = config_file(&sb, &knobs);
+    let text = file.render();
     std::fs::write(conf.join("drill.toml"), &text).unwrap();
     let port = free_port();
     let log = dir.path().join("stderr.log");
@@ -87,10 +88,11 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
 
     // 2. A changed secret: refused too (the canaries in flight were signed with the old one).
     std::fs::remove_file(conf.join("zz-broken.toml")).unwrap();
-    std::fs::write(
-        conf.join("drill.toml"),
-        text.replace(&knobs.secret, "another-secret"),
-    )
+    std::fs::write(conf.join("drill.toml"), {
+        let mut changed = file.clone();
+        changed.prober_mut().secret = some("another-secret");
+        changed.render()
+    })
     .unwrap();
     child.signal("HUP");
     until(
@@ -119,9 +121,8 @@ async fn sighup_refuses_a_bad_config_and_applies_a_good_one_in_place() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let probe_part = &text[text.find("[[probe]]").unwrap()..];
-    let second = probe_part.replace(&format!("name = \"{PROBE}\""), "name = \"second\"");
-    std::fs::write(conf.join("drill.toml"), format!("{text}\n{second}")).unwrap();
+    let second = file.probes[0].renamed("second");
+    std::fs::write(conf.join("drill.toml"), file.clone().with(second).render()).unwrap();
     child.signal("HUP");
     let s = until_up(
         addr,

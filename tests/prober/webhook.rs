@@ -151,12 +151,10 @@ async fn a_webhook_only_hints_and_a_sibling_token_is_not_forged() {
         webhook_secret: Some("hook-secret-9"),
         ..Knobs::default()
     };
-    let one = config_text(&sb, &knobs);
-    let start = one.find("[[probe]]").unwrap();
-    let sibling = one[start..]
-        .replace(&format!("name = \"{PROBE}\""), "name = \"sibling\"")
-        .replace("webhook_secret = \"hook-secret-9\"", "");
-    let text = format!("{one}\n{sibling}");
+    let mut file = config_file(&sb, &knobs);
+    let mut sibling = file.probe_mut(PROBE).renamed("sibling");
+    sibling.helpdesk_mut().webhook_secret = None;
+    let text = file.with(sibling).render();
     let cfg = mailcanary::config::parse_str(&text, "two.toml").expect("two probes parse");
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;

@@ -21,7 +21,7 @@ const HOOK_SECRET: &str = "zammad-hook-secret-3";
 
 /// The drill probe, on the sandbox's Zammad dialect.
 fn zammad_config(sb: &Sandbox, k: &Knobs) -> Config {
-    let text = config_text(sb, k).replace("api = \"supportbee\"", "api = \"zammad\"");
+    let text = vendor_text(sb, k, "zammad", "");
     config::parse_str(&text, "zammad.toml").unwrap_or_else(|e| panic!("{e}"))
 }
 

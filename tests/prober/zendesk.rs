@@ -21,12 +21,16 @@ const AGENT: &str = "agent@helpdesk.test";
 
 /// The drill probe of `sb` on `api = "zendesk"`.
 fn zendesk_text(sb: &Sandbox, k: &Knobs) -> String {
-    config_text(sb, k)
-        .replace("api = \"supportbee\"", "api = \"zendesk\"")
-        .replace(
-            "\n[probe.imap]",
-            &format!("\n[probe.helpdesk.zendesk]\nemail = \"{AGENT}\"\n\n[probe.imap]"),
-        )
+    zendesk_file(sb, k).render()
+}
+
+/// The drill config on Zendesk as the sandbox's agent.
+fn zendesk_file(sb: &Sandbox, k: &Knobs) -> ConfigFile {
+    let mut file = vendor_file(sb, k, "zendesk", "");
+    file.probe_mut(PROBE)
+        .helpdesk_mut()
+        .set_vendor("zendesk", "email", AGENT);
+    file
 }
 
 async fn zendesk_sandbox(f: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
@@ -58,8 +62,9 @@ async fn api_get(sb: &Sandbox, path: &str) -> (u16, Option<String>, Value) {
 async fn zendesk_import_is_not_delayed_by_a_lagging_search_index() {
     let sb = zendesk_sandbox(|c| c.search_lag = Duration::from_secs(60)).await;
     // Archive (solve) rather than delete, so the tickets stay to be searched for below.
-    let text = zendesk_text(&sb, &Knobs::default())
-        .replace("cleanup = \"trash\"", "cleanup = \"archive\"");
+    let mut file = zendesk_file(&sb, &Knobs::default());
+    file.probe_mut(PROBE).helpdesk_mut().cleanup = some("archive");
+    let text = file.render();
     let cfg = config::parse_str(&text, "zendesk.toml").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&cfg, dir.path()).await;

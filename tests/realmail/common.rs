@@ -13,6 +13,8 @@ use mailcanary::{
     metrics::testing::{Samples, parse_exposition},
 };
 
+pub use crate::probe_config::{ConfigFile, Deadlines, Imap, OAuth2, Probe, Smtp, some};
+
 use crate::harness::{Servers, address, password};
 
 pub const SECRET: &str = "realmail-secret";
@@ -82,14 +84,17 @@ pub struct ProbeSpec {
     pub rcpt: Option<String>,
     pub smtp_password: Option<String>,
     pub imap_password: Option<String>,
-    /// The body of `[probe.smtp.oauth2]` (AUTH with a token instead of the password; 587/465).
-    pub smtp_oauth2: Option<String>,
-    /// The body of `[probe.imap.oauth2]` (AUTHENTICATE with a token instead of LOGIN).
-    pub imap_oauth2: Option<String>,
+    /// `[probe.smtp.oauth2]` (AUTH with a token instead of the password; 587/465).
+    pub smtp_oauth2: Option<OAuth2>,
+    /// `[probe.imap.oauth2]` (AUTHENTICATE with a token instead of LOGIN).
+    pub imap_oauth2: Option<OAuth2>,
     pub smtp_ca: Option<PathBuf>,
     pub imap_ca: Option<PathBuf>,
     pub interval: &'static str,
+    pub submit_deadline: &'static str,
     pub delivery_deadline: &'static str,
+    /// The SMTP and the IMAP `timeout`.
+    pub timeout: &'static str,
     pub idle: bool,
     pub poll_interval: &'static str,
     pub cleanup: bool,
@@ -111,16 +116,19 @@ impl ProbeSpec {
             smtp_ca: None,
             imap_ca: None,
             interval: "1s",
+            submit_deadline: "15s",
             delivery_deadline: "10s",
+            timeout: "10s",
             idle: true,
             poll_interval: "200ms",
             cleanup: true,
         }
     }
 
-    fn toml(&self, s: &Servers) -> String {
+    /// This probe as a `[[probe]]` of the config builder.
+    pub fn probe(&self, s: &Servers) -> Probe {
         let p = s.ports;
-        let ca = s.ca_file();
+        let ca = s.ca_file().display().to_string();
         let mailbox = address(&self.mailbox);
         let rcpt = address(self.rcpt.as_deref().unwrap_or(&self.mailbox));
         let (port, tls, auth) = match self.smtp {
@@ -129,101 +137,93 @@ impl ProbeSpec {
             SmtpMode::Submission587 => (p.submission, "starttls", true),
             SmtpMode::Submissions465 => (p.submissions, "tls", true),
         };
-        let smtp_auth = if auth && self.smtp_oauth2.is_some() {
-            format!("username = \"{mailbox}\"\n")
-        } else if auth {
-            let pw = self
-                .smtp_password
+        let smtp_password = (auth && self.smtp_oauth2.is_none()).then(|| {
+            self.smtp_password
                 .clone()
-                .unwrap_or_else(|| password(&self.mailbox));
-            format!("username = \"{mailbox}\"\npassword = \"{pw}\"\n")
-        } else {
-            String::new()
-        };
-        // On the MX path the canary comes from outside, as a customer's mail would.
-        let from = if auth {
-            mailbox.clone()
-        } else {
-            "canary@prober.test".into()
-        };
+                .unwrap_or_else(|| password(&self.mailbox))
+        });
         let (imap_port, imap_tls) = match self.imap {
             ImapMode::StartTls143 => (p.imap, "starttls"),
             ImapMode::Tls993 => (p.imaps, "tls"),
         };
-        format!(
-            r#"
-[[probe]]
-name = "{name}"
-kind = "mail_loop"
-interval = "{interval}"
-jitter = "100ms"
-max_in_flight = 50
-lost_after = "1h"
-cleanup = {cleanup}
-
-[probe.deadlines]
-submit = "15s"
-delivery = "{delivery}"
-end_to_end = "1m"
-
-[probe.smtp]
-host = "{host}"
-port = {port}
-tls = "{tls}"
-{smtp_auth}ca_file = "{smtp_ca}"
-from = "{from}"
-to = "{rcpt}"
-timeout = "10s"
-helo_name = "{HOSTNAME}"
-{smtp_oauth2}
-[probe.imap]
-host = "{host}"
-port = {imap_port}
-tls = "{imap_tls}"
-username = "{mailbox}"
-{imap_pw}ca_file = "{imap_ca}"
-idle = {idle}
-poll_interval = "{poll}"
-timeout = "10s"
-{imap_oauth2}"#,
-            name = self.name,
-            host = self.host,
-            interval = self.interval,
-            cleanup = self.cleanup,
-            delivery = self.delivery_deadline,
-            smtp_ca = self.smtp_ca.as_ref().unwrap_or(&ca).display(),
-            imap_ca = self.imap_ca.as_ref().unwrap_or(&ca).display(),
-            imap_pw = match &self.imap_oauth2 {
-                Some(_) => String::new(),
-                None => format!(
-                    "password = \"{}\"\n",
-                    self.imap_password
-                        .clone()
-                        .unwrap_or_else(|| password(&self.mailbox))
+        let smtp = Smtp {
+            host: self.host.into(),
+            port: Some(port),
+            tls: some(tls),
+            username: auth.then(|| mailbox.clone()),
+            password: smtp_password,
+            ca_file: Some(
+                self.smtp_ca
+                    .as_ref()
+                    .map_or(ca.clone(), |c| c.display().to_string()),
+            ),
+            // On the MX path the canary comes from outside, as a customer's mail would.
+            from: Some(if auth {
+                mailbox.clone()
+            } else {
+                "canary@prober.test".into()
+            }),
+            to: Some(rcpt),
+            timeout: some(self.timeout),
+            helo_name: some(HOSTNAME),
+            oauth2: self.smtp_oauth2.clone().filter(|_| auth),
+            ..Smtp::default()
+        };
+        Probe {
+            interval: some(self.interval),
+            jitter: some("100ms"),
+            max_in_flight: Some(50),
+            lost_after: some("1h"),
+            cleanup: Some(self.cleanup),
+            deadlines: Some(Deadlines {
+                submit: some(self.submit_deadline),
+                delivery: some(self.delivery_deadline),
+                end_to_end: some("1m"),
+                ..Deadlines::default()
+            }),
+            imap: Some(Imap {
+                host: self.host.into(),
+                port: Some(imap_port),
+                tls: some(imap_tls),
+                username: mailbox,
+                password: match &self.imap_oauth2 {
+                    Some(_) => None,
+                    None => Some(
+                        self.imap_password
+                            .clone()
+                            .unwrap_or_else(|| password(&self.mailbox)),
+                    ),
+                },
+                ca_file: Some(
+                    self.imap_ca
+                        .as_ref()
+                        .map_or(ca, |c| c.display().to_string()),
                 ),
-            },
-            smtp_oauth2 = match &self.smtp_oauth2 {
-                Some(body) if auth => format!("\n[probe.smtp.oauth2]\n{body}\n"),
-                _ => String::new(),
-            },
-            imap_oauth2 = match &self.imap_oauth2 {
-                Some(body) => format!("\n[probe.imap.oauth2]\n{body}\n"),
-                None => String::new(),
-            },
-            idle = self.idle,
-            poll = self.poll_interval,
-        )
+                idle: Some(self.idle),
+                poll_interval: some(self.poll_interval),
+                timeout: some(self.timeout),
+                oauth2: self.imap_oauth2.clone(),
+                ..Imap::default()
+            }),
+            ..Probe::new(&self.name, "mail_loop", smtp)
+        }
     }
 }
 
+/// `[prober]` as every real-server test has it, and no probe yet.
+pub fn prober_file() -> ConfigFile {
+    ConfigFile::new(SECRET, HOSTNAME)
+}
+
+/// The config of `probes`, to change before rendering.
+pub fn config_file(s: &Servers, probes: &[ProbeSpec]) -> ConfigFile {
+    let mut file = prober_file();
+    file.probes = probes.iter().map(|p| p.probe(s)).collect();
+    file
+}
+
 pub fn config_text(s: &Servers, probes: &[ProbeSpec]) -> String {
-    let mut text = format!(
-        "[prober]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\nhostname = \"{HOSTNAME}\"\n"
-    );
-    for p in probes {
-        text.push_str(&p.toml(s));
-    }
-    text
+    config_file(s, probes).render()
 }
 
 /// A running prober of `probes` with its own state dir.

@@ -19,6 +19,7 @@ use crate::{
     common::*,
     django::{Django, SUPPORT_USER},
     harness::{Servers, Setup, address, password},
+    probe_config::Helpdesk,
     process::get_json_authorized,
     rt::{Rt, SUPPORT},
 };
@@ -32,84 +33,71 @@ fn helpdesk_config(
     name: &str,
     to: &str,
     lost_after: &str,
-    deadlines: &str,
-    helpdesk: &str,
-) -> String {
+    deadlines: Deadlines,
+    helpdesk: Helpdesk,
+) -> ConfigFile {
     let p = s.ports;
-    format!(
-        r#"
-[prober]
-listen = "127.0.0.1:0"
-secret = "{SECRET}"
-hostname = "{HOSTNAME}"
+    let mailbox = address("canary");
+    let smtp = Smtp {
+        host: "127.0.0.1".into(),
+        port: Some(p.smtp),
+        tls: some("none"),
+        from: Some(mailbox.clone()),
+        to: some(to),
+        timeout: some("10s"),
+        helo_name: some(HOSTNAME),
+        ..Smtp::default()
+    };
+    prober_file().with(Probe {
+        interval: some("5s"),
+        jitter: some("100ms"),
+        max_in_flight: Some(50),
+        lost_after: some(lost_after),
+        cleanup: Some(true),
+        deadlines: Some(deadlines),
+        helpdesk: Some(helpdesk),
+        imap: Some(Imap {
+            host: "127.0.0.1".into(),
+            port: Some(p.imap),
+            tls: some("none"),
+            username: mailbox,
+            password: Some(password("canary")),
+            idle: Some(true),
+            timeout: some("10s"),
+            ..Imap::default()
+        }),
+        ..Probe::new(name, "helpdesk", smtp)
+    })
+}
 
-[[probe]]
-name = "{name}"
-kind = "helpdesk"
-interval = "5s"
-jitter = "100ms"
-max_in_flight = 50
-lost_after = "{lost_after}"
-cleanup = true
-
-[probe.deadlines]
-{deadlines}
-
-[probe.smtp]
-host = "127.0.0.1"
-port = {smtp}
-tls = "none"
-from = "{mailbox}"
-to = "{to}"
-timeout = "10s"
-helo_name = "{HOSTNAME}"
-
-[probe.helpdesk]
-{helpdesk}
-
-[probe.imap]
-host = "127.0.0.1"
-port = {imap}
-tls = "none"
-username = "{mailbox}"
-password = "{pw}"
-idle = true
-timeout = "10s"
-"#,
-        smtp = p.smtp,
-        imap = p.imap,
-        mailbox = address("canary"),
-        pw = password("canary"),
-    )
+/// `[probe.helpdesk]` of a real helpdesk: `api` at `url` with `token`, polled every `poll`;
+/// the reply posted, the canary's ticket archived, 15 s per request.
+fn real_helpdesk(api: &str, url: &str, token: &str, poll: &str) -> Helpdesk {
+    Helpdesk {
+        api: api.into(),
+        base_url: url.into(),
+        token: some(token),
+        poll_interval: some(poll),
+        reply: some("post"),
+        cleanup: some("archive"),
+        timeout: some("15s"),
+        ..Helpdesk::default()
+    }
 }
 
 fn rt_config(s: &Servers, rt: &Rt) -> String {
-    helpdesk_config(
-        s,
-        PROBE,
-        SUPPORT,
-        "1h",
-        r#"submit = "15s"
-import = "15s"
-reply = "30s"
-delivery = "30s"
-end_to_end = "2m""#,
-        &format!(
-            r#"api = "rt"
-base_url = "{url}"
-token = "{token}"
-# RT bcrypt-checks the token on every request (about 0.35 s at its default cost): gently.
-poll_interval = "2s"
-reply = "post"
-cleanup = "archive"
-timeout = "15s"
-
-[probe.helpdesk.rt]
-queue = "General""#,
-            url = rt.url,
-            token = rt.token,
-        ),
-    )
+    // RT bcrypt-checks the token on every request (about 0.35 s at its default cost): gently.
+    let mut helpdesk = real_helpdesk("rt", &rt.url, &rt.token, "2s");
+    helpdesk.set_vendor("rt", "queue", "General");
+    let deadlines = Deadlines {
+        submit: some("15s"),
+        import: some("15s"),
+        reply: some("30s"),
+        delivery: some("30s"),
+        end_to_end: some("2m"),
+        ..Deadlines::default()
+    };
+    helpdesk_config(s, PROBE, SUPPORT, "1h", deadlines, helpdesk).render()
 }
 
 fn ms_of(c: &Canary, stage: Stage) -> Option<i64> {
@@ -389,17 +377,21 @@ async fn request_tracker_canary_life_then_the_seed_outage() {
 const DJANGO: &str = "django";
 
 fn django_config(s: &Servers, dh: &Django, lost_after: &str, end_to_end: &str) -> String {
-    django_probe(
-        s,
-        dh,
-        lost_after,
-        end_to_end,
-        "django-helpdesk",
-        &format!("[probe.helpdesk.django-helpdesk]\nqueue = {}", dh.queue),
-    )
+    django_file(s, dh, lost_after, end_to_end).render()
 }
 
-/// A probe of `dh` through adapter `api`, its vendor tables given.
+/// The probe of `dh` through its own adapter.
+fn django_file(s: &Servers, dh: &Django, lost_after: &str, end_to_end: &str) -> ConfigFile {
+    let mut file = django_probe(s, dh, lost_after, end_to_end, "django-helpdesk", "");
+    file.probe_mut(DJANGO).helpdesk_mut().set_vendor(
+        "django-helpdesk",
+        "queue",
+        i64::try_from(dh.queue).unwrap(),
+    );
+    file
+}
+
+/// A probe of `dh` through adapter `api`, its vendor tables given (as TOML text, or nothing).
 fn django_probe(
     s: &Servers,
     dh: &Django,
@@ -407,32 +399,26 @@ fn django_probe(
     end_to_end: &str,
     api: &str,
     tables: &str,
-) -> String {
+) -> ConfigFile {
+    let mut helpdesk = real_helpdesk(api, &dh.url, &dh.token, "1s");
+    if !tables.is_empty() {
+        helpdesk.add_tables(tables);
+    }
+    let deadlines = Deadlines {
+        submit: some("15s"),
+        import: some("15s"),
+        reply: some("15s"),
+        delivery: some("20s"),
+        end_to_end: some(end_to_end),
+        ..Deadlines::default()
+    };
     helpdesk_config(
         s,
         DJANGO,
         &address(SUPPORT_USER),
         lost_after,
-        &format!(
-            r#"submit = "15s"
-import = "15s"
-reply = "15s"
-delivery = "20s"
-end_to_end = "{end_to_end}""#
-        ),
-        &format!(
-            r#"api = "{api}"
-base_url = "{url}"
-token = "{token}"
-poll_interval = "1s"
-reply = "post"
-cleanup = "archive"
-timeout = "15s"
-
-{tables}"#,
-            url = dh.url,
-            token = dh.token,
-        ),
+        deadlines,
+        helpdesk,
     )
 }
 
@@ -509,8 +495,9 @@ async fn django_helpdesk_answers_500_yet_saves_the_reply_and_reimports_while_its
     let (servers, mut dh) = start_django().await;
     blocking_mut(&mut dh, |d| d.break_outgoing()).await;
     // One canary (the interval is long), given up 45 s after it was sent.
-    let text = django_config(&servers, &dh, "45s", "40s")
-        .replace("interval = \"5s\"", "interval = \"1h\"");
+    let mut file = django_file(&servers, &dh, "45s", "40s");
+    file.probe_mut(DJANGO).interval = some("1h");
+    let text = file.render();
     let (d, _state) = daemon(&text, "django.toml").await;
     let http = reqwest::Client::new();
     // The reply stage ends although the POST failed: the reply was found on the ticket.
@@ -628,7 +615,7 @@ fn generic_example_tables() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_helpdesk_probed_by_the_generic_http_adapter_from_the_shipped_example() {
     let (servers, dh) = start_django().await;
-    let text = django_probe(&servers, &dh, "1h", "1m", "http", &generic_example_tables());
+    let text = django_probe(&servers, &dh, "1h", "1m", "http", &generic_example_tables()).render();
     let (d, _state) = daemon(&text, "generic-django.toml").await;
     let done = canary_life(&d, DJANGO, 2.0, Duration::from_secs(90)).await;
     let http = reqwest::Client::new();

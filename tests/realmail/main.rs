@@ -18,6 +18,8 @@ mod modes;
 mod oauth2;
 mod outages;
 mod placement;
+#[path = "../support/probe_config.rs"]
+mod probe_config;
 mod process;
 mod route;
 mod rt;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::{
     common::{
-        ImapMode, ProbeSpec, Prober, SmtpMode, all_failures, completed, config_text, failures,
-        scrape, until,
+        ImapMode, OAuth2, ProbeSpec, Prober, SmtpMode, all_failures, completed, config_text,
+        failures, scrape, some, until,
     },
     harness::{Servers, Setup, address},
     idp::Idp,
@@ -18,18 +18,21 @@ use crate::{
 /// Token lifetime at the IdP: short, so a run of a few seconds renews many times.
 const LIFETIME: Duration = Duration::from_secs(3);
 
-fn client_credentials(idp: &Idp, mechanism: &str, user: &str) -> String {
+fn client_credentials(idp: &Idp, mechanism: &str, user: &str) -> OAuth2 {
     let (id, secret) = (format!("app-{user}"), format!("cs-{user}-s3cr3t"));
     idp.client(&id, &secret, &address(user));
-    format!(
-        "mechanism = \"{mechanism}\"\ngrant = \"client_credentials\"\n\
-         token_endpoint = \"{}\"\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\n\
-         scope = \"https://outlook.office365.com/.default\"\n",
-        idp.token_url()
-    )
+    OAuth2 {
+        mechanism: some(mechanism),
+        grant: some("client_credentials"),
+        token_endpoint: some(idp.token_url()),
+        client_id: Some(id),
+        client_secret: Some(secret),
+        scope: some("https://outlook.office365.com/.default"),
+        ..OAuth2::default()
+    }
 }
 
-fn refresh_token(idp: &Idp, mechanism: &str, user: &str) -> String {
+fn refresh_token(idp: &Idp, mechanism: &str, user: &str) -> OAuth2 {
     let (id, secret, rt) = (
         format!("gm-{user}"),
         format!("gcs-{user}-s3cr3t"),
@@ -37,21 +40,33 @@ fn refresh_token(idp: &Idp, mechanism: &str, user: &str) -> String {
     );
     idp.client(&id, &secret, "nobody-app-only");
     idp.refresh_token(&rt, &id, &address(user));
-    format!(
-        "mechanism = \"{mechanism}\"\ngrant = \"refresh_token\"\n\
-         token_endpoint = \"{}\"\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\n\
-         refresh_token = \"{rt}\"\n",
-        idp.token_url()
-    )
+    OAuth2 {
+        mechanism: some(mechanism),
+        grant: some("refresh_token"),
+        token_endpoint: some(idp.token_url()),
+        client_id: Some(id),
+        client_secret: Some(secret),
+        refresh_token: Some(rt),
+        ..OAuth2::default()
+    }
 }
 
-fn token_file(dir: &std::path::Path, mechanism: &str, name: &str, token: &str) -> String {
+fn token_file(dir: &std::path::Path, mechanism: &str, name: &str, token: &str) -> OAuth2 {
     let path = dir.join(name);
     std::fs::write(&path, format!("{token}\n")).unwrap();
-    format!(
-        "mechanism = \"{mechanism}\"\ntoken_file = \"{}\"\n",
-        path.display()
-    )
+    OAuth2 {
+        mechanism: some(mechanism),
+        token_file: some(path.display()),
+        ..OAuth2::default()
+    }
+}
+
+/// `p` with 20 s SMTP and IMAP timeouts and a 30 s submit deadline: longer than Dovecot's
+/// auth failure penalty grows to while probes are refused (see below).
+fn past_the_penalty(mut p: ProbeSpec) -> ProbeSpec {
+    p.timeout = "20s";
+    p.submit_deadline = "30s";
+    p
 }
 
 fn probe(name: &str, smtp: SmtpMode, imap: ImapMode, user: &str) -> ProbeSpec {
@@ -156,9 +171,10 @@ async fn dovecot_penalty_grows_yet_revoked_tokens_fail_with_auth_and_revoked_gra
     grant_revoked.smtp_oauth2 = Some(client_credentials(&idp, "xoauth2", "grantrevoked"));
     idp.revoke_grant("app-grantrevoked");
 
-    let text = config_text(&servers, &[smtp_revoked, imap_revoked, grant_revoked])
-        .replace("timeout = \"10s\"", "timeout = \"20s\"")
-        .replace("submit = \"15s\"", "submit = \"30s\"");
+    let text = config_text(
+        &servers,
+        &[smtp_revoked, imap_revoked, grant_revoked].map(past_the_penalty),
+    );
     let prober = Prober::start_text(&text).await;
     let s = until(
         prober.addr(),
@@ -310,9 +326,7 @@ async fn no_token_client_secret_or_refresh_token_in_logs_metrics_status_or_page(
     granted.smtp_oauth2 = Some(client_credentials(&idp, "xoauth2", "granted"));
     idp.revoke_tokens();
     idp.revoke_grant("app-granted");
-    let text = config_text(&servers, &[ok, refused, granted])
-        .replace("timeout = \"10s\"", "timeout = \"20s\"")
-        .replace("submit = \"15s\"", "submit = \"30s\"");
+    let text = config_text(&servers, &[ok, refused, granted].map(past_the_penalty));
     let cfg = files.path().join("p.toml");
     std::fs::write(&cfg, &text).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -5,8 +5,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
-    common::{HOSTNAME, Prober, SECRET, blocking, scrape, until, v},
+    common::{
+        ConfigFile, Deadlines, HOSTNAME, Imap, Probe, Prober, Smtp, blocking, prober_file, scrape,
+        some, until, v,
+    },
     harness::{Servers, Setup, address, password},
+    probe_config::Mailbox,
 };
 
 /// The mailboxes of the probe: its name, and the local part of its address.
@@ -25,28 +29,54 @@ fn servers() -> std::sync::Arc<Servers> {
 /// A mail loop over the MX (port 25) to the three mailboxes, one canary each (the interval
 /// is longer than the test), each watched over IMAP with STARTTLS.
 fn config(s: &Servers, probe: &str, junk_is_ok: bool, cleanup: bool) -> String {
+    config_file(s, probe, junk_is_ok, cleanup).render()
+}
+
+/// [`config`] to change before rendering.
+fn config_file(s: &Servers, probe: &str, junk_is_ok: bool, cleanup: bool) -> ConfigFile {
     let p = s.ports;
-    let ca = s.ca_file();
-    let mut text = format!(
-        "[prober]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\nhostname = \"{HOSTNAME}\"\n\n\
-         [[probe]]\nname = \"{probe}\"\nkind = \"mail_loop\"\ninterval = \"1h\"\njitter = \"100ms\"\n\
-         lost_after = \"2h\"\njunk_is_ok = {junk_is_ok}\ncleanup = {cleanup}\n\n[probe.deadlines]\nsubmit = \"15s\"\n\
-         delivery = \"20s\"\nend_to_end = \"1m\"\n\n[probe.smtp]\nhost = \"localhost\"\nport = {}\n\
-         tls = \"none\"\nfrom = \"canary@prober.test\"\ntimeout = \"10s\"\nhelo_name = \"{HOSTNAME}\"\n",
-        p.smtp
-    );
-    for (name, user) in MAILBOXES {
-        text += &format!(
-            "\n[[probe.mailbox]]\nname = \"{name}\"\naddress = \"{a}\"\n[probe.mailbox.imap]\n\
-             host = \"localhost\"\nport = {port}\ntls = \"starttls\"\nusername = \"{a}\"\n\
-             password = \"{pw}\"\nca_file = \"{ca}\"\ntimeout = \"10s\"\n",
-            a = address(user),
-            pw = password(user),
-            port = p.imap,
-            ca = ca.display(),
-        );
-    }
-    text
+    let ca = s.ca_file().display().to_string();
+    let smtp = Smtp {
+        host: "localhost".into(),
+        port: Some(p.smtp),
+        tls: some("none"),
+        from: some("canary@prober.test"),
+        timeout: some("10s"),
+        helo_name: some(HOSTNAME),
+        ..Smtp::default()
+    };
+    let mailboxes = MAILBOXES
+        .iter()
+        .map(|(name, user)| Mailbox {
+            name: name.to_string(),
+            address: address(user),
+            imap: Imap {
+                host: "localhost".into(),
+                port: Some(p.imap),
+                tls: some("starttls"),
+                username: address(user),
+                password: Some(password(user)),
+                ca_file: Some(ca.clone()),
+                timeout: some("10s"),
+                ..Imap::default()
+            },
+        })
+        .collect();
+    prober_file().with(Probe {
+        interval: some("1h"),
+        jitter: some("100ms"),
+        lost_after: some("2h"),
+        junk_is_ok: Some(junk_is_ok),
+        cleanup: Some(cleanup),
+        deadlines: Some(Deadlines {
+            submit: some("15s"),
+            delivery: some("20s"),
+            end_to_end: some("1m"),
+            ..Deadlines::default()
+        }),
+        mailboxes,
+        ..Probe::new(probe, "mail_loop", smtp)
+    })
 }
 
 /// Messages in one folder of `user`'s Maildir (`None`: the inbox).
@@ -257,9 +287,11 @@ async fn postfix_holding_one_recipients_mail_makes_only_that_mailbox_late() {
     let probe = "onelate";
     // A canary a second to each mailbox, a 3 s delivery deadline; no Junk rule for them here
     // (`junky` is not among the held).
-    let text = config(&s, probe, false, true)
-        .replace("interval = \"1h\"", "interval = \"1s\"")
-        .replace("delivery = \"20s\"", "delivery = \"3s\"");
+    let mut file = config_file(&s, probe, false, true);
+    let p = file.probe_mut(probe);
+    p.interval = some("1s");
+    p.deadlines_mut().delivery = some("3s");
+    let text = file.render();
     let p = Prober::start_text(&text).await;
     until(p.addr(), Duration::from_secs(30), "a delivery each", |m| {
         placed(m, probe, "gmail", "inbox") >= 1.0
