@@ -10,7 +10,7 @@ use std::time::Duration;
 use mailcanary::metrics::testing::Samples;
 
 use crate::{
-    common::{ImapMode, ProbeSpec, Prober, SmtpMode, completed, config_text, failures, until, v},
+    common::{ImapMode, ProbeSpec, Prober, SmtpMode, completed, config_file, failures, until, v},
     harness::mailauth::AUTHSERV_ID,
     harness::{Servers, Setup},
 };
@@ -34,19 +34,16 @@ async fn drills_rotated_key_removed_spf_and_plaintext_hop_fail_with_the_right_re
     a.interval = "2s";
     let mut h = ProbeSpec::new("hops", SmtpMode::Submission587, ImapMode::Tls993, "hopbox");
     h.interval = "2s";
-    let text = config_text(&servers, &[a, h])
-        .replace(
-            "name = \"auth\"\n",
-            &format!(
-                "name = \"auth\"\nrequire_auth = [\"dkim\", \"spf\", \"dmarc\"]\n\
-                 trusted_authserv_ids = [\"{AUTHSERV_ID}\"]\nverify_dkim = true\n\
-                 dns_resolver = \"{dns}\"\n"
-            ),
-        )
-        .replace(
-            "name = \"hops\"\n",
-            &format!("name = \"hops\"\nrequire_tls_hops = true\ntrusted_authserv_ids = [\"{AUTHSERV_ID}\"]\n"),
-        );
+    let mut file = config_file(&servers, &[a, h]);
+    let strict = file.probe_mut("auth");
+    strict.require_auth = ["dkim", "spf", "dmarc"].map(String::from).to_vec();
+    strict.trusted_authserv_ids = vec![AUTHSERV_ID.to_string()];
+    strict.verify_dkim = Some(true);
+    strict.dns_resolver = Some(dns.to_string());
+    let hops = file.probe_mut("hops");
+    hops.require_tls_hops = Some(true);
+    hops.trusted_authserv_ids = vec![AUTHSERV_ID.to_string()];
+    let text = file.render();
     let prober = Prober::start_text(&text).await;
     let addr = prober.addr();
 

@@ -6,7 +6,10 @@
 use std::{path::Path, time::Duration};
 
 use crate::{
-    common::{ImapMode, ProbeSpec, Prober, SmtpMode, completed, config_text, failures, until, v},
+    common::{
+        ImapMode, ProbeSpec, Prober, SmtpMode, completed, config_file, config_text, failures,
+        until, v,
+    },
     harness::{Servers, Setup},
 };
 
@@ -60,18 +63,12 @@ async fn the_hops_of_a_canary_through_postfix_and_dovecot_are_in_metrics_status_
     // harness signs nothing, so its verdict is none without a query, and the delivery goes
     // through the spawned check.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let text = config_text(&servers, &[tls.clone(), plain.clone()])
-        .replace(
-            "name = \"plain\"\n",
-            "name = \"plain\"\nrequire_tls_hops = true\n",
-        )
-        .replace(
-            "name = \"tls\"\n",
-            &format!(
-                "name = \"tls\"\nverify_dkim = true\ndns_resolver = \"{}\"\n",
-                silent.local_addr().unwrap()
-            ),
-        );
+    let mut file = config_file(&servers, &[tls.clone(), plain.clone()]);
+    file.probe_mut("plain").require_tls_hops = Some(true);
+    let t = file.probe_mut("tls");
+    t.verify_dkim = Some(true);
+    t.dns_resolver = Some(silent.local_addr().unwrap().to_string());
+    let text = file.render();
     let prober = Prober::start_text(&text).await;
     let s = until(
         prober.addr(),

@@ -97,6 +97,16 @@ pub struct Probe {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub junk_is_ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_tls_hops: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub require_auth: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trusted_authserv_ids: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_dkim: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_resolver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub deadlines: Option<Deadlines>,
     pub smtp: Smtp,
     #[serde(skip_serializing_if = "Option::is_none")]
