@@ -702,8 +702,28 @@ pub struct SlowDiskRow {
 }
 
 impl SlowDiskRow {
-    /// The row of the README's table (and the progress line).
+    fn unscrapable(build: &str, delay_ms: u64, probes: usize, interval_ms: u64) -> SlowDiskRow {
+        SlowDiskRow {
+            build: build.to_string(),
+            fsync_delay_ms: delay_ms,
+            offered_per_s: probes as f64 * 1000.0 / interval_ms as f64,
+            sent_per_s: f64::NAN,
+            completed_per_s: f64::NAN,
+            failures: f64::NAN,
+            late: f64::NAN,
+            in_flight_end: f64::NAN,
+        }
+    }
+
+    /// The row of the README's table (and the progress line); NaN where `/metrics` did not
+    /// answer within 20 s.
     pub fn markdown(&self) -> String {
+        if self.sent_per_s.is_nan() {
+            return format!(
+                "| {} | {} ms | {:.0}/s | `/metrics` did not answer within 20 s | | | | |",
+                self.build, self.fsync_delay_ms, self.offered_per_s
+            );
+        }
         format!(
             "| {} | {} ms | {:.0}/s | {:.1}/s | {:.1}/s | {} | {} | {} |",
             self.build,
@@ -716,6 +736,15 @@ impl SlowDiskRow {
             self.in_flight_end
         )
     }
+}
+
+async fn try_scrape(
+    c: &reqwest::Client,
+    addr: SocketAddr,
+) -> Option<mailcanary::metrics::testing::Samples> {
+    let r = c.get(format!("http://{addr}/metrics")).send().await.ok()?;
+    let text = r.error_for_status().ok()?.text().await.ok()?;
+    Some(mailcanary::metrics::testing::parse_exposition(&text))
 }
 
 /// The sustained rate with a slow disk: `probes` probes every `interval_ms` (each its own
@@ -749,16 +778,30 @@ pub async fn slow_disk(
             let run = b.start_with(&tag, &specs, Duration::from_millis(100), &launch);
             let t_warm = Instant::now();
             while t_warm.elapsed() < Duration::from_secs(60)
-                && total(&scrape(&b.http, run.addr).await, COMPLETED) < probes as f64
+                && try_scrape(&b.http, run.addr)
+                    .await
+                    .is_none_or(|s| total(&s, COMPLETED) < probes as f64)
             {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            let s0 = scrape(&b.http, run.addr).await;
+            // A build whose scrape waits on the disk may not answer within the client's 20 s:
+            // that is its row (a scraper sees the prober down), not a failed benchmark.
+            let Some(s0) = try_scrape(&b.http, run.addr).await else {
+                let row = SlowDiskRow::unscrapable(label, delay_ms, probes, interval_ms);
+                eprintln!("  {}", row.markdown());
+                out.push(row);
+                continue;
+            };
             let (c0, f0, l0) = totals(&s0);
             let sent0 = total(&s0, "mailcanary_canaries_sent_total");
             let t0 = Instant::now();
             tokio::time::sleep(window).await;
-            let s1 = scrape(&b.http, run.addr).await;
+            let Some(s1) = try_scrape(&b.http, run.addr).await else {
+                let row = SlowDiskRow::unscrapable(label, delay_ms, probes, interval_ms);
+                eprintln!("  {}", row.markdown());
+                out.push(row);
+                continue;
+            };
             let secs = t0.elapsed().as_secs_f64();
             let (c1, f1, l1) = totals(&s1);
             let sent1 = total(&s1, "mailcanary_canaries_sent_total");
