@@ -71,14 +71,16 @@ async fn metrics(State(s): State<WebState>) -> Response {
     // watchers and timers must not wait for. The exposition is cached between changes
     // (`Metrics::exposition`), so that is paid only when something a scrape shows moved.
     let engine = s.engine.clone();
-    let rendered = tokio::task::spawn_blocking(move || engine.metrics().exposition()).await;
+    let rendered = tokio::task::spawn_blocking(move || engine.metrics().exposition_parts()).await;
     match rendered {
-        Ok(body) => (
+        Ok(parts) => (
             [(
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            body,
+            axum::body::Body::from_stream(futures::stream::iter(
+                parts.map(Ok::<_, std::convert::Infallible>),
+            )),
         )
             .into_response(),
         Err(err) => {
