@@ -141,8 +141,8 @@ if [ "$bench" -eq 1 ]; then
 fi
 
 if [ "$fuzz" -eq 1 ]; then
-  # Every fuzz target for FUZZ_SECONDS (30 s) on nightly, in its own target dir so that the
-  # sanitizer build never invalidates the stable one; a crash fails the run.
+  # Every fuzz target for FUZZ_SECONDS (30 s), one per core at a time, on nightly, in its own
+  # target dir so that the fuzz build never invalidates the stable one; a crash fails the run.
   step "fuzz targets (fuzz/run.sh, ${FUZZ_SECONDS:-30}s each)"
   rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
   cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
