@@ -237,6 +237,9 @@ pub struct SmtpConfig {
 pub struct OAuth2Config {
     pub mechanism: OAuth2Mechanism,
     pub source: OAuth2Source,
+    /// Extra trusted roots (PEM) for the token endpoint, beside the built-in web PKI roots
+    /// (an identity provider behind a private CA). Always `None` with a token file.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -364,6 +367,9 @@ pub struct HelpdeskConfig {
     pub reply_body: Option<String>,
     pub cleanup: Cleanup,
     pub timeout: Duration,
+    /// Extra trusted roots (PEM) for the API, beside the built-in web PKI roots (a self-hosted
+    /// helpdesk behind a private CA).
+    pub ca_file: Option<PathBuf>,
     /// What `[probe.helpdesk.<api>]` said (defaults when it is absent).
     pub vendor: VendorConfig,
 }

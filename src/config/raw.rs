@@ -173,6 +173,8 @@ pub struct RawOAuth2 {
     pub refresh_token: Option<Spanned<String>>,
     pub refresh_token_file: Option<Spanned<PathBuf>>,
     pub scope: Option<Spanned<String>>,
+    /// Extra trusted roots (PEM) for the token endpoint.
+    pub ca_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +191,8 @@ pub struct RawHelpdesk {
     pub reply_body: Option<String>,
     pub cleanup: Option<Cleanup>,
     pub timeout: Option<Spanned<HumanDuration>>,
+    /// Extra trusted roots (PEM) for the helpdesk's API (a self-hosted one behind a private CA).
+    pub ca_file: Option<Spanned<PathBuf>>,
     /// `[probe.helpdesk.supportbee]`: settings only SupportBee has. One such table per vendor;
     /// a table for a vendor other than `api` is an error.
     pub supportbee: Option<Spanned<RawSupportBee>>,

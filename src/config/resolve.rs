@@ -968,7 +968,7 @@ impl Ctx<'_> {
         let pre = pre.as_str();
         let raw = sp.get_ref();
         let mechanism = raw.mechanism.unwrap_or(OAuth2Mechanism::XOAuth2);
-        let endpoint_keys: [(&str, Option<std::ops::Range<usize>>); 7] = [
+        let endpoint_keys: [(&str, Option<std::ops::Range<usize>>); 8] = [
             (
                 "token_endpoint",
                 raw.token_endpoint.as_ref().map(|v| v.span()),
@@ -991,6 +991,7 @@ impl Ctx<'_> {
                 raw.refresh_token_file.as_ref().map(|v| v.span()),
             ),
             ("scope", raw.scope.as_ref().map(|v| v.span())),
+            ("ca_file", raw.ca_file.as_ref().map(|v| v.span())),
         ];
         if let Some(path) = &raw.token_file {
             if let Some(g) = &raw.grant {
@@ -1004,6 +1005,7 @@ impl Ctx<'_> {
             return OAuth2Config {
                 mechanism,
                 source: OAuth2Source::TokenFile(self.path(path.get_ref())),
+                ca_file: None,
             };
         }
         let grant = match &raw.grant {
@@ -1016,6 +1018,7 @@ impl Ctx<'_> {
                 return OAuth2Config {
                     mechanism,
                     source: OAuth2Source::TokenFile(PathBuf::new()),
+                    ca_file: None,
                 };
             }
             Some(g) => g,
@@ -1121,7 +1124,12 @@ impl Ctx<'_> {
                 scope,
             }
         };
-        OAuth2Config { mechanism, source }
+        let ca_file = self.ca_file(raw.ca_file.as_ref(), key(pre, "ca_file"));
+        OAuth2Config {
+            mechanism,
+            source,
+            ca_file,
+        }
     }
 
     fn helpdesk(&mut self, pre: &str, sp: &Spanned<raw::RawHelpdesk>) -> HelpdeskConfig {
@@ -1176,6 +1184,7 @@ impl Ctx<'_> {
                 key(pre, "timeout"),
                 DEFAULT_HELPDESK_TIMEOUT,
             ),
+            ca_file: self.ca_file(raw.ca_file.as_ref(), key(pre, "ca_file")),
             vendor: self.vendor(pre, raw),
         }
     }

@@ -493,6 +493,53 @@ fn ca_file_must_exist() {
     single_error(&text, 7, "probe[0].smtp.ca_file");
 }
 
+/// A self-hosted helpdesk or identity provider behind a private CA: `ca_file` on
+/// `[probe.helpdesk]` and `[probe.*.oauth2]` is read relative to the config file, must exist,
+/// and means nothing beside a token file (no HTTP is made then).
+#[test]
+fn helpdesk_and_token_endpoint_take_a_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corp-ca.pem"), "pem").unwrap();
+    let parse_in = |text: &str| {
+        parse_env(text, "p.toml", Some(dir.path()), &[]).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let text = helpdesk("post").replace(
+        "token = \"t\"\n",
+        "token = \"t\"\nca_file = \"corp-ca.pem\"\n",
+    );
+    let cfg = parse_in(&text);
+    let h = cfg.probes[0].helpdesk.as_ref().unwrap();
+    assert_eq!(
+        h.ca_file.as_deref(),
+        Some(dir.path().join("corp-ca.pem").as_path())
+    );
+    let missing = helpdesk("post").replace(
+        "token = \"t\"\n",
+        "token = \"t\"\nca_file = \"/nonexistent/ca.pem\"\n",
+    );
+    single_error(&missing, 14, "probe[0].helpdesk.ca_file");
+
+    let cfg = parse_in(&imap_oauth2(
+        "grant = \"client_credentials\"\ntoken_endpoint = \"https://idp.corp/t\"\n\
+         client_id = \"c\"\nclient_secret = \"s\"\nca_file = \"corp-ca.pem\"\n",
+    ));
+    let o = cfg.probes[0].mailboxes[0].imap.oauth2.clone().unwrap();
+    assert_eq!(o.ca_file, Some(dir.path().join("corp-ca.pem")));
+    single_error(
+        &imap_oauth2(
+            "grant = \"client_credentials\"\ntoken_endpoint = \"https://idp.corp/t\"\n\
+             client_id = \"c\"\nclient_secret = \"s\"\nca_file = \"/nonexistent/ca.pem\"\n",
+        ),
+        19,
+        "probe[0].imap.oauth2.ca_file",
+    );
+    single_error(
+        &imap_oauth2("token_file = \"/t\"\nca_file = \"corp-ca.pem\"\n"),
+        16,
+        "probe[0].imap.oauth2.ca_file",
+    );
+}
+
 #[test]
 fn stages_and_default_deadlines_follow_kind_and_reply_mode() {
     let post = &parse(&helpdesk("post")).unwrap().probes[0];
@@ -1335,6 +1382,7 @@ fn oauth2_sources_parse() {
         Some(OAuth2Config {
             mechanism: OAuth2Mechanism::XOAuth2,
             source: OAuth2Source::TokenFile("/run/token".into()),
+            ca_file: None,
         })
     );
     assert_eq!(imap.password.expose(), "");

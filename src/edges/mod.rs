@@ -75,6 +75,27 @@ pub(crate) fn redact(text: &str, secret: &str) -> String {
     }
 }
 
+/// Whether `err` or one of its sources is rustls refusing the peer (an untrusted or expired
+/// certificate, a name mismatch, a TLS alert): a TLS failure, not a connection that could not
+/// be made.
+pub(crate) fn is_tls_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        // An io::Error's `source` skips the error it wraps: look at that one itself.
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => None,
+            },
+            None => e.source(),
+        };
+    }
+    false
+}
+
 /// An error and its sources, joined with `": "` (Display of most network errors alone says
 /// little, e.g. reqwest's "error sending request").
 pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -95,6 +116,21 @@ pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// hyper-rustls hands reqwest the refused certificate inside an io::Error inside another
+    /// (seen on reqwest 0.13.5), and an io::Error's `source` skips what it wraps.
+    #[test]
+    fn a_rustls_error_is_found_inside_nested_io_errors() {
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let once = std::io::Error::new(std::io::ErrorKind::InvalidData, refused.clone());
+        assert!(is_tls_error(&once));
+        let twice = std::io::Error::other(once);
+        assert!(is_tls_error(&twice));
+        assert!(is_tls_error(&refused));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!is_tls_error(&reset));
+        assert!(!is_tls_error(&std::io::Error::other("no route")));
+    }
 
     #[test]
     fn redact_ignores_empty_secrets() {

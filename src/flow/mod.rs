@@ -292,7 +292,7 @@ impl Probe {
                         secret: h.token.expose().to_string(),
                         timeout: h.timeout,
                         retry: helpdesk::RetryPolicy::default(),
-                        extra_roots_pem: None,
+                        extra_roots_pem: read_roots(h.ca_file.as_deref())?,
                         vendor: h.vendor.clone(),
                     })
                     .map_err(|e| anyhow::anyhow!("probe {}: helpdesk: {e}", cfg.name))?,
@@ -450,7 +450,11 @@ fn oauth2_login(
             OAuth2Mechanism::XOAuth2 => Mechanism::XOAuth2,
             OAuth2Mechanism::OAuthBearer => Mechanism::OAuthBearer,
         },
-        source: Arc::new(TokenSource::new(grant, timeout, None)?),
+        source: Arc::new(TokenSource::new(
+            grant,
+            timeout,
+            read_roots(o.ca_file.as_deref())?.as_deref(),
+        )?),
     })
 }
 

@@ -18,6 +18,7 @@ mod helpscout;
 mod imap_sharing;
 mod incident;
 mod learned;
+mod private_ca;
 #[path = "../support/probe_config.rs"]
 mod probe_config;
 mod recipients;
@@ -26,6 +27,8 @@ mod restart;
 mod security;
 mod shards;
 mod state_dir;
+#[path = "../support/tls_front.rs"]
+mod tls_front;
 mod web;
 mod webhook;
 mod zammad;

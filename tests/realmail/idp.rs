@@ -171,6 +171,11 @@ impl Idp {
         *self.token_task.lock().unwrap() = Some(tokio::spawn(serve(listener, app)));
     }
 
+    /// Where the token endpoint listens (plain HTTP).
+    pub fn token_addr(&self) -> SocketAddr {
+        self.token_addr
+    }
+
     pub fn token_url(&self) -> String {
         format!("http://{}/token", self.token_addr)
     }

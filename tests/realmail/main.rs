@@ -23,3 +23,5 @@ mod probe_config;
 mod process;
 mod route;
 mod rt;
+#[path = "../support/tls_front.rs"]
+mod tls_front;

@@ -13,6 +13,7 @@ use crate::{
     },
     harness::{Servers, Setup, address},
     idp::Idp,
+    tls_front::TlsFront,
 };
 
 /// Token lifetime at the IdP: short, so a run of a few seconds renews many times.
@@ -393,4 +394,56 @@ async fn no_token_client_secret_or_refresh_token_in_logs_metrics_status_or_page(
     for secret in &secrets {
         assert!(!seen.contains(secret.as_str()), "secret {secret} leaked");
     }
+}
+
+/// An identity provider behind a private CA (a company's own Keycloak or AD FS): the token
+/// endpoint's `ca_file` trusts it, and without one the refused certificate fails the canary
+/// with `token` before any login is tried. The test's IdP sits behind a real TLS front with
+/// the harness CA's `localhost`/`127.0.0.1` leaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_behind_a_private_ca_is_trusted_through_its_ca_file() {
+    let idp = Idp::start(Duration::from_secs(600)).await;
+    let servers = servers(&idp, &["corp", "stranger"]).await;
+    let tls = servers.dir.join("tls");
+    let front = TlsFront::start(
+        idp.token_addr(),
+        &tls.join("server.pem"),
+        &tls.join("server.key"),
+    )
+    .await;
+    let https = format!("{}/token", front.url());
+    use ImapMode::*;
+    use SmtpMode::*;
+
+    let mut trusted = probe("private-idp", Submission587, Tls993, "corp");
+    let mut o = client_credentials(&idp, "xoauth2", "corp");
+    o.token_endpoint = Some(https.clone());
+    o.ca_file = Some(servers.ca_file().display().to_string());
+    trusted.smtp_oauth2 = Some(o.clone());
+    trusted.imap_oauth2 = Some(o);
+    let mut untrusted = probe("untrusted-idp", Submission587, Tls993, "stranger");
+    let mut o = client_credentials(&idp, "xoauth2", "stranger");
+    o.token_endpoint = Some(https);
+    untrusted.smtp_oauth2 = Some(o.clone());
+    untrusted.imap_oauth2 = Some(o);
+
+    let prober = Prober::start(&servers, &[trusted, untrusted], true).await;
+    let s = until(
+        prober.addr(),
+        Duration::from_secs(60),
+        "3 canaries through the private IdP, a token failure without its CA",
+        |s| {
+            completed(s, "private-idp") >= 3.0
+                && failures(s, "untrusted-idp", "submit", "token") >= 1.0
+        },
+    )
+    .await;
+    assert_eq!(all_failures(&s, "private-idp"), vec![]);
+    assert_eq!(completed(&s, "untrusted-idp"), 0.0);
+    let (done, refused) = front.handshakes();
+    assert!(
+        done >= 1 && refused >= 1,
+        "handshakes: {done} done, {refused} refused"
+    );
+    prober.stop().await;
 }

@@ -231,6 +231,8 @@ pub struct OAuth2 {
     pub refresh_token_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// `[probe.helpdesk]`.
@@ -259,6 +261,8 @@ pub struct Helpdesk {
     pub cleanup: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
     /// The vendor tables, `[probe.helpdesk.<vendor>]` (and their subtables), by vendor name.
     #[serde(flatten)]
     pub vendor: toml::Table,

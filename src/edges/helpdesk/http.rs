@@ -24,7 +24,7 @@ use reqwest::{Method, StatusCode, Url, header};
 use super::HelpdeskError;
 use crate::{
     canary::life::Reason,
-    edges::{error_chain, redact, rustls_client_config},
+    edges::{error_chain, is_tls_error, redact, rustls_client_config},
 };
 
 /// How much of an error body goes into a detail.
@@ -417,20 +417,25 @@ impl ApiClient {
         answer_unauthorized: bool,
     ) -> Result<Answer, Attempt> {
         let transport = |e: reqwest::Error| {
-            let (reason, retry) = if e.is_timeout() {
-                (Reason::Timeout, idempotent)
+            let (reason, retry, maybe_applied) = if e.is_timeout() {
+                (Reason::Timeout, idempotent, !idempotent)
+            } else if is_tls_error(&e) {
+                // The handshake refused the server (a certificate the probe does not trust:
+                // a private CA needs `ca_file`): nothing was sent, and trying again meets the
+                // same certificate.
+                (Reason::Tls, false, false)
             } else if e.is_connect() {
                 // Nothing was sent: always safe to retry.
-                (Reason::Connect, true)
+                (Reason::Connect, true, false)
             } else {
-                (Reason::Connect, idempotent)
+                (Reason::Connect, idempotent, !idempotent)
             };
             Attempt {
                 reason,
                 detail: format!("{what}: {}", error_chain(&e.without_url())),
                 retry,
                 retry_after: None,
-                maybe_applied: !retry,
+                maybe_applied,
             }
         };
         let response = request.send().await.map_err(transport)?;
