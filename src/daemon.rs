@@ -105,7 +105,7 @@ impl Daemon {
             surface.clone(),
         );
         let server = tokio::spawn(web::serve::serve(listener, app, surface, shutdown.clone()));
-        let tasks = prober.start(config, opts.schedule, shutdown.clone())?;
+        let tasks = prober.start(opts.schedule, shutdown.clone())?;
         ready.store(true, Ordering::Relaxed);
         Ok(Daemon {
             addr,

@@ -510,7 +510,6 @@ impl Prober {
     /// schedulers. Returns the tasks; they end when `shutdown` is cancelled.
     pub fn start(
         &self,
-        _config: &Config,
         schedule: bool,
         shutdown: CancellationToken,
     ) -> anyhow::Result<JoinSet<()>> {
