@@ -25,6 +25,7 @@
 //! | `mailcanary_stage_overdue` | probe, stage | [`Metrics::set_in_flight`] |
 //! | `mailcanary_stage_backlog_seconds` | probe, stage | [`Metrics::set_backlog`] |
 //! | `mailcanary_stage_deadline_seconds` | probe, stage | [`Metrics::set_deadline`] |
+//! | `mailcanary_delivery_deadline_seconds` | probe, mailbox | [`Metrics::set_mailbox_deadline`] |
 //! | `mailcanary_stage_drain_eta_seconds` | probe, stage | [`Metrics::set_backlog`] |
 //! | `mailcanary_stage_last_success_timestamp_seconds` | probe, stage | `StageDone{late: false}` |
 //! | `mailcanary_probe_success` | probe | [`Metrics::set_probe_success`] |
@@ -174,6 +175,7 @@ pub struct Metrics {
     mailbox_failures: IntCounterVec,
     mailbox_late: IntCounterVec,
     mailbox_overdue: IntGaugeVec,
+    mailbox_deadline: GaugeVec,
     mailbox_success: IntGaugeVec,
     hop_duration: HistogramVec,
     delivery_tls: IntCounterVec,
@@ -312,6 +314,16 @@ impl Metrics {
                 Opts::new(
                     "mailcanary_delivery_overdue",
                     "Canaries past the delivery deadline and still awaited in the mailbox.",
+                ),
+                &["probe", "mailbox"],
+            ),
+        );
+        let mailbox_deadline = register(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "mailcanary_delivery_deadline_seconds",
+                    "The delivery deadline a new canary for the mailbox gets: fixed, or learned (\"auto\") from that mailbox's own deliveries.",
                 ),
                 &["probe", "mailbox"],
             ),
@@ -485,6 +497,7 @@ impl Metrics {
             mailbox_failures,
             mailbox_late,
             mailbox_overdue,
+            mailbox_deadline,
             mailbox_success,
             hop_duration,
             delivery_tls,
@@ -588,6 +601,7 @@ impl Metrics {
             self.mailbox_duration.with_label_values(&pm);
             self.mailbox_late.with_label_values(&pm);
             self.mailbox_overdue.with_label_values(&pm).set(0);
+            self.mailbox_deadline.with_label_values(&pm);
             self.mailbox_success.with_label_values(&pm).set(1);
         }
         self.changed();
@@ -866,6 +880,14 @@ impl Metrics {
     pub fn set_deadline(&self, probe: &str, stage: Stage, seconds: f64) {
         self.put(
             &self.deadline.with_label_values(&[probe, stage.as_str()]),
+            seconds,
+        );
+    }
+
+    /// The delivery deadline new canaries of `probe` for `mailbox` get.
+    pub fn set_mailbox_deadline(&self, probe: &str, mailbox: &str, seconds: f64) {
+        self.put(
+            &self.mailbox_deadline.with_label_values(&[probe, mailbox]),
             seconds,
         );
     }

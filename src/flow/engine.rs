@@ -102,8 +102,13 @@ struct ProbeState {
     mailbox_errors: BTreeMap<(String, Folder), Failure>,
     /// Per stage, the backlog draining after a stall (held canaries arriving late).
     drains: HashMap<Stage, Drain>,
-    /// The learned (`"auto"`) deadlines in use, frozen while the probe is failing.
+    /// The learned (`"auto"`) deadlines in use, frozen while the probe is failing. For a
+    /// probe with several mailboxes, delivery's is the largest of `learned_delivery`.
     learned: HashMap<Stage, u64>,
+    /// With several mailboxes, each one's learned delivery deadline: Gmail's tail is not an
+    /// own server's, and one deadline for all would detect a stall of the fast one only at
+    /// the slow one's pace.
+    learned_delivery: HashMap<String, u64>,
     /// The open incident, if the probe is in one.
     incident: Option<Incident>,
     /// Closed incidents, newest first (at most `incident::KEEP`).
@@ -439,6 +444,7 @@ impl Engine {
                 mailbox_errors: BTreeMap::new(),
                 drains: HashMap::new(),
                 learned: HashMap::new(),
+                learned_delivery: HashMap::new(),
                 incident,
                 incidents,
                 next_incident,
@@ -883,13 +889,17 @@ impl Engine {
         st.all_stale = true;
     }
 
-    /// The deadlines a new canary of `probe` gets: `base`, with every `"auto"` stage of
-    /// `auto` learned from the recent on-time durations of that stage ([`learn`]), frozen
-    /// while the probe is failing (an outage is never learned as normal), and end_to_end the
-    /// sum when it follows the stages. Exports `mailcanary_stage_deadline_seconds`.
+    /// The deadlines a new canary of `probe` for `mailbox` gets: `base`, with every `"auto"`
+    /// stage of `auto` learned from the recent on-time durations of that stage ([`learn`]),
+    /// frozen while the probe is failing (an outage is never learned as normal), and
+    /// end_to_end the sum when it follows the stages. With several mailboxes, delivery is
+    /// learned from `mailbox`'s own canaries (from all of the probe's while it has too few).
+    /// Exports `mailcanary_stage_deadline_seconds` and, for `mailbox`,
+    /// `mailcanary_delivery_deadline_seconds`.
     pub fn limits_for(
         &self,
         probe: &str,
+        mailbox: Option<&str>,
         base: &crate::canary::life::Limits,
         auto: Option<&AutoDeadlines>,
     ) -> crate::canary::life::Limits {
@@ -904,9 +914,12 @@ impl Engine {
         let Some(ps) = probes.get_mut(probe) else {
             return limits;
         };
+        // Delivery is learned per mailbox only where there is more than one.
+        let own = mailbox.filter(|_| ps.mailboxes.len() > 1);
         if let Some(auto) = auto {
             let mine: Vec<&Canary> = in_flight.values().filter(|c| c.probe == probe).collect();
-            let failing = verdict(ps, ledger_error.as_ref(), &mine).0 == "failing";
+            let frozen =
+                verdict(ps, ledger_error.as_ref(), &mine).0 == "failing" || ps.incident.is_some();
             // Durations seen around an incident are not normal either: a canary held by a
             // stall that cleared just before its deadline came through "on time", slow.
             let outages: Vec<(u64, u64)> = ps
@@ -921,18 +934,40 @@ impl Engine {
                 })
                 .collect();
             for (stage, floor) in &auto.stages {
-                let current = ps.learned.get(stage).copied();
-                let value = if failing || ps.incident.is_some() {
-                    current
-                } else {
-                    let normal = ps.recent.iter().filter(|c| {
-                        let started = c.record(*stage).and_then(|r| r.started_ms).unwrap_or(0);
-                        !outages.iter().any(|(a, b)| (*a..=*b).contains(&started))
-                    });
-                    learn(normal, *stage, (*floor).max(auto.min_ms), auto.max_ms).or(current)
+                let (min, max) = ((*floor).max(auto.min_ms), auto.max_ms);
+                let normal = |c: &&Canary| {
+                    let started = c.record(*stage).and_then(|r| r.started_ms).unwrap_or(0);
+                    !outages.iter().any(|(a, b)| (*a..=*b).contains(&started))
                 };
-                let value = value.unwrap_or(auto.max_ms);
-                ps.learned.insert(*stage, value);
+                let all = || learn(ps.recent.iter().filter(normal), *stage, min, max);
+                let value = match own {
+                    Some(m) if *stage == Stage::Delivery => {
+                        let current = ps.learned_delivery.get(m).copied();
+                        let value = if frozen {
+                            current
+                        } else {
+                            let of_m = ps
+                                .recent
+                                .iter()
+                                .filter(|c| c.mailbox.as_deref() == Some(m))
+                                .filter(normal);
+                            learn(of_m, *stage, min, max).or_else(all).or(current)
+                        };
+                        let value = value.unwrap_or(max);
+                        ps.learned_delivery.insert(m.to_string(), value);
+                        // The probe-wide figure (gauge, status): the largest mailbox's.
+                        let widest = ps.learned_delivery.values().copied().max();
+                        ps.learned.insert(*stage, widest.unwrap_or(value));
+                        value
+                    }
+                    _ => {
+                        let current = ps.learned.get(stage).copied();
+                        let value = if frozen { current } else { all().or(current) };
+                        let value = value.unwrap_or(max);
+                        ps.learned.insert(*stage, value);
+                        value
+                    }
+                };
                 limits.set_deadline(*stage, value);
             }
             if auto.end_to_end_is_sum {
@@ -940,8 +975,19 @@ impl Engine {
             }
         }
         for stage in &ps.stages {
+            let seconds = match (stage, ps.learned.get(stage)) {
+                (Stage::Delivery, Some(widest)) if own.is_some() => *widest,
+                _ => limits.deadline(*stage),
+            };
             self.metrics
-                .set_deadline(probe, *stage, limits.deadline(*stage) as f64 / 1000.0);
+                .set_deadline(probe, *stage, seconds as f64 / 1000.0);
+        }
+        if let Some(m) = mailbox {
+            self.metrics.set_mailbox_deadline(
+                probe,
+                m,
+                limits.deadline(Stage::Delivery) as f64 / 1000.0,
+            );
         }
         limits
     }
@@ -1637,6 +1683,7 @@ fn mailbox_status(ps: &ProbeState, m: &str, in_flight: &[&Canary], now: u64) -> 
         overdue,
         oldest_in_flight_ms: waiting.iter().copied().max(),
         p50_ms: quantile(&durations, 0.50),
+        learned_deadline_ms: ps.learned_delivery.get(m).copied(),
         last_delivered_ms: last.map(|(t, _)| t),
         last_folder: last.map(|(_, f)| f),
         inbox: delivered
@@ -1783,6 +1830,9 @@ pub struct MailboxStatus {
     pub oldest_in_flight_ms: Option<u64>,
     /// Over the recent finished canaries delivered into it.
     pub p50_ms: Option<u64>,
+    /// Its own learned delivery deadline, for a probe with several mailboxes and delivery
+    /// `"auto"` (the probe's otherwise: `stages`).
+    pub learned_deadline_ms: Option<u64>,
     pub last_delivered_ms: Option<u64>,
     pub last_folder: Option<Folder>,
     /// Recent deliveries by folder.
@@ -1943,6 +1993,88 @@ mod mailbox_tests {
         assert_eq!(done.folder, Some(Folder::Inbox));
         // The newest of gmail is now on time, and nothing of m365 failed: ok.
         assert_eq!(engine.status(now_ms())[0].state, "ok");
+    }
+}
+
+#[cfg(test)]
+mod learn_per_mailbox_tests {
+    use super::*;
+
+    /// With several mailboxes an `"auto"` delivery deadline is each mailbox's own: one learned
+    /// from all of them would follow the slowest (a fast mailbox's stall caught only at the slow
+    /// one's pace).
+    #[test]
+    fn each_mailbox_learns_its_own_delivery_deadline() {
+        use crate::canary::life::tests::limits;
+        const PLAN: [Stage; 2] = [Stage::Submit, Stage::Delivery];
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let t0 = now_ms().saturating_sub(600_000);
+        let mut writes = Vec::new();
+        for i in 0..20u64 {
+            for (mailbox, took) in [("fast", 100 + i), ("slow", 4_000 + i)] {
+                let at = t0 + i * 10_000;
+                let id = format!("{mailbox}{i}");
+                let mut c = Canary::new("p", &id, &id, &id, PLAN.to_vec(), limits(), at);
+                c.mailbox = Some(mailbox.into());
+                c.observe(Stage::Submit, at + 10);
+                c.observe(Stage::Delivery, at + 10 + took);
+                assert_eq!(c.outcome, Some(Outcome::OnTime));
+                writes.push(Write::Finish(c));
+            }
+        }
+        ledger.write(&writes).unwrap();
+        let metrics = Arc::new(Metrics::new("t", "t"));
+        let engine = Engine::new(ledger, metrics.clone());
+        let names = ["fast", "slow", "new"].map(String::from);
+        engine.register_probe("p", &PLAN, &names);
+        let auto = AutoDeadlines {
+            stages: vec![(Stage::Delivery, 0)],
+            min_ms: 100,
+            max_ms: 600_000,
+            plan: PLAN.to_vec(),
+            end_to_end_is_sum: true,
+        };
+        let deadline = |m: &str| {
+            engine
+                .limits_for("p", Some(m), &limits(), Some(&auto))
+                .deadline(Stage::Delivery)
+        };
+        // Three times each one's p99 (fast 100..119 ms, slow 4,000..4,019 ms).
+        assert_eq!(deadline("fast"), 357);
+        assert_eq!(deadline("slow"), 12_057);
+        // A mailbox without deliveries yet takes the probe's (all of them: the slow tail).
+        assert_eq!(deadline("new"), 12_057);
+        let limits_fast = engine.limits_for("p", Some("fast"), &limits(), Some(&auto));
+        assert_eq!(
+            limits_fast.end_to_end_ms,
+            1_000 + 357,
+            "the sum follows the mailbox"
+        );
+        let text = String::from_utf8(metrics.exposition().to_vec()).unwrap();
+        for line in [
+            "mailcanary_delivery_deadline_seconds{mailbox=\"fast\",probe=\"p\"} 0.357",
+            "mailcanary_delivery_deadline_seconds{mailbox=\"slow\",probe=\"p\"} 12.057",
+            // The probe-wide gauge says the widest.
+            "mailcanary_stage_deadline_seconds{probe=\"p\",stage=\"delivery\"} 12.057",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        let st = &engine.status(now_ms())[0];
+        let fast = st.mailboxes.iter().find(|m| m.name == "fast").unwrap();
+        assert_eq!(fast.learned_deadline_ms, Some(357));
+
+        // One mailbox: the probe's deadline, as before.
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let engine = Engine::new(ledger, Arc::new(Metrics::new("t", "t")));
+        engine.register_probe("p", &PLAN, &["only".to_string()]);
+        let l = engine.limits_for("p", Some("only"), &limits(), Some(&auto));
+        assert_eq!(
+            l.deadline(Stage::Delivery),
+            600_000,
+            "nothing learned yet: auto_max"
+        );
     }
 }
 

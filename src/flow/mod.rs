@@ -517,7 +517,10 @@ impl Prober {
         for p in &self.probes {
             let _ = p.metrics.set(self.engine.metrics().clone());
             // The deadlines new canaries get (learned ones from the history the ledger kept).
-            self.engine.limits_for(&p.name, &p.limits, p.auto.as_ref());
+            for m in &p.mailboxes {
+                self.engine
+                    .limits_for(&p.name, Some(&m.name), &p.limits, p.auto.as_ref());
+            }
         }
         // One heartbeat task per probe that has a dead man's switch.
         let heartbeats: Vec<_> = self

@@ -48,7 +48,12 @@ pub async fn start_canary(engine: Arc<Engine>, probe: Arc<Probe>, mailbox: usize
         token.as_str(),
         &message::message_id(&token, &probe.hostname),
         probe.plan.clone(),
-        engine.limits_for(&probe.name, &probe.limits, probe.auto.as_ref()),
+        engine.limits_for(
+            &probe.name,
+            Some(&m.name),
+            &probe.limits,
+            probe.auto.as_ref(),
+        ),
         created,
     );
     canary.mailbox = Some(m.name.clone());
