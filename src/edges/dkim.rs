@@ -99,8 +99,15 @@ fn combine<'a>(mut results: impl Iterator<Item = &'a DkimResult>) -> AuthResult 
     }
 }
 
+/// mail-auth's verdict as RFC 8601 words it. mail-auth 0.13.3 answers a body hash that does
+/// not match (the body changed after signing: a list footer, a rewriting gateway) with
+/// `neutral`; RFC 6376 6.1.3 makes it a PERMFAIL and RFC 8617 5.2 fails the chain, and opendkim
+/// says `fail`, so it is `fail` here too.
 fn result_of(r: &DkimResult) -> AuthResult {
+    use mail_auth::{Error, arc::ArcError, dkim::DkimError};
     match r {
+        DkimResult::Neutral(Error::Dkim(DkimError::FailedBodyHashMatch))
+        | DkimResult::Neutral(Error::Arc(ArcError::FailedBodyHashMatch)) => AuthResult::Fail,
         DkimResult::Pass => AuthResult::Pass,
         DkimResult::Neutral(_) => AuthResult::Neutral,
         DkimResult::Fail(_) => AuthResult::Fail,
@@ -120,6 +127,25 @@ mod tests {
 \tb=Bw8oPwyYjUsk5JCS1Z/TQlP5kYFJ6e28mqhczPCR+/h21tzFRFo6e9OhJKkV+gJFw=\r\n\
 From: canary@example.test\r\nTo: inbox@example.test\r\nSubject: pass\r\n\
 Date: Wed, 02 Dec 2026 15:59:54 +0000\r\n\r\nbody\r\n";
+
+    /// Regression test of a mail-auth 0.13.3 surprise, seen on a canary a list's footer
+    /// changed (tests/realmail/arc.rs): its verdict for a body hash that does not match is
+    /// `neutral`. The body hash is checked before the key is looked up, so no DNS is needed.
+    #[tokio::test]
+    async fn a_body_changed_after_signing_is_fail_not_mail_auths_neutral() {
+        let v =
+            Verifier::new(Some("127.0.0.1:9".parse().unwrap()), Duration::from_secs(5)).unwrap();
+        let changed = SIGNED.replace("\r\n\r\nbody\r\n", "\r\n\r\nbody\r\n--\r\nfooter\r\n");
+        assert_ne!(changed, SIGNED);
+        let got = v.verify(changed.as_bytes()).await;
+        assert_eq!(
+            got,
+            [
+                verdict(AuthMethod::Dkim, AuthResult::Fail),
+                verdict(AuthMethod::Arc, AuthResult::None)
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn an_unsigned_mail_is_none_without_asking_dns() {

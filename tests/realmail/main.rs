@@ -5,6 +5,7 @@
 //! generated mail-loop config. The servers come from Debian packages that `tests/run.sh`
 //! installs; the tests fail, not skip, when they are missing. They need root (Postfix).
 
+mod arc;
 mod auth_drills;
 mod auth_mx;
 mod common;
