@@ -942,7 +942,12 @@ impl Engine {
                 let all = || learn(ps.recent.iter().filter(normal), *stage, min, max);
                 let value = match own {
                     Some(m) if *stage == Stage::Delivery => {
-                        let current = ps.learned_delivery.get(m).copied();
+                        // Frozen before this mailbox learned anything: the probe's (the widest).
+                        let current = ps
+                            .learned_delivery
+                            .get(m)
+                            .or(ps.learned.get(stage))
+                            .copied();
                         let value = if frozen {
                             current
                         } else {
