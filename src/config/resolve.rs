@@ -414,7 +414,14 @@ impl Ctx<'_> {
             return Some(p);
         }
         match std::fs::metadata(&p) {
-            Ok(m) if m.is_file() => {}
+            Ok(m) if m.is_file() => match std::fs::read(&p) {
+                Ok(pem) => {
+                    if let Err(e) = crate::edges::check_roots(&pem) {
+                        self.err(v.span(), k, format!("{}: {e}", p.display()));
+                    }
+                }
+                Err(e) => self.err(v.span(), k, format!("cannot read {}: {e}", p.display())),
+            },
             Ok(_) => self.err(v.span(), k, format!("{} is not a file", p.display())),
             Err(e) => self.err(v.span(), k, format!("cannot read {}: {e}", p.display())),
         }

@@ -487,6 +487,39 @@ fn base_url_must_be_http() {
     single_error(&text, 12, "probe[0].helpdesk.base_url");
 }
 
+/// A self-signed CA certificate (P-256, valid for a century; only its form is checked here).
+const TEST_CA: &str = include_str!("test-ca.pem");
+
+/// A `ca_file` must hold PEM certificates: a key, or anything else, is an error at its line
+/// (it used to pass `check` and stop `run` at start, with no file, line or key).
+#[test]
+fn a_ca_file_without_a_certificate_is_an_error_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), TEST_CA).unwrap();
+    std::fs::write(
+        dir.path().join("key.pem"),
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("text.pem"), "not a certificate\n").unwrap();
+    let text =
+        |file: &str| mail_loop("a", "").replace("from =", &format!("ca_file = \"{file}\"\nfrom ="));
+    parse_env(&text("ca.pem"), "p.toml", Some(dir.path()), &[]).unwrap_or_else(|e| panic!("{e}"));
+    for bad in ["key.pem", "text.pem"] {
+        let errs = parse_env(&text(bad), "p.toml", Some(dir.path()), &[])
+            .unwrap_err()
+            .0;
+        assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+        assert_eq!(errs[0].position.map(|p| p.line), Some(7));
+        assert_eq!(errs[0].key.as_deref(), Some("probe[0].smtp.ca_file"));
+        assert!(
+            errs[0].message.contains("no PEM certificate found"),
+            "{}",
+            errs[0]
+        );
+    }
+}
+
 #[test]
 fn ca_file_must_exist() {
     let text = mail_loop("a", "").replace("from =", "ca_file = \"/nonexistent/ca.pem\"\nfrom =");
@@ -499,7 +532,7 @@ fn ca_file_must_exist() {
 #[test]
 fn helpdesk_and_token_endpoint_take_a_ca_file() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("corp-ca.pem"), "pem").unwrap();
+    std::fs::write(dir.path().join("corp-ca.pem"), TEST_CA).unwrap();
     let parse_in = |text: &str| {
         parse_env(text, "p.toml", Some(dir.path()), &[]).unwrap_or_else(|e| panic!("{e}"))
     };

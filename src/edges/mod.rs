@@ -33,6 +33,29 @@ use std::sync::Arc;
 
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 
+/// Adds every PEM certificate of `pem` to `roots`: how many, or why not (none, bad PEM, a
+/// certificate rustls cannot use as a root).
+fn add_roots(roots: &mut rustls::RootCertStore, pem: &[u8]) -> Result<usize, String> {
+    let mut added = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("bad PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("unusable certificate: {e}"))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err("no PEM certificate found".into());
+    }
+    Ok(added)
+}
+
+/// Whether `pem` holds root certificates a client can trust (what a `ca_file` must hold),
+/// for the config loader to say so at file, line and key rather than at start.
+pub(crate) fn check_roots(pem: &[u8]) -> Result<usize, String> {
+    add_roots(&mut rustls::RootCertStore::empty(), pem)
+}
+
 /// A rustls client config on the ring provider, trusting webpki-roots plus `extra_roots_pem`
 /// (one or more PEM certificates, e.g. a private CA in front of a test MX).
 ///
@@ -44,17 +67,7 @@ pub(crate) fn rustls_client_config(
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(pem) = extra_roots_pem {
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| format!("extra root certificates: bad PEM: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("extra root certificates: unusable certificate: {e}"))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err("extra root certificates: no PEM certificate found".into());
-        }
+        add_roots(&mut roots, pem).map_err(|e| format!("extra root certificates: {e}"))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
