@@ -7,6 +7,8 @@ mod blind;
 mod chaos;
 mod cli;
 mod common;
+#[path = "../support/connect_proxy.rs"]
+mod connect_proxy;
 mod dashboard;
 mod drain;
 mod drills;
@@ -21,6 +23,7 @@ mod learned;
 mod private_ca;
 #[path = "../support/probe_config.rs"]
 mod probe_config;
+mod proxy;
 mod recipients;
 mod reload;
 mod restart;

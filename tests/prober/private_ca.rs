@@ -27,7 +27,7 @@ fn behind_tls(
 
 /// A sandbox, a test CA with a 127.0.0.1 leaf (in the returned dir), and a TLS front for the
 /// sandbox's API with that leaf.
-async fn behind_a_front() -> (mailcanary::sandbox::Sandbox, tempfile::TempDir, TlsFront) {
+pub async fn behind_a_front() -> (mailcanary::sandbox::Sandbox, tempfile::TempDir, TlsFront) {
     let sb = sandbox().await;
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
