@@ -105,6 +105,9 @@ pub struct ProbeConfig {
     /// A dead man's switch (healthchecks.io style): GET after each on-time canary, GET
     /// `…/fail` when the probe starts failing. A secret: whoever has it can ping it.
     pub heartbeat_url: Option<Secret>,
+    /// Extra trusted roots (PEM) for the heartbeat endpoint, beside the built-in web PKI
+    /// roots (a self-hosted Healthchecks behind a private CA).
+    pub heartbeat_ca_file: Option<PathBuf>,
     pub deadlines: Deadlines,
     pub smtp: SmtpConfig,
     /// `Some` exactly when `kind` is [`ProbeKind::Helpdesk`].

@@ -52,6 +52,8 @@ pub struct RawProbe {
     /// A dead man's switch URL (healthchecks.io style) pinged after each on-time canary.
     pub heartbeat_url: Option<Spanned<String>>,
     pub heartbeat_url_file: Option<Spanned<PathBuf>>,
+    /// Extra trusted roots (PEM) for the heartbeat endpoint (a self-hosted one).
+    pub heartbeat_ca_file: Option<Spanned<PathBuf>>,
     pub deadlines: Option<RawDeadlines>,
     pub smtp: Spanned<RawSmtp>,
     pub helpdesk: Option<Spanned<RawHelpdesk>>,

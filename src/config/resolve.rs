@@ -536,6 +536,7 @@ impl Ctx<'_> {
             lost_after,
             cleanup: raw.cleanup.unwrap_or(true),
             heartbeat_url: self.heartbeat_url(&pre, raw),
+            heartbeat_ca_file: self.heartbeat_ca_file(&pre, raw),
             deadlines,
             smtp: self.smtp(&key(&pre, "smtp"), &raw.smtp, kind, raw.mailbox.is_some()),
             helpdesk,
@@ -1600,6 +1601,19 @@ impl Ctx<'_> {
                 .collect(),
             body,
         }
+    }
+
+    /// `heartbeat_ca_file`: only beside a heartbeat URL (alone it would trust nothing).
+    fn heartbeat_ca_file(&mut self, pre: &str, raw: &RawProbe) -> Option<PathBuf> {
+        let v = raw.heartbeat_ca_file.as_ref()?;
+        if raw.heartbeat_url.is_none() && raw.heartbeat_url_file.is_none() {
+            self.err(
+                v.span(),
+                key(pre, "heartbeat_ca_file"),
+                "only used with `heartbeat_url` or `heartbeat_url_file`",
+            );
+        }
+        self.ca_file(Some(v), key(pre, "heartbeat_ca_file"))
     }
 
     /// `heartbeat_url` (or `_file`): an http(s) URL with a host. Its text is a secret (a

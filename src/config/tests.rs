@@ -521,6 +521,30 @@ fn a_ca_file_without_a_certificate_is_an_error_at_its_line() {
 }
 
 #[test]
+fn a_heartbeat_ca_file_needs_a_heartbeat_url() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), TEST_CA).unwrap();
+    let text = mail_loop("a", "").replace(
+        "kind = \"mail_loop\"\n",
+        "kind = \"mail_loop\"\nheartbeat_ca_file = \"ca.pem\"\n",
+    );
+    let errs = parse_env(&text, "p.toml", Some(dir.path()), &[])
+        .unwrap_err()
+        .0;
+    assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+    assert_eq!(errs[0].key.as_deref(), Some("probe[0].heartbeat_ca_file"));
+    let text = text.replace(
+        "heartbeat_ca_file",
+        "heartbeat_url = \"https://hc.corp/ping/x\"\nheartbeat_ca_file",
+    );
+    let cfg = parse_env(&text, "p.toml", Some(dir.path()), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.probes[0].heartbeat_ca_file,
+        Some(dir.path().join("ca.pem"))
+    );
+}
+
+#[test]
 fn ca_file_must_exist() {
     let text = mail_loop("a", "").replace("from =", "ca_file = \"/nonexistent/ca.pem\"\nfrom =");
     single_error(&text, 7, "probe[0].smtp.ca_file");

@@ -89,6 +89,8 @@ pub struct Probe {
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     /// The dead man's switch this probe pings (`heartbeat_url`), if any.
     pub heartbeat_url: Option<crate::config::Secret>,
+    /// Roots trusted beside the web's for it (`heartbeat_ca_file`).
+    heartbeat_roots: Option<Vec<u8>>,
 }
 
 /// One watched mailbox of a probe: where its canaries go and the watchers that see them.
@@ -379,6 +381,7 @@ impl Probe {
             deleting: Default::default(),
             metrics: std::sync::OnceLock::new(),
             heartbeat_url: cfg.heartbeat_url.clone(),
+            heartbeat_roots: read_roots(cfg.heartbeat_ca_file.as_deref())?,
         })
     }
 }
@@ -522,29 +525,27 @@ impl Prober {
                     .limits_for(&p.name, Some(&m.name), &p.limits, p.auto.as_ref());
             }
         }
-        // One heartbeat task per probe that has a dead man's switch.
-        let heartbeats: Vec<_> = self
-            .probes
-            .iter()
-            .filter_map(|p| Some((p.name.clone(), p.heartbeat_url.clone()?)))
-            .collect();
-        if !heartbeats.is_empty() {
-            let mut tls = crate::edges::rustls_client_config(None).map_err(anyhow::Error::msg)?;
+        // One heartbeat task per probe that has a dead man's switch, each with a client that
+        // trusts its own `heartbeat_ca_file`.
+        for p in &self.probes {
+            let Some(url) = p.heartbeat_url.clone() else {
+                continue;
+            };
+            let mut tls = crate::edges::rustls_client_config(p.heartbeat_roots.as_deref())
+                .map_err(|e| anyhow::anyhow!("probe {}: heartbeat: {e}", p.name))?;
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let http = reqwest::Client::builder()
                 .tls_backend_preconfigured(tls)
                 .connect_timeout(heartbeat::PING_TIMEOUT)
                 .user_agent(concat!("mailcanary/", env!("CARGO_PKG_VERSION")))
                 .build()?;
-            for (name, url) in heartbeats {
-                tasks.spawn(heartbeat::run(
-                    self.engine.clone(),
-                    name,
-                    url,
-                    http.clone(),
-                    shutdown.clone(),
-                ));
-            }
+            tasks.spawn(heartbeat::run(
+                self.engine.clone(),
+                p.name.clone(),
+                url,
+                http,
+                shutdown.clone(),
+            ));
         }
         // One watcher per distinct watched folder (a mailbox's inbox, its Junk folder), shared
         // by the probes that read it; each started with that mailbox's own settings (`check`

@@ -157,3 +157,42 @@ fn a_heartbeat_url_must_be_http_and_is_never_quoted_in_the_error() {
         .is_ok()
     );
 }
+
+/// A self-hosted Healthchecks behind a private CA: `heartbeat_ca_file` trusts it, and the
+/// pings go over TLS (through a real TLS front) with no error counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_endpoint_behind_a_private_ca_is_pinged_through_its_ca_file() {
+    let sb = sandbox().await;
+    let (url, seen) = endpoint().await;
+    let upstream: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let front = crate::tls_front::TlsFront::start(
+        upstream,
+        &certs.path().join("server.pem"),
+        &certs.path().join("server.key"),
+    )
+    .await;
+    let mut file = config_file(&sb, &Knobs::default());
+    let p = file.probe_mut(PROBE);
+    p.heartbeat_url = Some(format!("{}/{SECRET_PATH}", front.url()));
+    p.heartbeat_ca_file = Some(certs.path().join("ca.pem").display().to_string());
+    let cfg = config::parse_str(&file.render(), "hb.toml").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(&cfg, dir.path()).await;
+    let ok = format!("/{SECRET_PATH}");
+    wait_for(&seen, "two success pings over TLS", |p| {
+        p.iter().filter(|x| **x == ok).count() >= 2
+    })
+    .await;
+    assert!(front.handshakes().0 >= 1);
+    let s = scrape(d.addr).await;
+    assert_eq!(v(&s, "mailcanary_heartbeat_errors_total", &[]), 0.0);
+    d.stop().await;
+}

@@ -95,6 +95,8 @@ pub struct Probe {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_url_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub junk_is_ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub require_tls_hops: Option<bool>,
