@@ -109,6 +109,10 @@ struct ProbeState {
     /// own server's, and one deadline for all would detect a stall of the fast one only at
     /// the slow one's pace.
     learned_delivery: HashMap<String, u64>,
+    /// The deadlines new canaries last got (fixed or learned), per stage and, for delivery,
+    /// per mailbox: what the status and the dashboard show beside the durations.
+    deadlines: HashMap<Stage, u64>,
+    mailbox_deadlines: HashMap<String, u64>,
     /// The open incident, if the probe is in one.
     incident: Option<Incident>,
     /// Closed incidents, newest first (at most `incident::KEEP`).
@@ -445,6 +449,8 @@ impl Engine {
                 drains: HashMap::new(),
                 learned: HashMap::new(),
                 learned_delivery: HashMap::new(),
+                deadlines: HashMap::new(),
+                mailbox_deadlines: HashMap::new(),
                 incident,
                 incidents,
                 next_incident,
@@ -986,8 +992,11 @@ impl Engine {
             };
             self.metrics
                 .set_deadline(probe, *stage, seconds as f64 / 1000.0);
+            ps.deadlines.insert(*stage, seconds);
         }
         if let Some(m) = mailbox {
+            ps.mailbox_deadlines
+                .insert(m.to_string(), limits.deadline(Stage::Delivery));
             self.metrics.set_mailbox_deadline(
                 probe,
                 m,
@@ -1355,6 +1364,7 @@ impl Engine {
                                 })
                                 .max(),
                             learned_deadline_ms: ps.learned.get(s).copied(),
+                            deadline_ms: ps.deadlines.get(s).copied(),
                         }
                     })
                     .collect();
@@ -1689,6 +1699,7 @@ fn mailbox_status(ps: &ProbeState, m: &str, in_flight: &[&Canary], now: u64) -> 
         oldest_in_flight_ms: waiting.iter().copied().max(),
         p50_ms: quantile(&durations, 0.50),
         learned_deadline_ms: ps.learned_delivery.get(m).copied(),
+        deadline_ms: ps.mailbox_deadlines.get(m).copied(),
         last_delivered_ms: last.map(|(t, _)| t),
         last_folder: last.map(|(_, f)| f),
         inbox: delivered
@@ -1795,6 +1806,9 @@ pub struct StageStatus {
     pub last_success_ms: Option<u64>,
     /// The learned deadline new canaries get, for an `"auto"` stage.
     pub learned_deadline_ms: Option<u64>,
+    /// The deadline new canaries get (fixed or learned; with several mailboxes, delivery's is
+    /// the largest of theirs).
+    pub deadline_ms: Option<u64>,
 }
 
 /// A stage's backlog, for the status page.
@@ -1838,6 +1852,8 @@ pub struct MailboxStatus {
     /// Its own learned delivery deadline, for a probe with several mailboxes and delivery
     /// `"auto"` (the probe's otherwise: `stages`).
     pub learned_deadline_ms: Option<u64>,
+    /// The delivery deadline its new canaries get.
+    pub deadline_ms: Option<u64>,
     pub last_delivered_ms: Option<u64>,
     pub last_folder: Option<Folder>,
     /// Recent deliveries by folder.
@@ -2068,6 +2084,13 @@ mod learn_per_mailbox_tests {
         let st = &engine.status(now_ms())[0];
         let fast = st.mailboxes.iter().find(|m| m.name == "fast").unwrap();
         assert_eq!(fast.learned_deadline_ms, Some(357));
+        assert_eq!(fast.deadline_ms, Some(357));
+        let delivery = st
+            .stages
+            .iter()
+            .find(|s| s.stage == Stage::Delivery)
+            .unwrap();
+        assert_eq!(delivery.deadline_ms, Some(12_057), "the widest");
 
         // One mailbox: the probe's deadline, as before.
         let dir = tempfile::tempdir().unwrap();

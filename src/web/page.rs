@@ -99,10 +99,19 @@ fn outcome(c: &Canary) -> (&'static str, &'static str) {
     }
 }
 
+/// A deadline cell: `2 s`, or `357 ms (learned)` for an `"auto"` one.
+fn deadline(ms: Option<u64>, learned: bool) -> String {
+    match (ms, learned) {
+        (Some(ms), true) => format!("{} (learned)", dur(ms)),
+        (Some(ms), false) => dur(ms),
+        (None, _) => "–".into(),
+    }
+}
+
 fn stage_table(out: &mut String, p: &ProbeStatus, now: u64) {
     out.push_str(
         "<h3>Stages</h3><table class=\"stages\"><tr><th>stage</th><th>p50</th><th>p95</th>\
-         <th>last success</th><th>in flight</th><th>oldest in flight</th></tr>",
+         <th>deadline</th><th>last success</th><th>in flight</th><th>oldest in flight</th></tr>",
     );
     for s in &p.stages {
         let opt = |v: Option<u64>| v.map(dur).unwrap_or_else(|| "–".into());
@@ -110,11 +119,12 @@ fn stage_table(out: &mut String, p: &ProbeStatus, now: u64) {
         let _ = write!(
             out,
             "<tr class=\"stage\" data-stage=\"{st}\"><td>{st}</td><td class=\"num\">{p50}</td>\
-             <td class=\"num\">{p95}</td><td>{last}</td><td class=\"num\">{n}</td>\
-             <td class=\"num\">{oldest}</td></tr>",
+             <td class=\"num\">{p95}</td><td class=\"num\">{deadline}</td><td>{last}</td>\
+             <td class=\"num\">{n}</td><td class=\"num\">{oldest}</td></tr>",
             st = s.stage,
             p50 = opt(s.p50_ms),
             p95 = opt(s.p95_ms),
+            deadline = deadline(s.deadline_ms, s.learned_deadline_ms.is_some()),
             last = s
                 .last_success_ms
                 .map(|t| ago(now, t))
@@ -557,7 +567,7 @@ fn mailbox_table(out: &mut String, p: &ProbeStatus, now: u64) {
     out.push_str(
         "<h3>Delivery by mailbox</h3><table class=\"mailboxes\"><tr><th>mailbox</th>\
          <th>state</th><th>awaited</th><th>overdue</th><th>oldest</th><th>p50</th>\
-         <th>last delivered</th><th>inbox / junk (recent)</th></tr>",
+         <th>deadline</th><th>last delivered</th><th>inbox / junk (recent)</th></tr>",
     );
     for m in &p.mailboxes {
         let _ = write!(
@@ -565,7 +575,8 @@ fn mailbox_table(out: &mut String, p: &ProbeStatus, now: u64) {
             "<tr class=\"mailbox\" data-mailbox=\"{name}\" data-state=\"{state}\"><td>{name}</td>\
              <td class=\"{state}\" title=\"{why}\">{state}</td><td class=\"num\">{n}</td>\
              <td class=\"num\">{overdue}</td><td class=\"num\">{oldest}</td>\
-             <td class=\"num\">{p50}</td><td>{last}</td><td class=\"num\">{inbox} / {junk}</td></tr>",
+             <td class=\"num\">{p50}</td><td class=\"num\">{deadline}</td><td>{last}</td>\
+             <td class=\"num\">{inbox} / {junk}</td></tr>",
             name = esc(&m.name),
             state = m.state,
             why = esc(&m.why),
@@ -573,6 +584,7 @@ fn mailbox_table(out: &mut String, p: &ProbeStatus, now: u64) {
             overdue = m.overdue,
             oldest = m.oldest_in_flight_ms.map_or("-".into(), dur),
             p50 = m.p50_ms.map_or("-".into(), dur),
+            deadline = deadline(m.deadline_ms, m.learned_deadline_ms.is_some()),
             last = match (m.last_delivered_ms, m.last_folder) {
                 (Some(t), Some(f)) => format!("{} ({f})", ago(now, t)),
                 _ => "-".into(),

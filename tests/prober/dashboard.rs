@@ -101,6 +101,11 @@ async fn chromium_renders_probe_stages_waterfall_and_the_failure() {
         "the error text from the edge"
     );
     assert!(!html.contains("sandbox</td>") || html.contains(PROBE));
+    // The drill's 2 s import deadline, beside the stage's durations.
+    assert!(
+        html.contains("<td class=\"num\">2.00 s</td>"),
+        "the import deadline in the stage table"
+    );
 
     screenshot(&url, "dashboard.png", "1280,1100").await;
     d.stop().await;
