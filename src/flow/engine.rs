@@ -985,14 +985,22 @@ impl Engine {
                 limits.end_to_end_ms = auto.plan.iter().map(|s| limits.deadline(*s)).sum();
             }
         }
+        // The probe-wide figures: with deadlines learned per mailbox, delivery's (and an
+        // end_to_end that follows the stages) is the widest mailbox's, not the last one asked.
+        let widest = own
+            .and_then(|_| ps.learned.get(&Stage::Delivery).copied())
+            .filter(|_| auto.is_some_and(|a| a.stages.iter().any(|(s, _)| *s == Stage::Delivery)));
+        let mut probe_wide = limits.clone();
+        if let Some(w) = widest {
+            probe_wide.set_deadline(Stage::Delivery, w);
+            if let Some(a) = auto.filter(|a| a.end_to_end_is_sum) {
+                probe_wide.end_to_end_ms = a.plan.iter().map(|s| probe_wide.deadline(*s)).sum();
+            }
+        }
         for stage in &ps.stages {
-            let seconds = match (stage, ps.learned.get(stage)) {
-                (Stage::Delivery, Some(widest)) if own.is_some() => *widest,
-                _ => limits.deadline(*stage),
-            };
-            self.metrics
-                .set_deadline(probe, *stage, seconds as f64 / 1000.0);
-            ps.deadlines.insert(*stage, seconds);
+            let ms = probe_wide.deadline(*stage);
+            self.metrics.set_deadline(probe, *stage, ms as f64 / 1000.0);
+            ps.deadlines.insert(*stage, ms);
         }
         if let Some(m) = mailbox {
             ps.mailbox_deadlines
@@ -2091,6 +2099,16 @@ mod learn_per_mailbox_tests {
             .find(|s| s.stage == Stage::Delivery)
             .unwrap();
         assert_eq!(delivery.deadline_ms, Some(12_057), "the widest");
+        let e2e = st
+            .stages
+            .iter()
+            .find(|s| s.stage == Stage::EndToEnd)
+            .unwrap();
+        assert_eq!(
+            e2e.deadline_ms,
+            Some(1_000 + 12_057),
+            "asked last for fast, still the widest"
+        );
 
         // One mailbox: the probe's deadline, as before.
         let dir = tempfile::tempdir().unwrap();
