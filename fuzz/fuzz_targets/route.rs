@@ -14,8 +14,9 @@ fuzz_target!(|raw: &[u8]| {
         require_tls_hops: true,
         require_auth: AuthMethod::ALL.to_vec(),
         trusted_authserv_ids: vec!["mx.example.test".into()],
+        require_verified: vec![AuthMethod::Dkim, AuthMethod::Arc],
     };
     let sent = raw.len() as u64 * 1_000_003;
-    let (route, _) = rules.judge(&hops, sent, &ars);
+    let (route, _) = rules.judge(&hops, sent, &ars, &[]);
     assert!(route.hops.len() <= MAX_HOPS);
 });

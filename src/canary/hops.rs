@@ -4,7 +4,7 @@
 //! Pure: [`received`] and [`auth_results`] read a parsed message (mail-parser 0.11), and
 //! [`Route::new`] turns them, with the canary's send time and the probe's trusted authserv-ids,
 //! into what the canary keeps. [`Route::fault`] says whether the probe's requirements
-//! (`require_tls_hops`, `require_auth`) fail the delivery.
+//! (`require_tls_hops`, `require_auth`, `require_verified`) fail the delivery.
 //!
 //! Hops are ordered from the first (the bottom-most `Received`, written by the first server
 //! that took the mail) to the last (the top-most, usually the mailbox server's LMTP). A hop's
@@ -176,19 +176,50 @@ pub struct RouteRules {
     pub require_auth: Vec<AuthMethod>,
     /// Lowercase. Empty: no `Authentication-Results` header is trusted.
     pub trusted_authserv_ids: Vec<String>,
+    /// Methods (DKIM, ARC) whose verdict in the prober's own check must be `pass`.
+    pub require_verified: Vec<AuthMethod>,
 }
 
 impl RouteRules {
     /// The route of a delivered mail (`received` and `ars` as [`super::Candidate`] holds
-    /// them) sent at `sent_ms`, and why these rules fail its delivery, if they do.
+    /// them) sent at `sent_ms`, with the prober's own verdicts `verified`, and why these rules
+    /// fail its delivery, if they do.
     pub fn judge(
         &self,
         received: &[Hop],
         sent_ms: u64,
         ars: &[AuthHeader],
+        verified: &[Verdict],
     ) -> (Route, Option<(super::life::Reason, String)>) {
-        let route = Route::new(received, sent_ms, ars, &self.trusted_authserv_ids);
-        let fault = route.fault(self.require_tls_hops, &self.require_auth);
+        let mut route = Route::new(received, sent_ms, ars, &self.trusted_authserv_ids);
+        route.verified = verified.to_vec();
+        let fault = route
+            .fault(self.require_tls_hops, &self.require_auth)
+            .or_else(|| {
+                let failed: Vec<String> = self
+                    .require_verified
+                    .iter()
+                    .map(|m| {
+                        let r = route
+                            .verified
+                            .iter()
+                            .find(|v| v.method == *m)
+                            .map_or(AuthResult::None, |v| v.result);
+                        (m, r)
+                    })
+                    .filter(|(_, r)| *r != AuthResult::Pass)
+                    .map(|(m, r)| format!("{}={}", m.as_str(), r.as_str()))
+                    .collect();
+                (!failed.is_empty()).then(|| {
+                    (
+                        super::life::Reason::AuthResult,
+                        format!(
+                            "required verification (the prober's own) not passed: {}",
+                            failed.join(", ")
+                        ),
+                    )
+                })
+            });
         (route, fault)
     }
 }
@@ -795,8 +826,9 @@ From: a@example.test\r\nSubject: x\r\n\r\nbody\r\n";
             require_tls_hops: true,
             require_auth: AuthMethod::ALL.to_vec(),
             trusted_authserv_ids: vec!["mx.example.test".into()],
+            require_verified: Vec::new(),
         };
-        let (route, fault) = rules.judge(&hops, T0, &ars);
+        let (route, fault) = rules.judge(&hops, T0, &ars, &[]);
         assert_eq!(route.hops.len(), 2);
         assert_eq!(route.hops[0].tls.as_deref(), Some("TLSv1.3"));
         assert_eq!(route.verdict(AuthMethod::Dkim), AuthResult::Pass);
@@ -808,6 +840,31 @@ From: a@example.test\r\nSubject: x\r\n\r\nbody\r\n";
             "required authentication not passed: spf=softfail, dmarc=fail, arc=none"
         );
         assert!(parse_auth_results(&String::from_utf8_lossy(raw)).is_some());
+    }
+
+    /// `require_verified` judges the prober's own verdicts, after the receiver's rules: a
+    /// missing verdict is `none`, anything but `pass` fails with `auth_result`.
+    #[test]
+    fn required_verification_fails_on_anything_but_pass() {
+        let rules = RouteRules {
+            require_verified: vec![AuthMethod::Dkim, AuthMethod::Arc],
+            ..RouteRules::default()
+        };
+        let v = |method, result| Verdict { method, result };
+        let pass = [
+            v(AuthMethod::Dkim, AuthResult::Pass),
+            v(AuthMethod::Arc, AuthResult::Pass),
+        ];
+        let (route, fault) = rules.judge(&[], T0, &[], &pass);
+        assert_eq!(fault, None);
+        assert_eq!(route.verified, pass);
+        let (_, fault) = rules.judge(&[], T0, &[], &[v(AuthMethod::Dkim, AuthResult::Fail)]);
+        let (reason, detail) = fault.unwrap();
+        assert_eq!(reason, super::super::life::Reason::AuthResult);
+        assert_eq!(
+            detail,
+            "required verification (the prober's own) not passed: dkim=fail, arc=none"
+        );
     }
 
     #[test]

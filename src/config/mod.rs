@@ -117,7 +117,7 @@ pub struct ProbeConfig {
     pub mailboxes: Vec<MailboxConfig>,
     /// A canary found in a Junk folder counts as delivered (placement still counted).
     pub junk_is_ok: bool,
-    /// `require_tls_hops`, `require_auth`, `trusted_authserv_ids`.
+    /// `require_tls_hops`, `require_auth`, `trusted_authserv_ids`, `require_verified`.
     pub route_rules: crate::canary::hops::RouteRules,
     /// `verify_dkim = true`: `Some`, with `dns_resolver` (`None`: the system's resolver).
     pub verify_dkim: Option<Option<std::net::SocketAddr>>,

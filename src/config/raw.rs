@@ -67,6 +67,9 @@ pub struct RawProbe {
     /// Methods (`dkim`, `spf`, `dmarc`, `arc`) whose trusted verdict must be `pass`, or
     /// delivery fails (`auth_result`).
     pub require_auth: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Methods (`dkim`, `arc`) whose verdict in the prober's own check (`verify_dkim`) must be
+    /// `pass`, or delivery fails (`auth_result`).
+    pub require_verified: Option<Spanned<Vec<Spanned<String>>>>,
     /// The authserv-ids whose `Authentication-Results` headers are believed (RFC 8601 §5:
     /// anyone on the way can add one).
     pub trusted_authserv_ids: Option<Spanned<Vec<Spanned<String>>>>,

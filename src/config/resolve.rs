@@ -575,7 +575,7 @@ impl Ctx<'_> {
         Some(resolver)
     }
 
-    /// `require_tls_hops`, `require_auth`, `trusted_authserv_ids`.
+    /// `require_tls_hops`, `require_auth`, `trusted_authserv_ids`, `require_verified`.
     fn route_rules(&mut self, pre: &str, raw: &RawProbe) -> RouteRules {
         let mut rules = RouteRules {
             require_tls_hops: raw.require_tls_hops.unwrap_or(false),
@@ -619,6 +619,34 @@ impl Ctx<'_> {
                 key(pre, "require_auth"),
                 "needs trusted_authserv_ids: without a trusted authserv-id no \
                  Authentication-Results header is believed, and every verdict is none",
+            );
+        }
+        for m in raw.require_verified.iter().flat_map(|l| l.get_ref()) {
+            match AuthMethod::parse(m.get_ref().trim()) {
+                Some(method @ (AuthMethod::Dkim | AuthMethod::Arc)) => {
+                    if !rules.require_verified.contains(&method) {
+                        rules.require_verified.push(method);
+                    }
+                }
+                _ => self.err(
+                    m.span(),
+                    key(pre, "require_verified"),
+                    format!(
+                        "{:?}: the prober's own check verifies \"dkim\" and \"arc\" only \
+                         (SPF and DMARC are the receiving server's: require_auth)",
+                        m.get_ref()
+                    ),
+                ),
+            }
+        }
+        if let Some(list) = &raw.require_verified
+            && !list.get_ref().is_empty()
+            && !raw.verify_dkim.unwrap_or(false)
+        {
+            self.err(
+                list.span(),
+                key(pre, "require_verified"),
+                "needs verify_dkim = true: without the prober's own check there is no verdict",
             );
         }
         rules

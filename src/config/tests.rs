@@ -1658,6 +1658,34 @@ fn route_requirements_and_trusted_authserv_ids_resolve() {
 }
 
 #[test]
+fn require_verified_takes_dkim_and_arc_and_needs_verify_dkim() {
+    let c = parse(&mail_loop(
+        "a",
+        "verify_dkim = true\nrequire_verified = [\"arc\", \"DKIM\", \"arc\"]",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.probes[0].route_rules.require_verified,
+        [AuthMethod::Arc, AuthMethod::Dkim]
+    );
+    let errs = errors(&mail_loop("a", "require_verified = [\"dkim\", \"spf\"]"));
+    assert_eq!(errs.len(), 2, "{}", ConfigErrors(errs.clone()));
+    for text in [
+        "\"spf\": the prober's own check verifies",
+        "needs verify_dkim = true",
+    ] {
+        assert!(
+            errs.iter()
+                .any(|e| e.key.as_deref() == Some("probe[0].require_verified")
+                    && e.position.map(|p| p.line) == Some(4)
+                    && e.message.contains(text)),
+            "{text}: {}",
+            ConfigErrors(errs.clone())
+        );
+    }
+}
+
+#[test]
 fn route_requirement_errors_name_file_line_and_key() {
     let errs = errors(&mail_loop(
         "a",

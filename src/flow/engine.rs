@@ -1191,8 +1191,9 @@ impl Engine {
             if c.current() == Some(Stage::Reply) {
                 out.extend(c.observe(Stage::Reply, seen_at));
             }
-            let (mut route, fault) = at.rules.judge(at.received, c.created_ms, at.auth_results);
-            route.verified = at.verified.to_vec();
+            let (route, fault) =
+                at.rules
+                    .judge(at.received, c.created_ms, at.auth_results, at.verified);
             out.extend(c.observe_delivery_via(
                 seen_at,
                 at.folder,
@@ -1997,6 +1998,7 @@ mod mailbox_tests {
             require_tls_hops: false,
             require_auth: Vec::new(),
             trusted_authserv_ids: Vec::new(),
+            require_verified: Vec::new(),
         };
         fn at(mailboxes: &[String]) -> Found<'_> {
             Found {

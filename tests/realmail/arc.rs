@@ -7,7 +7,8 @@
 //!
 //! Two kinds of forwarding, alternating: the list adds its footer and then seals (what lists
 //! do, and what ARC is for: `dkim=fail`, `arc=pass`), or seals and then something changes the
-//! body on the way (`arc=fail`).
+//! body on the way (`arc=fail`). The probe requires ARC (`require_verified = ["arc"]`): the
+//! first kind completes, the second fails delivery with `auth_result`.
 
 use std::{
     collections::HashSet,
@@ -25,7 +26,7 @@ use mail_auth::{
 };
 
 use crate::{
-    common::{ImapMode, ProbeSpec, Prober, SmtpMode, completed, config_file, until, v},
+    common::{ImapMode, ProbeSpec, Prober, SmtpMode, completed, config_file, failures, until, v},
     harness::{Servers, Setup},
 };
 
@@ -119,6 +120,8 @@ async fn a_list_that_seals_after_its_footer_is_arc_pass_and_one_changed_after_is
     let p = file.probe_mut("list");
     p.verify_dkim = Some(true);
     p.dns_resolver = Some(dns.to_string());
+    // The author's DKIM cannot survive a list; the list's ARC seal is what is required.
+    p.require_verified = vec!["arc".into()];
     let prober = Prober::start_text(&file.render()).await;
 
     // The list: every canary that reaches its address goes to the member, alternately
@@ -173,7 +176,14 @@ async fn a_list_that_seals_after_its_footer_is_arc_pass_and_one_changed_after_is
     assert_eq!(verified(&s, "dkim", "pass"), 0.0);
     assert_eq!(verified(&s, "arc", "temperror"), 0.0);
     assert_eq!(verified(&s, "arc", "none"), 0.0);
-    // Not required (`require_auth` is empty): the canaries complete all the same.
-    assert!(completed(&s, "list") >= 4.0);
+    // ARC is required: the sealed-after-footer canaries complete, the changed ones fail.
+    assert!(completed(&s, "list") >= 2.0);
+    assert!(failures(&s, "list", "delivery", "auth_result") >= 2.0);
+    let url = format!("http://{}/api/v1/status", prober.addr());
+    let status = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert!(
+        status.contains("required verification (the prober's own) not passed: arc=fail"),
+        "{status}"
+    );
     prober.stop().await;
 }

@@ -480,7 +480,8 @@ impl MailAuth {
         // Authoritative for example.test only; every other name is refused at once rather
         // than looked up on the internet (there is none here).
         let unbound = format!(
-            "server:\n  interface: {ip}@53\n  do-ip6: no\n  username: \"\"\n  chroot: \"\"\n  \
+            "server:\n  interface: {ip}@53\n  so-reuseport: no\n  do-ip6: no\n  username: \"\"\n  \
+             chroot: \"\"\n  \
              directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  \
              logfile: \"\"\n  verbosity: 1\n  num-threads: 1\n  module-config: \"iterator\"\n  \
              local-zone: \".\" refuse\n  local-zone: \"example.test.\" static\n{records}\
@@ -598,14 +599,28 @@ fn dkim_txt(key: &Path) -> Result<String, String> {
 }
 
 /// A loopback address whose port 53 is free (UDP and TCP), `127.53.X.Y`, from this process's
-/// PID and then the next ones.
+/// PID and then the next ones, never one this process handed out before.
+///
+/// Regression: two harnesses of one test process (cargo test runs tests as threads) probed
+/// the same free address at once and both started unbound on it; unbound's default
+/// `so-reuseport: yes` let both bind, and queries went to either, so one test's rotated DKIM
+/// key answered the other's checks (`dkim=fail` where every verdict should pass). Addresses
+/// are now reserved in the process, and unbound runs with `so-reuseport: no`, so a clash
+/// across processes makes the second unbound exit (and the harness start again) instead of
+/// sharing the address.
 fn free_dns_address() -> Result<SocketAddr, String> {
+    static GIVEN: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
     let start = std::process::id().wrapping_mul(7919);
     for i in 0..200u32 {
         let n = start.wrapping_add(i) % 65_000 + 256;
         let ip = Ipv4Addr::new(127, 53, (n >> 8) as u8, n as u8);
         let addr = SocketAddr::V4(SocketAddrV4::new(ip, 53));
+        if given.contains(&addr) {
+            continue;
+        }
         if UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok() {
+            given.push(addr);
             return Ok(addr);
         }
     }

@@ -103,6 +103,8 @@ pub struct Probe {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub require_auth: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub require_verified: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub trusted_authserv_ids: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify_dkim: Option<bool>,
