@@ -365,7 +365,28 @@ pub async fn until(
                     failing.push_str(&format!("  {sample:?}\n"));
                 }
             }
-            panic!("timed out after {within:?} waiting for {what}; failures:\n{failing}");
+            // The newest failures' own words (the server's answer, the edge's detail): what a
+            // flaky run needs to be understood afterwards.
+            let status = reqwest::get(format!("http://{addr}/api/v1/status"))
+                .await
+                .ok()
+                .map(|r| r.json::<serde_json::Value>());
+            let mut details = String::new();
+            if let Some(json) = status
+                && let Ok(v) = json.await
+            {
+                for p in v["probes"].as_array().into_iter().flatten() {
+                    for f in p["failures"].as_array().into_iter().flatten().take(3) {
+                        details.push_str(&format!(
+                            "  {} {} {}: {}\n",
+                            p["name"], f["stage"], f["reason"], f["detail"]
+                        ));
+                    }
+                }
+            }
+            panic!(
+                "timed out after {within:?} waiting for {what}; failures:\n{failing}newest:\n{details}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -480,7 +480,7 @@ impl MailAuth {
         // Authoritative for example.test only; every other name is refused at once rather
         // than looked up on the internet (there is none here).
         let unbound = format!(
-            "server:\n  interface: {ip}@53\n  so-reuseport: no\n  do-ip6: no\n  username: \"\"\n  \
+            "server:\n  interface: {ip}@53\n  do-ip6: no\n  username: \"\"\n  \
              chroot: \"\"\n  \
              directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  \
              logfile: \"\"\n  verbosity: 1\n  num-threads: 1\n  module-config: \"iterator\"\n  \
@@ -601,13 +601,11 @@ fn dkim_txt(key: &Path) -> Result<String, String> {
 /// A loopback address whose port 53 is free (UDP and TCP), `127.53.X.Y`, from this process's
 /// PID and then the next ones, never one this process handed out before.
 ///
-/// Regression: two harnesses of one test process (cargo test runs tests as threads) probed
-/// the same free address at once and both started unbound on it; unbound's default
-/// `so-reuseport: yes` let both bind, and queries went to either, so one test's rotated DKIM
-/// key answered the other's checks (`dkim=fail` where every verdict should pass). Addresses
-/// are now reserved in the process, and unbound runs with `so-reuseport: no`, so a clash
-/// across processes makes the second unbound exit (and the harness start again) instead of
-/// sharing the address.
+/// Two harnesses of one test process (cargo test runs tests as threads) could probe the same
+/// free address at once and both start unbound on it: unbound's default `so-reuseport: yes`
+/// lets both bind (checked by hand), and queries would go to either, so one test's rotated
+/// DKIM key could answer the other's checks. Addresses are now reserved in the process. (Across
+/// processes, as nextest runs the tests, the PID-derived starting points differ.)
 fn free_dns_address() -> Result<SocketAddr, String> {
     static GIVEN: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();
