@@ -157,9 +157,11 @@ if [ "$static" -eq 1 ]; then
   target=x86_64-unknown-linux-musl
   rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
   cargo build --release --locked --quiet --target "$target"
-  tests/static_smoke.py "target/$target/release/mailcanary"
+  # Where cargo put it: CARGO_TARGET_DIR, when the caller set one, moves every build.
+  static_bin="${CARGO_TARGET_DIR:-target}/$target/release/mailcanary"
+  tests/static_smoke.py "$static_bin"
   step "container image (deploy/Dockerfile's runtime stage, podman, read-only, uid 65532)"
-  tests/container_smoke.py "target/$target/release/mailcanary"
+  tests/container_smoke.py "$static_bin"
 fi
 
 step "all green"
