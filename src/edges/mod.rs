@@ -99,10 +99,9 @@ pub(crate) fn is_tls_error(err: &(dyn std::error::Error + 'static)) -> bool {
         }
         // An io::Error's `source` skips the error it wraps: look at that one itself.
         next = match e.downcast_ref::<std::io::Error>() {
-            Some(io) => match io.get_ref() {
-                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-                None => None,
-            },
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
             None => e.source(),
         };
     }

@@ -987,9 +987,8 @@ impl Engine {
         }
         // The probe-wide figures: with deadlines learned per mailbox, delivery's (and an
         // end_to_end that follows the stages) is the widest mailbox's, not the last one asked.
-        let widest = own
-            .and_then(|_| ps.learned.get(&Stage::Delivery).copied())
-            .filter(|_| auto.is_some_and(|a| a.stages.iter().any(|(s, _)| *s == Stage::Delivery)));
+        // (`learned` holds delivery only when it is an auto stage.)
+        let widest = own.and_then(|_| ps.learned.get(&Stage::Delivery).copied());
         let mut probe_wide = limits.clone();
         if let Some(w) = widest {
             probe_wide.set_deadline(Stage::Delivery, w);

@@ -525,20 +525,29 @@ impl Prober {
                     .limits_for(&p.name, Some(&m.name), &p.limits, p.auto.as_ref());
             }
         }
-        // One heartbeat task per probe that has a dead man's switch, each with a client that
-        // trusts its own `heartbeat_ca_file`.
+        // One heartbeat task per probe that has a dead man's switch; one client (and its
+        // connection pool) per distinct `heartbeat_ca_file`, shared by the probes that name it.
+        let mut heartbeat_clients: HashMap<Option<&[u8]>, reqwest::Client> = HashMap::new();
         for p in &self.probes {
             let Some(url) = p.heartbeat_url.clone() else {
                 continue;
             };
-            let mut tls = crate::edges::rustls_client_config(p.heartbeat_roots.as_deref())
-                .map_err(|e| anyhow::anyhow!("probe {}: heartbeat: {e}", p.name))?;
-            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            let http = reqwest::Client::builder()
-                .tls_backend_preconfigured(tls)
-                .connect_timeout(heartbeat::PING_TIMEOUT)
-                .user_agent(concat!("mailcanary/", env!("CARGO_PKG_VERSION")))
-                .build()?;
+            let roots = p.heartbeat_roots.as_deref();
+            let http = match heartbeat_clients.get(&roots) {
+                Some(c) => c.clone(),
+                None => {
+                    let mut tls = crate::edges::rustls_client_config(roots)
+                        .map_err(|e| anyhow::anyhow!("probe {}: heartbeat: {e}", p.name))?;
+                    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                    let c = reqwest::Client::builder()
+                        .tls_backend_preconfigured(tls)
+                        .connect_timeout(heartbeat::PING_TIMEOUT)
+                        .user_agent(concat!("mailcanary/", env!("CARGO_PKG_VERSION")))
+                        .build()?;
+                    heartbeat_clients.insert(roots, c.clone());
+                    c
+                }
+            };
             tasks.spawn(heartbeat::run(
                 self.engine.clone(),
                 p.name.clone(),

@@ -12,17 +12,27 @@ use crate::{common::*, tls_front::TlsFront};
 
 const COMPLETED: &str = "mailcanary_canaries_completed_total";
 
-/// The drill config with the helpdesk at `base_url`, trusting `ca_file` if given.
+/// The drill config file with the helpdesk at `base_url`, trusting `ca_file` if given.
+pub fn behind_tls_file(
+    sb: &mailcanary::sandbox::Sandbox,
+    base_url: &str,
+    ca_file: Option<String>,
+) -> crate::probe_config::ConfigFile {
+    let mut file = config_file(sb, &Knobs::default());
+    let hd = file.probes[0].helpdesk_mut();
+    hd.base_url = base_url.into();
+    hd.ca_file = ca_file;
+    file
+}
+
+/// [`behind_tls_file`], parsed.
 fn behind_tls(
     sb: &mailcanary::sandbox::Sandbox,
     base_url: &str,
     ca_file: Option<String>,
 ) -> config::Config {
-    let mut file = config_file(sb, &Knobs::default());
-    let hd = file.probes[0].helpdesk_mut();
-    hd.base_url = base_url.into();
-    hd.ca_file = ca_file;
-    config::parse_str(&file.render(), "private-ca.toml").unwrap_or_else(|e| panic!("{e}"))
+    let text = behind_tls_file(sb, base_url, ca_file).render();
+    config::parse_str(&text, "private-ca.toml").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A sandbox, a test CA with a 127.0.0.1 leaf (in the returned dir), and a TLS front for the

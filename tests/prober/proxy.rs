@@ -10,7 +10,11 @@ use std::{process::Stdio, time::Duration};
 
 use base64::Engine as _;
 
-use crate::{common::*, connect_proxy::ConnectProxy, private_ca::behind_a_front};
+use crate::{
+    common::*,
+    connect_proxy::ConnectProxy,
+    private_ca::{behind_a_front, behind_tls_file},
+};
 
 const USER: &str = "canary-egress";
 const PASSWORD: &str = "pr0xy-s3cret-9f2c";
@@ -49,10 +53,8 @@ fn spawn(
 async fn the_helpdesk_api_goes_through_https_proxy_and_its_password_is_never_shown() {
     let (sb, dir, front) = behind_a_front().await;
     let proxy = ConnectProxy::start(Some((USER, PASSWORD))).await;
-    let mut file = config_file(&sb, &Knobs::default());
-    let hd = file.probes[0].helpdesk_mut();
-    hd.base_url = front.url();
-    hd.ca_file = Some(dir.path().join("ca.pem").display().to_string());
+    let ca = dir.path().join("ca.pem").display().to_string();
+    let file = behind_tls_file(&sb, &front.url(), Some(ca));
     let config = dir.path().join("p.toml");
     std::fs::write(&config, file.render()).unwrap();
     let target = format!("127.0.0.1:{}", front.addr.port());
